@@ -1,0 +1,269 @@
+"""The actor every method and the evaluation run in: models loaded once, one result row per input row.
+
+Ray Data drops a whole block when a task raises, so nothing a row does may escape as an exception:
+bad inputs, model errors and CUDA out-of-memory become `status="error"` rows and the batch goes on.
+Only a fault that leaves the process unusable (a fatal CUDA error) ends the process, so that Ray
+restarts the actor and retries the batch elsewhere; a row that keeps killing its process is given up
+after `max_row_crashes` tries instead of looping forever.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from pipelines import media
+from schemas import ERROR, MANIFEST_KINDS, OK, ResultRow, result_table
+
+# Columns the driver adds to each row; they are bookkeeping, never method parameters.
+ATTEMPT_COLUMN = "_attempt"
+# Kill the worker process on the first attempt at this row id: the chaos test of fault tolerance.
+CHAOS_KILL_ENV = "ANIMA_CHAOS_KILL_ROW"
+_FATAL_CUDA_MARKERS = (
+    "CUDA error",
+    "device-side assert",
+    "illegal memory access",
+    "CUBLAS_STATUS",
+    "CUDNN_STATUS",
+    "NCCL error",
+)
+
+
+@dataclass
+class JobConfig:
+    """Everything an actor needs, sent once from the driver (small and picklable)."""
+
+    method: str
+    output: str
+    run_id: str
+    models: dict[str, str | None] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    max_row_crashes: int = 2
+
+    def artifacts_dir(self, row_id: str) -> str:
+        return media.join(self.output, "artifacts", row_id)
+
+
+class RowError(ValueError):
+    """A problem with one input row (bad value, unreadable input); becomes that row's error message."""
+
+
+@dataclass
+class RowOutput:
+    """What a method produced for one row."""
+
+    outputs: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class RowActor:
+    """Base of all actors; a method implements `setup` and `process_row` (or `process_rows` to batch)."""
+
+    method: ClassVar[str]
+    kind: ClassVar[str]  # manifest kind, a key of schemas.MANIFEST_KINDS
+    # Parameter defaults of the method; `--set` and same-named manifest columns override them.
+    defaults: ClassVar[dict[str, Any]] = {"seed": 0}
+
+    def __init__(self, config: JobConfig):
+        import torch
+
+        self.config = config
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.node = _node_id()
+        self.setup()
+
+    # -- what a method provides -------------------------------------------------------------
+
+    @classmethod
+    def prepare(cls, config: JobConfig) -> None:
+        """Fetch or build this method's weights into the node-local cache (run once per node)."""
+
+    def setup(self) -> None:
+        """Load models; called once per actor process."""
+
+    def process_row(self, row: dict[str, Any], params: dict[str, Any]) -> RowOutput:
+        raise NotImplementedError
+
+    def process_rows(self, rows: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[RowOutput]:
+        """Process several rows; methods override this to batch them through the GPU together."""
+        return [self.process_row(row, p) for row, p in zip(rows, params, strict=True)]
+
+    # -- what Ray Data calls ----------------------------------------------------------------
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        results: dict[int, ResultRow] = {}
+        crashes: dict[int, int] = {}
+        for i, row in enumerate(rows):
+            crashes[i] = self._note_start(row)
+            if crashes[i] >= self.config.max_row_crashes:
+                message = (
+                    f"the worker process died {crashes[i]} times while processing this row (killed, out of "
+                    "host memory, or a fatal GPU error); giving up on it"
+                )
+                results[i] = self._error_row(row, {}, message, retryable=True, seconds=0.0)
+        runnable = [i for i in range(len(rows)) if i not in results]
+        if runnable:
+            results.update(self._run(rows, runnable))
+        for i in runnable:
+            if crashes[i]:
+                results[i].notes.append(f"the worker process died {crashes[i]} time(s) on this row before")
+        return result_table([results[i] for i in range(len(rows))])
+
+    def _run(self, rows: list[dict[str, Any]], indices: list[int]) -> dict[int, ResultRow]:
+        """Run rows together; if the batch as a whole fails, run them one by one to isolate the culprit."""
+        params = {i: self.effective_params(rows[i]) for i in indices}
+        if len(indices) > 1:
+            start = time.perf_counter()
+            _reset_peak_memory()
+            try:
+                outs = self.process_rows([rows[i] for i in indices], [params[i] for i in indices])
+            except Exception as exc:
+                _exit_if_fatal(exc)
+            else:
+                share = (time.perf_counter() - start) / len(indices)
+                return {
+                    i: self._ok_row(rows[i], params[i], out, share)
+                    for i, out in zip(indices, outs, strict=True)
+                }
+        results = {}
+        for i in indices:
+            start = time.perf_counter()
+            _reset_peak_memory()
+            try:
+                out = self.process_row(rows[i], params[i])
+            except Exception as exc:
+                _exit_if_fatal(exc)
+                message, retryable = _describe(exc)
+                results[i] = self._error_row(
+                    rows[i], params[i], message, retryable, time.perf_counter() - start
+                )
+            else:
+                results[i] = self._ok_row(rows[i], params[i], out, time.perf_counter() - start)
+        return results
+
+    def effective_params(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Method defaults, overridden by the job's `--set`, overridden by the row's own columns.
+
+        Columns the manifest kind does not know are per-row parameters too and pass through.
+        """
+        params = {**self.defaults, **self.config.params}
+        known = MANIFEST_KINDS[self.kind].columns
+        for name, value in row.items():
+            if value is not None and name != ATTEMPT_COLUMN and (name in params or name not in known):
+                params[name] = value
+        return params
+
+    # -- result rows ------------------------------------------------------------------------
+
+    def _base_row(self, row: dict[str, Any], params: dict[str, Any], seconds: float) -> ResultRow:
+        self._note_done(row)
+        return ResultRow(
+            id=row["id"],
+            method=self.config.method,
+            seed=params.get("seed"),
+            backbone=self.config.models.get("backbone"),
+            params=params,
+            seconds=seconds,
+            peak_memory_mb=_peak_memory_mb(),
+            attempt=int(row.get(ATTEMPT_COLUMN) or 1),
+            finished_at=dt.datetime.now(dt.UTC),
+            run_id=self.config.run_id,
+            node=self.node,
+        )
+
+    def _ok_row(
+        self, row: dict[str, Any], params: dict[str, Any], out: RowOutput, seconds: float
+    ) -> ResultRow:
+        result = self._base_row(row, params, seconds)
+        result.status, result.outputs, result.metrics, result.notes = OK, out.outputs, out.metrics, out.notes
+        return result
+
+    def _error_row(
+        self, row: dict[str, Any], params: dict[str, Any], message: str, retryable: bool, seconds: float
+    ) -> ResultRow:
+        result = self._base_row(row, params, seconds)
+        result.status, result.error, result.retryable = ERROR, f"row {row['id']!r}: {message}", retryable
+        print(f"[anima] {result.error}", file=sys.stderr, flush=True)
+        return result
+
+    # -- crash accounting -------------------------------------------------------------------
+
+    def _marker(self, row: dict[str, Any]) -> str:
+        return media.join(self.config.artifacts_dir(row["id"]), "_inflight.json")
+
+    def _note_start(self, row: dict[str, Any]) -> int:
+        """Record that work on the row began; return how many processes died on it before.
+
+        The marker outlives a killed process, so its count says how many processes died on this row.
+        """
+        marker = self._marker(row)
+        starts = json.loads(media.read_bytes(marker))["starts"] if media.exists(marker) else 0
+        if starts < self.config.max_row_crashes:
+            media.write_text(json.dumps({"starts": starts + 1, "run_id": self.config.run_id}), marker)
+        if starts == 0 and os.environ.get(CHAOS_KILL_ENV) == row["id"]:
+            print(f"[anima] chaos: killing worker process on row {row['id']!r}", file=sys.stderr, flush=True)
+            os._exit(1)
+        return starts
+
+    def _note_done(self, row: dict[str, Any]) -> None:
+        marker = self._marker(row)
+        if media.exists(marker):
+            media.remove(marker)
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
+
+
+def _describe(exc: BaseException) -> tuple[str, bool]:
+    """The row's error message, and whether a rerun could succeed (False: the input itself is bad)."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+        return f"CUDA out of memory ({exc}); lower batch size, frames or resolution for this row", True
+    if isinstance(exc, RowError | media.MediaError):
+        return str(exc), False
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    place = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
+    return f"{type(exc).__name__}: {exc}{place}", True
+
+
+def _exit_if_fatal(exc: BaseException) -> None:
+    """End the process on errors after which CUDA state is undefined; Ray restarts it and retries."""
+    text = str(exc)
+    if any(marker in text for marker in _FATAL_CUDA_MARKERS):
+        print(f"[anima] fatal device error, restarting worker: {text}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+def _reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory_mb() -> float:
+    """Peak GPU memory of the last row on CUDA; on CPU the process's peak resident memory so far."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,159 @@
+"""`anima` / `python -m jobs`: the command line of every job.
+
+Exit status 0 means the job ran (error rows included); 2 means it could not start (bad manifest,
+arguments or output); 3 means a model could not be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from typing import Any
+
+from jobs.runner import GENERATION_METHODS, JobError, JobSpec, run_job
+from pipelines.model_cache import ModelLoadError
+from schemas import ManifestError
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values: JSON where it parses (numbers, booleans, null, lists), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_sets(pairs: list[str]) -> dict[str, Any]:
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise JobError(f"--set expects key=value, got {pair!r}")
+        params[key.strip()] = parse_value(value.strip())
+    return params
+
+
+def _pool_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="Parquet manifest (file or folder; any fsspec URI)")
+    p.add_argument("--output", required=True, help="output root: results/, artifacts/, summary.json")
+    p.add_argument("--actors", type=int, default=1, help="actor pool size (one model copy each)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (0: CPU)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor")
+    p.add_argument("--batch-size", type=int, default=1, help="rows per actor call")
+    p.add_argument("--seed", type=int, default=None, help="default seed of rows without a seed column")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hyperparameter override")
+    p.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP for metrics: hub id, local dir, tiny, or none")
+    p.add_argument("--dreamsim", default=None, metavar="DIR", help="DreamSim weights dir (PIC metric)")
+    p.add_argument("--lpips", default=None, metavar="DIR", help="LPIPS weights dir (alex.pth + alexnet*.pth)")
+    p.add_argument(
+        "--max-row-crashes", type=int, default=2, help="give up on a row after it killed N workers"
+    )
+    p.add_argument("--retry-errors", action="store_true", help="also rerun rows that failed on bad input")
+    p.add_argument(
+        "--no-progress-timeout", type=float, default=3600.0, help="seconds without progress to abort"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anima", description="Video-diffusion batch jobs on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="run a method over a manifest")
+    gen.add_argument("method", choices=GENERATION_METHODS)
+    _pool_args(gen)
+    gen.add_argument("--backbone", default="tiny", help="T2V backbone: hub id, local dir, or tiny")
+    gen.add_argument("--adapter", default=None, help="trained adapter checkpoint URI")
+    gen.add_argument("--xclip", default=None, help="X-CLIP model for text-video alignment")
+
+    ev = sub.add_parser("evaluate", help="metrics of existing videos")
+    _pool_args(ev)
+
+    train = sub.add_parser("train", help="train an adapter on Ray Train")
+    train.add_argument("method", choices=GENERATION_METHODS)
+    train.add_argument("--stage", type=int, required=True)
+    train.add_argument("--data", required=True)
+    train.add_argument("--output", required=True)
+    train.add_argument("--backbone", default="tiny")
+    train.add_argument("--workers", type=int, default=1)
+    train.add_argument("--gpus-per-worker", type=float, default=0.0)
+
+    demo = sub.add_parser("demo", help="run the demo on local Ray with tiny models")
+    demo.add_argument("--output", default="demo_output")
+    return parser
+
+
+def spec_from_args(args: argparse.Namespace, method: str) -> JobSpec:
+    params = parse_sets(args.set)
+    if args.seed is not None:
+        params.setdefault("seed", args.seed)
+    models = {
+        "clip": None if args.clip in (None, "", "none") else args.clip,
+        "dreamsim": args.dreamsim,
+        "lpips": args.lpips,
+    }
+    for name in ("backbone", "adapter", "xclip"):
+        if getattr(args, name, None) is not None:
+            models[name] = getattr(args, name)
+    return JobSpec(
+        method=method,
+        manifest=args.manifest,
+        output=args.output,
+        models=models,
+        params=params,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        batch_size=args.batch_size,
+        max_row_crashes=args.max_row_crashes,
+        retry_errors=args.retry_errors,
+        no_progress_timeout_s=args.no_progress_timeout,
+    )
+
+
+def _fail(message: str, advice: str, code: int) -> int:
+    print(
+        textwrap.fill(f"anima: {message}", 110, subsequent_indent="  ")
+        if "\n" not in message
+        else f"anima: {message}",
+        file=sys.stderr,
+    )
+    print(textwrap.fill(advice, 110), file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from jobs.demo import run_demo
+
+            run_demo(args.output)
+        elif args.command == "train":
+            raise JobError(f"training {args.method} is not implemented in this version of anima yet")
+        else:
+            run_job(spec_from_args(args, "evaluate" if args.command == "evaluate" else args.method))
+    except ManifestError as exc:
+        return _fail(
+            str(exc),
+            "Fix the listed columns or rows of the manifest and submit again; nothing was processed.",
+            2,
+        )
+    except JobError as exc:
+        return _fail(str(exc), "Nothing was processed. Check the arguments (anima --help) and the paths.", 2)
+    except ModelLoadError as exc:
+        return _fail(
+            str(exc),
+            "Nothing was processed. Check the model reference: a hub id needs network "
+            "access (or a pre-filled cache with HF_HUB_OFFLINE=1), a local directory needs the "
+            "diffusers/transformers layout, and 'tiny' needs nothing.",
+            3,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

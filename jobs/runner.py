@@ -1,0 +1,229 @@
+"""The one Ray Data graph every job runs: manifest in, one result row per input row out.
+
+    read_parquet -> validate (driver) -> drop ids already ok -> repartition -> map_batches(actor pool)
+    -> write_parquet(OUTPUT/results/) -> backfill rows lost to failed tasks -> summary
+
+The driver only moves URIs and short strings; actors read inputs and write artifacts themselves.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray.data import ActorPoolStrategy, DataContext
+from ray.data.datasource.filename_provider import FilenameProvider
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from actors.base import ATTEMPT_COLUMN, JobConfig, RowActor
+from jobs import resume, summary
+from pipelines import media
+from pipelines.model_cache import ModelLoadError
+from schemas import ERROR, ResultRow, check, result_table
+
+# Method name -> its actor class, as "module:Class" so only the chosen method's code is imported.
+METHODS: dict[str, str] = {
+    "evaluate": "actors.evaluate:EvaluateActor",
+}
+GENERATION_METHODS = ("livesketch", "dynamicrafter", "dreammotion", "stylecrafter")
+
+
+class JobError(RuntimeError):
+    """The job cannot run (bad manifest, unreadable output, unknown method or parameter)."""
+
+
+@dataclass
+class JobSpec:
+    method: str
+    manifest: str
+    output: str
+    models: dict[str, str | None] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    batch_size: int = 1
+    max_row_crashes: int = 2
+    retry_errors: bool = False
+    no_progress_timeout_s: float = 3600.0
+    runtime_env: dict[str, Any] | None = None
+
+
+def actor_class(method: str) -> type[RowActor]:
+    if method not in METHODS:
+        if method in GENERATION_METHODS:
+            raise JobError(f"method {method!r} is not implemented in this version of anima yet")
+        raise JobError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
+    module, name = METHODS[method].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def ensure_ray() -> None:
+    """Join the cluster a `ray job submit` runs in (RAY_ADDRESS), else start Ray on this machine."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+
+
+def read_manifest(uri: str) -> pa.Table:
+    """The whole manifest on the driver: validation and resume need every row before any GPU starts.
+
+    Manifests hold URIs and short strings, so even a million rows is a few hundred MB at most.
+    """
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        raise JobError(f"manifest {uri} does not exist")
+    try:
+        refs = ray.data.read_parquet(path, filesystem=fs).to_arrow_refs()
+        tables = [t for t in ray.get(refs) if t.num_rows]
+    except Exception as exc:
+        raise JobError(f"cannot read manifest {uri} as Parquet: {exc}") from exc
+    if not tables:
+        raise JobError(f"manifest {uri} has no rows")
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def check_output_writable(output: str) -> None:
+    probe = media.join(output, f".write-probe-{uuid.uuid4().hex}")
+    try:
+        media.write_text("ok", probe)
+        media.remove(probe)
+    except Exception as exc:
+        raise JobError(f"cannot write to output {output}: {exc}") from exc
+
+
+@ray.remote(num_cpus=0, max_retries=1)
+def _prepare_node(config: JobConfig) -> None:
+    actor_class(config.method).prepare(config)
+
+
+def prepare_on_nodes(config: JobConfig, spec: JobSpec) -> None:
+    """Fetch weights once on every node that can host an actor, before the pool starts.
+
+    Nodes that join later (autoscaling) prepare lazily: actors build or download under a file lock.
+    """
+    nodes = [
+        n["NodeID"]
+        for n in ray.nodes()
+        if n["Alive"]
+        and n["Resources"].get("GPU", 0) >= spec.gpus_per_actor
+        and n["Resources"].get("CPU", 0) >= spec.cpus_per_actor
+    ]
+    refs = [
+        _prepare_node.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            runtime_env=spec.runtime_env,
+        ).remote(config)
+        for node in nodes
+    ]
+    try:
+        ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        raise ModelLoadError(f"preparing models failed: {exc.cause or exc}") from exc
+
+
+def pending_rows(table: pa.Table, results_uri: str, retry_errors: bool) -> tuple[pa.Table, int]:
+    """Rows to run, each with the attempt number this run will be; and how many were skipped."""
+    settled, attempts = resume.settled_and_attempts(results_uri, retry_errors)
+    ids = table.column("id").to_pylist()
+    keep = [i not in settled for i in ids]
+    todo = table.filter(pa.array(keep))
+    numbers = [attempts.get(i, 0) + 1 for i in todo.column("id").to_pylist()]
+    if ATTEMPT_COLUMN in todo.column_names:
+        todo = todo.drop_columns([ATTEMPT_COLUMN])
+    return todo.append_column(ATTEMPT_COLUMN, pa.array(numbers, pa.int64())), len(ids) - len(todo)
+
+
+def _new_run_id() -> str:
+    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+def run_job(spec: JobSpec) -> dict[str, Any]:
+    """Run `spec` to completion and return its summary (also printed and saved as OUTPUT/summary.json)."""
+    actor = actor_class(spec.method)
+    unknown = sorted(set(spec.params) - set(actor.defaults))
+    if unknown:
+        known = ", ".join(sorted(actor.defaults))
+        raise JobError(f"unknown parameter(s) {', '.join(unknown)} for {spec.method}; known: {known}")
+    if spec.batch_size < 1 or spec.actors < 1:
+        raise JobError("--batch-size and --actors must be at least 1")
+    started = time.time()
+    ensure_ray()
+    table = check(read_manifest(spec.manifest), actor.kind, spec.manifest)
+    check_output_writable(spec.output)
+    results_uri = media.join(spec.output, "results")
+    todo, skipped = pending_rows(table, results_uri, spec.retry_errors)
+    run_id = _new_run_id()
+    config = JobConfig(
+        method=spec.method,
+        output=spec.output,
+        run_id=run_id,
+        models=spec.models,
+        params=spec.params,
+        max_row_crashes=spec.max_row_crashes,
+    )
+    print(f"[anima] run {run_id}: {table.num_rows} rows, {skipped} settled earlier, {todo.num_rows} to run")
+
+    if todo.num_rows:
+        prepare_on_nodes(config, spec)
+        ctx = DataContext.get_current()
+        ctx.max_errored_blocks = -1  # a failed task's rows are backfilled as error rows below
+        ctx.execution_no_progress_timeout_s = spec.no_progress_timeout_s
+        (
+            ray.data.from_arrow(todo)
+            .repartition(target_num_rows_per_block=spec.batch_size)
+            .map_batches(
+                actor,
+                fn_constructor_kwargs={"config": config},
+                compute=ActorPoolStrategy(size=spec.actors, max_tasks_in_flight_per_actor=1),
+                num_gpus=spec.gpus_per_actor,
+                num_cpus=spec.cpus_per_actor,
+                batch_size=spec.batch_size,
+                batch_format="pyarrow",
+                runtime_env=spec.runtime_env,
+            )
+            .write_parquet(
+                # Files named after the run, so a run's own rows can be told from all runs' files.
+                results_uri,
+                filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
+            )
+        )
+        backfill_lost(todo, results_uri, config)
+
+    report = summary.build(table, spec, run_id, skipped, todo.num_rows, time.time() - started)
+    summary.save(report, spec.output)
+    return report
+
+
+def backfill_lost(todo: pa.Table, results_uri: str, config: JobConfig) -> None:
+    """Give every row this run should have processed a result row, even if its task failed for good."""
+    written = resume.read_results(results_uri, ["id"], prefix=config.run_id)
+    seen = set(written.column("id").to_pylist()) if written is not None else set()
+    lost = [
+        ResultRow(
+            id=row_id,
+            method=config.method,
+            status=ERROR,
+            retryable=True,
+            error=f"row {row_id!r}: no result came back from the Ray task that ran it (it failed beyond "
+            "Ray's retries; see the Ray logs); rerun the job to retry it",
+            attempt=attempt,
+            run_id=config.run_id,
+        )
+        for row_id, attempt in zip(
+            todo.column("id").to_pylist(), todo.column(ATTEMPT_COLUMN).to_pylist(), strict=True
+        )
+        if row_id not in seen
+    ]
+    if lost:
+        print(f"[anima] {len(lost)} row(s) lost by failed tasks; recording them as errors")
+        with media.atomic_write(media.join(results_uri, f"{config.run_id}_lost.parquet")) as f:
+            pq.write_table(result_table(lost), f)

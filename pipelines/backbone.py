@@ -1,0 +1,155 @@
+"""The text-to-video latent diffusion backbone every method stands on.
+
+It is held as its diffusers components (UNet3DConditionModel, AutoencoderKL, CLIP text encoder and
+tokenizer, a noise schedule) rather than a pipeline object: score distillation and adapter sampling
+each need the pieces, not a finished sampling loop.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipelines import model_cache, tiny
+
+# Files a backbone needs from a hub repository (skips duplicated .bin or fp16 copies).
+BACKBONE_FILES = [
+    "model_index.json",
+    "unet/*.json",
+    "unet/*.safetensors",
+    "vae/*.json",
+    "vae/*.safetensors",
+    "text_encoder/*.json",
+    "text_encoder/*.safetensors",
+    "tokenizer/*",
+    "scheduler/*",
+]
+
+PRESETS = {
+    "tiny": lambda: model_cache.build_once(f"tiny-backbone-v{tiny.TINY_VERSION}", tiny.build_backbone),
+    "tiny-v": lambda: model_cache.build_once(
+        f"tiny-backbone-vpred-v{tiny.TINY_VERSION}",
+        functools.partial(tiny.build_backbone, prediction_type="v_prediction"),
+    ),
+}
+
+
+def prepare_backbone(ref: str) -> Path:
+    """Make the backbone's files available on this node (download or build) and return their directory."""
+    return model_cache.resolve(ref, PRESETS, BACKBONE_FILES)
+
+
+@dataclass(eq=False)
+class Backbone:
+    ref: str
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @functools.cached_property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings [B, L, D] as the UNet's cross-attention expects them."""
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return self.text_encoder(tokens.input_ids.to(self.device))[0].to(self.dtype)
+
+    def encode_frames(self, frames: torch.Tensor, sample: bool = False, chunk: int = 16) -> torch.Tensor:
+        """Video [B, F, 3, H, W] in [-1, 1] -> scaled latents [B, C, F, h, w]; differentiable.
+
+        `sample` draws from the VAE posterior (as score distillation of renders does); otherwise the
+        posterior mean is used. Frames are encoded `chunk` at a time to bound memory.
+        """
+        b, f = frames.shape[:2]
+        flat = frames.reshape(b * f, *frames.shape[2:]).to(self.device, self.dtype)
+        parts = []
+        for piece in flat.split(chunk):
+            dist = self.vae.encode(piece).latent_dist
+            parts.append(dist.sample() if sample else dist.mean)
+        latents = torch.cat(parts) * self.vae.config.scaling_factor
+        return latents.reshape(b, f, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    def decode_latents(self, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """Scaled latents [B, C, F, h, w] -> video [B, F, 3, H, W] in [-1, 1]."""
+        b, _, f = latents.shape[:3]
+        flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, latents.shape[1], *latents.shape[3:])
+        flat = flat.to(self.device, self.dtype) / self.vae.config.scaling_factor
+        frames = torch.cat([self.vae.decode(piece).sample for piece in flat.split(chunk)])
+        return frames.reshape(b, f, *frames.shape[1:]).clamp(-1, 1)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Forward diffusion q(x_t | x_0) for per-sample timesteps t [B]."""
+        abar = self.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def predict_noise(
+        self, latents: torch.Tensor, t: torch.Tensor, text_embeds: torch.Tensor, **unet_kwargs
+    ) -> torch.Tensor:
+        """The UNet's prediction as epsilon, whatever the checkpoint was trained to predict.
+
+        v-prediction models output v = sqrt(abar) eps - sqrt(1 - abar) x0; with x_t known,
+        eps = sqrt(abar) v + sqrt(1 - abar) x_t.
+        """
+        t = torch.as_tensor(t, device=self.device).reshape(-1).expand(latents.shape[0])
+        out = self.unet(latents.to(self.dtype), t, encoder_hidden_states=text_embeds, **unet_kwargs).sample
+        if self.prediction_type == "epsilon":
+            return out
+        if self.prediction_type == "v_prediction":
+            abar = self.alphas_cumprod[t].view(-1, 1, 1, 1, 1).to(out.dtype)
+            return abar.sqrt() * out + (1 - abar).sqrt() * latents.to(out.dtype)
+        raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
+
+
+def _load(ref: str, device: str, dtype: torch.dtype) -> Backbone:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = prepare_backbone(ref)
+    try:
+        parts = {
+            "unet": UNet3DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype),
+            "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
+            "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype),
+        }
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    except (OSError, ValueError, KeyError) as exc:
+        raise model_cache.ModelLoadError(f"cannot load backbone {ref!r} from {path}: {exc}") from exc
+    for module in parts.values():
+        module.to(device).eval().requires_grad_(False)
+    return Backbone(
+        ref=ref, tokenizer=tokenizer, scheduler=scheduler, device=torch.device(device), dtype=dtype, **parts
+    )
+
+
+@functools.cache
+def load_backbone(ref: str = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32) -> Backbone:
+    """The backbone for `ref` (hub id | local dir | tiny | tiny-v), loaded once per process."""
+    return _load(ref, str(device), dtype)

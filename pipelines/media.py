@@ -1,0 +1,428 @@
+"""Reading and writing media (images, videos, masks, SVG) at any fsspec URI.
+
+Every reader fetches the whole file as bytes and decodes from memory, and every writer encodes into
+memory and then stores the bytes, so local paths, `file://`, `memory://` and object stores all take
+the same code path. Kept free of ray and torch so that it imports anywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import uuid
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import IO, Any
+
+import av
+import fsspec
+import numpy as np
+import numpy.typing as npt
+from fsspec.core import OpenFile, url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+
+try:
+    import decord
+except ImportError:  # no decord wheels for some platforms (e.g. macOS arm64); PyAV then decodes all
+    decord = None
+
+# A PUT to these is atomic on its own, and they have no cheap rename.
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
+_SVG_NAMESPACE = "http://www.w3.org/2000/svg"
+# ITU-R BT.601 weights, the ones PIL uses for "L".
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_JPEG_QUALITY = 95
+_X264_CRF = "18"
+
+
+class MediaError(Exception):
+    """An input that cannot be used: missing, unreadable, corrupt or of the wrong kind.
+
+    Row actors report it as the row's error instead of a crash, so messages name the URI.
+    """
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    num_frames: int
+    height: int
+    width: int
+    fps: float
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def open_file(uri: str, mode: str = "rb") -> OpenFile:
+    """Open for streaming; writes through this are not atomic, so outputs should use `atomic_write`."""
+    return fsspec.open(uri, mode)
+
+
+def exists(uri: str) -> bool:
+    fs, path = url_to_fs(uri)
+    return fs.exists(path)
+
+
+def remove(uri: str) -> None:
+    """Delete a file; a file that is already gone is fine, since two workers may clean up the same one."""
+    fs, path = url_to_fs(uri)
+    with suppress(FileNotFoundError):
+        fs.rm_file(path)
+
+
+def _read(uri: str, what: str) -> bytes:
+    # Only errors that retrying cannot fix become MediaError; network faults propagate so the task retries.
+    fs, path = url_to_fs(uri)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise MediaError(f"{what} not found: {uri}") from None
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        raise MediaError(f"cannot read {what} {uri}: {exc}") from exc
+
+
+def read_bytes(uri: str) -> bytes:
+    return _read(uri, "file")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join with "/" on every platform, since the base may be a URL; slashes at part ends are dropped."""
+    out = base
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}{part}" if out.endswith("/") else f"{out}/{part}"
+    return out
+
+
+@contextmanager
+def atomic_write(uri: str) -> Iterator[IO[bytes]]:
+    """Yield a binary file whose bytes appear at `uri` all at once, and only if the block succeeds.
+
+    Readers (resumed jobs, other workers) then never see a half-written output. Local and other
+    filesystems get a hidden temporary sibling that is renamed; object stores get one PUT of a buffer.
+    """
+    fs, path = url_to_fs(uri)
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & _OBJECT_STORES:
+        buffer = io.BytesIO()
+        yield buffer
+        fs.pipe_file(path, buffer.getvalue())
+        return
+
+    parent, name = posixpath.split(path)
+    fs.makedirs(parent, exist_ok=True)
+    temp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with fs.open(temp, "wb") as f:
+            yield f
+        if isinstance(fs, LocalFileSystem):
+            os.replace(temp, path)
+        else:
+            fs.mv(temp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            fs.rm_file(temp)
+        raise
+
+
+def write_bytes(data: bytes, uri: str) -> str:
+    with atomic_write(uri) as f:
+        f.write(data)
+    return uri
+
+
+def write_text(text: str, uri: str) -> str:
+    return write_bytes(text.encode("utf-8"), uri)
+
+
+# -- images ---------------------------------------------------------------------------------------
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    # Transparent areas become white, the background the sketch and image methods assume.
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def _fit(frame: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """Scale to cover `size` (h, w) and crop the centre, so content is never stretched."""
+    h, w = size
+    fitted = ImageOps.fit(Image.fromarray(frame), (w, h), method=Image.Resampling.BICUBIC)
+    return np.asarray(fitted)
+
+
+def _stack(uri: str, frames: list[npt.NDArray[np.uint8]]) -> npt.NDArray[np.uint8]:
+    if len({frame.shape for frame in frames}) > 1:
+        raise MediaError(f"frames of {uri} differ in size")
+    return np.stack(frames)
+
+
+def _decode_images(uri: str, data: bytes, what: str, all_frames: bool) -> npt.NDArray[np.uint8] | None:
+    """(F,H,W,3) RGB of a file PIL recognises by its content; None when it is no image at all."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            sequence = ImageSequence.Iterator(image) if all_frames else [image]
+            frames = [np.asarray(_to_rgb(ImageOps.exif_transpose(frame))) for frame in sequence]
+    except UnidentifiedImageError:
+        return None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise MediaError(f"cannot decode {what} {uri}: {exc}") from exc
+    return _stack(uri, frames)
+
+
+def _read_still(uri: str, what: str) -> npt.NDArray[np.uint8]:
+    frames = _decode_images(uri, _read(uri, what), what, all_frames=False)
+    if frames is None:
+        raise MediaError(f"not an image file: {uri}")
+    return frames[0]
+
+
+def read_image(uri: str, size: tuple[int, int] | None = None) -> npt.NDArray[np.uint8]:
+    """(H,W,3) RGB (an animation's first frame); the format is sniffed from the bytes, not the name."""
+    frame = _read_still(uri, "image")
+    return frame if size is None or frame.shape[:2] == tuple(size) else _fit(frame, size)
+
+
+def _to_pil(frame: npt.NDArray[Any]) -> Image.Image:
+    frame = np.asarray(frame)
+    if frame.dtype == np.bool_:
+        frame = frame.astype(np.uint8) * 255
+    if frame.dtype != np.uint8 or not (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] in (3, 4))):
+        raise ValueError(f"expected a uint8 (H,W), (H,W,3) or (H,W,4) frame, got {frame.dtype} {frame.shape}")
+    return Image.fromarray(frame)
+
+
+def write_image(frame: npt.NDArray[Any], uri: str) -> str:
+    """Write one frame in the format its extension names; bool masks are stored as 0/255."""
+    fmt = Image.registered_extensions().get(posixpath.splitext(uri)[1].lower())
+    if fmt is None:
+        raise ValueError(f"no image format for the extension of {uri}")
+    buffer = io.BytesIO()
+    _to_pil(frame).save(buffer, format=fmt, **({"quality": _JPEG_QUALITY} if fmt == "JPEG" else {}))
+    return write_bytes(buffer.getvalue(), uri)
+
+
+def write_png_frames(frames: Sequence[npt.NDArray[Any]] | npt.NDArray[Any], dir_uri: str) -> list[str]:
+    """Write frame_0000.png, ... into a folder; each file is atomic, the folder as a whole is not."""
+    return [write_image(frame, join(dir_uri, f"frame_{i:04d}.png")) for i, frame in enumerate(frames)]
+
+
+# -- videos ---------------------------------------------------------------------------------------
+
+
+def frame_indices(total: int, count: int) -> npt.NDArray[np.int64]:
+    """`count` indices spread evenly over `total` frames, first and last included."""
+    if not 1 <= count <= total:
+        raise ValueError(f"cannot pick {count} frames out of {total}")
+    return np.linspace(0, total - 1, count).round().astype(np.int64)
+
+
+def _pick(uri: str, total: int, num_frames: int | None) -> list[int]:
+    if num_frames is None:
+        return list(range(total))
+    if num_frames > total:
+        raise MediaError(f"video has {total} frames, {num_frames} requested: {uri}")
+    return frame_indices(total, num_frames).tolist()
+
+
+def _decord_reader(data: bytes) -> Any:
+    """A decord reader, or None when decord is missing or cannot open the data (it rejects GIFs)."""
+    if decord is None:
+        return None
+    # The bridge is per thread and another library may have switched it to torch.
+    decord.bridge.set_bridge("native")
+    try:
+        reader = decord.VideoReader(io.BytesIO(data))
+    except Exception:  # decord raises RuntimeError or DECORDError; PyAV gives the clearer error later
+        return None
+    return reader if len(reader) else None
+
+
+def _video_stream(uri: str, container: Any) -> Any:
+    if not container.streams.video:
+        raise MediaError(f"cannot decode video {uri}: no video stream")
+    return container.streams.video[0]
+
+
+def _av_reason(exc: Exception) -> str:
+    # PyAV appends the file name, which for a buffer is just '<none>'.
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def _decode_pyav(uri: str, data: bytes, num_frames: int | None) -> npt.NDArray[np.uint8]:
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            frames = list(container.decode(_video_stream(uri, container)))
+    except av.FFmpegError as exc:
+        raise MediaError(f"cannot decode video {uri}: {_av_reason(exc)}") from exc
+    if not frames:
+        raise MediaError(f"cannot decode video {uri}: no frames")
+    return np.stack([frames[i].to_ndarray(format="rgb24") for i in _pick(uri, len(frames), num_frames)])
+
+
+def _decode_video(uri: str, data: bytes, num_frames: int | None) -> npt.NDArray[np.uint8]:
+    # decord seeks to the sampled frames instead of decoding the whole clip.
+    reader = _decord_reader(data)
+    if reader is not None:
+        indices = _pick(uri, len(reader), num_frames)
+        try:
+            return reader.get_batch(indices).asnumpy()
+        except Exception:  # a damaged stream; PyAV decides whether anything is readable
+            pass
+    return _decode_pyav(uri, data, num_frames)
+
+
+def read_video(
+    uri: str, num_frames: int | None = None, size: tuple[int, int] | None = None
+) -> npt.NDArray[np.uint8]:
+    """(F,H,W,3) RGB frames; `num_frames` samples evenly over the clip, `size` (h, w) covers and crops."""
+    frames = _decode_video(uri, _read(uri, "video"), num_frames)
+    if size is not None and frames.shape[1:3] != tuple(size):
+        frames = np.stack([_fit(frame, size) for frame in frames])
+    return frames
+
+
+def video_info(uri: str) -> VideoInfo:
+    """Frame count, size and rate, counted the way `read_video` counts so the two agree."""
+    data = _read(uri, "video")
+    reader = _decord_reader(data)
+    if reader is not None:
+        try:
+            height, width, _ = reader[0].shape
+            return VideoInfo(len(reader), height, width, float(reader.get_avg_fps()))
+        except Exception:  # as in _decode_video: let PyAV judge a stream decord stumbles on
+            pass
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = _video_stream(uri, container)
+            # Some containers (WebM, GIF) carry no frame count; counting packets still decodes nothing.
+            count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            rate = stream.average_rate or stream.guessed_rate
+            context = stream.codec_context
+            return VideoInfo(count, context.height, context.width, float(rate) if rate else 0.0)
+    except av.FFmpegError as exc:
+        raise MediaError(f"cannot decode video {uri}: {_av_reason(exc)}") from exc
+
+
+def _mp4_codec() -> str:
+    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
+
+
+def _encode_mp4(frames: npt.NDArray[np.uint8], fps: float) -> bytes:
+    """H.264 (or MPEG-4 Part 2 where the PyAV build lacks x264) in yuv420p, which every player reads.
+
+    yuv420p needs even sides, so an odd height or width gets one more row or column copied from the
+    edge; the video read back is then that pixel larger.
+    """
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    codec = _mp4_codec()
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": _X264_CRF}
+        else:
+            # The mpeg4 default of 200 kb/s smears anything but thumbnails.
+            stream.bit_rate = max(2_000_000, int(frames.shape[1] * frames.shape[2] * fps * 0.3))
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def _encode_gif(frames: npt.NDArray[np.uint8], fps: float) -> bytes:
+    """A looping GIF; each frame replaces the last instead of drawing over it.
+
+    GIF delays are whole centiseconds, and Pillow merges identical consecutive frames into one longer
+    frame, so a clip with repeats reads back with fewer frames (timing is kept).
+    """
+    images = [Image.fromarray(frame) for frame in frames]
+    buffer = io.BytesIO()
+    images[0].save(
+        buffer, format="GIF", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0, disposal=2
+    )
+    return buffer.getvalue()
+
+
+_VIDEO_ENCODERS: dict[str, Callable[[npt.NDArray[np.uint8], float], bytes]] = {
+    ".mp4": _encode_mp4,
+    ".gif": _encode_gif,
+}
+
+
+def write_video(frames: npt.NDArray[np.uint8], uri: str, fps: float = 8.0) -> str:
+    """Encode (F,H,W,3) uint8 frames in the format the extension names (.mp4 or .gif)."""
+    encode = _VIDEO_ENCODERS.get(posixpath.splitext(uri)[1].lower())
+    if encode is None:
+        raise ValueError(f"cannot write video {uri}: extension must be one of {sorted(_VIDEO_ENCODERS)}")
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3 or not len(frames):
+        raise ValueError(f"expected uint8 frames of shape (F,H,W,3), got {frames.dtype} {frames.shape}")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    return write_bytes(encode(frames, fps), uri)
+
+
+# -- masks ----------------------------------------------------------------------------------------
+
+
+def _mask_frames(uri: str) -> npt.NDArray[np.uint8]:
+    fs, path = url_to_fs(uri)
+    if fs.isdir(path):
+        names = sorted(
+            name
+            for name in (posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+            if name.lower().endswith(".png") and not name.startswith(".")
+        )
+        if not names:
+            raise MediaError(f"mask folder has no PNG frames: {uri}")
+        return _stack(uri, [_read_still(join(uri, name), "mask frame") for name in names])
+    data = _read(uri, "mask")
+    # Still and animated images go through PIL, everything else through the video decoders.
+    images = _decode_images(uri, data, "mask", all_frames=True)
+    return images if images is not None else _decode_video(uri, data, None)
+
+
+def read_mask(uri: str, size: tuple[int, int] | None = None) -> npt.NDArray[np.bool_]:
+    """(F,H,W) bool from a mask video, one image (F=1) or a folder of PNG frames in name order.
+
+    Pixels count as inside when their luminance is above 127. `size` (h, w) resizes with nearest
+    neighbour, which keeps values binary, and never crops, so no masked area is cut away.
+    """
+    masks = _mask_frames(uri) @ _LUMA > 127
+    if size is not None and masks.shape[1:] != tuple(size):
+        (h, w), (old_h, old_w) = size, masks.shape[1:]
+        rows = ((np.arange(h) + 0.5) * old_h / h).astype(np.int64)
+        cols = ((np.arange(w) + 0.5) * old_w / w).astype(np.int64)
+        masks = masks[:, rows[:, None], cols]
+    return masks
+
+
+# -- SVG ------------------------------------------------------------------------------------------
+
+
+def read_svg(uri: str) -> str:
+    """The document's text, after checking it is SVG, so renderers fail here with a clear message."""
+    data = _read(uri, "SVG")
+    try:
+        text = data.decode("utf-8-sig")
+        root = ElementTree.fromstring(data)
+    except UnicodeDecodeError:
+        raise MediaError(f"not an SVG document: {uri} (not UTF-8 text)") from None
+    except ElementTree.ParseError as exc:
+        raise MediaError(f"not an SVG document: {uri} (invalid XML: {exc})") from exc
+    if root.tag not in ("svg", f"{{{_SVG_NAMESPACE}}}svg"):
+        raise MediaError(f"not an SVG document: {uri} (root element is {root.tag!r})")
+    return text

@@ -1,0 +1,167 @@
+"""Manifest contracts: which columns each kind of input row must and may carry.
+
+A manifest is checked on the driver before any actor starts, so one bad column costs seconds, not a
+GPU-hour. Every problem is reported at once; columns not named here pass through as per-row parameters.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+STRING = pa.string()
+INT = pa.int64()
+FLOAT = pa.float64()
+STRINGS = pa.list_(pa.string())
+
+# Hyperparameters every method accepts (DESIGN.md "common hyperparameters").
+COMMON_PARAMS: dict[str, pa.DataType] = {
+    "seed": INT,
+    "steps": INT,
+    "num_frames": INT,
+    "height": INT,
+    "width": INT,
+}
+
+
+@dataclass(frozen=True)
+class ManifestKind:
+    name: str
+    required: dict[str, pa.DataType]
+    optional: dict[str, pa.DataType]
+
+    @property
+    def columns(self) -> dict[str, pa.DataType]:
+        return {**self.required, **self.optional}
+
+    def schema(self) -> pa.Schema:
+        """Arrow schema of a manifest holding every known column (required first)."""
+        return pa.schema([pa.field(n, t, nullable=n != "id") for n, t in self.columns.items()])
+
+
+MANIFEST_KINDS: dict[str, ManifestKind] = {
+    kind.name: kind
+    for kind in (
+        ManifestKind(
+            "sketch",
+            required={"id": STRING, "svg": STRING, "prompt": STRING},
+            optional=dict(COMMON_PARAMS),
+        ),
+        ManifestKind(
+            "image",
+            required={"id": STRING, "image": STRING, "prompt": STRING},
+            optional={
+                **COMMON_PARAMS,
+                "end_image": STRING,
+                "mode": STRING,
+                "fps": INT,
+                "frame_index": INT,
+                "cfg_image": FLOAT,
+                "cfg_text": FLOAT,
+            },
+        ),
+        ManifestKind(
+            "video",
+            required={"id": STRING, "video": STRING, "source_prompt": STRING, "target_prompt": STRING},
+            optional={**COMMON_PARAMS, "mask": STRING},
+        ),
+        ManifestKind(
+            "style",
+            required={"id": STRING, "prompt": STRING, "style": STRINGS},
+            optional={**COMMON_PARAMS, "cfg_text": FLOAT, "cfg_style": FLOAT},
+        ),
+        ManifestKind(
+            "eval",
+            required={"id": STRING, "video": STRING},
+            optional={
+                "prompt": STRING,
+                "image": STRING,
+                "source_video": STRING,
+                "style": STRINGS,
+                "mask": STRING,
+                "num_frames": INT,
+            },
+        ),
+    )
+}
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be run; `problems` lists every reason, each naming columns or row ids."""
+
+    def __init__(self, uri: str, problems: list[str]):
+        self.problems = problems
+        listing = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"manifest {uri} has {len(problems)} problem(s):\n{listing}")
+
+
+def _type_matches(actual: pa.DataType, expected: pa.DataType) -> bool:
+    if expected == STRING:
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual)
+    if expected == INT:
+        return pa.types.is_integer(actual)
+    if expected == FLOAT:
+        return pa.types.is_floating(actual) or pa.types.is_integer(actual)
+    if expected == STRINGS:
+        return (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and _type_matches(
+            actual.value_type, STRING
+        )
+    return actual == expected
+
+
+def _describe_ids(ids: list, limit: int = 10) -> str:
+    shown = ", ".join(repr(i) for i in ids[:limit])
+    more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+    return f"{shown}{more}"
+
+
+def validate(table: pa.Table, kind: str) -> list[str]:
+    """Every problem that stops `table` from running as a `kind` manifest; an empty list means runnable."""
+    if kind not in MANIFEST_KINDS:
+        raise KeyError(f"unknown manifest kind {kind!r}; known: {', '.join(MANIFEST_KINDS)}")
+    spec = MANIFEST_KINDS[kind]
+    problems: list[str] = []
+    names = table.column_names
+
+    for name, expected in spec.required.items():
+        if name not in names:
+            problems.append(f"missing required column {name!r} ({expected})")
+    for name, expected in spec.columns.items():
+        if name in names and not _type_matches(table.schema.field(name).type, expected):
+            problems.append(f"column {name!r} has type {table.schema.field(name).type}, expected {expected}")
+    duplicated = [c for c, n in Counter(names).items() if n > 1]
+    if duplicated:
+        problems.append(f"duplicate column name(s): {', '.join(duplicated)}")
+
+    ids = table.column("id").to_pylist() if "id" in names and not duplicated else None
+    if ids is not None:
+        row_names = [i if i is not None else f"<row {n}>" for n, i in enumerate(ids)]
+        null_rows = [f"<row {n}>" for n, i in enumerate(ids) if i is None]
+        if null_rows:
+            problems.append(f"column 'id' is null in {len(null_rows)} row(s): {_describe_ids(null_rows)}")
+        repeats = sorted(i for i, n in Counter(i for i in ids if i is not None).items() if n > 1)
+        if repeats:
+            problems.append(f"duplicate id(s): {_describe_ids(repeats)}")
+        for name in spec.required:
+            if name == "id" or name not in names or name in duplicated:
+                continue
+            mask = pc.is_null(table.column(name)).to_pylist()
+            null_ids = [row_names[n] for n, is_null in enumerate(mask) if is_null]
+            if null_ids:
+                problems.append(
+                    f"required column {name!r} is null in {len(null_ids)} row(s): {_describe_ids(null_ids)}"
+                )
+    if table.num_rows == 0:
+        problems.append("manifest has no rows")
+    return problems
+
+
+def check(table: pa.Table, kind: str, uri: str = "<table>") -> pa.Table:
+    """`validate`, raising ManifestError with all problems; returns the table for chaining."""
+    problems = validate(table, kind)
+    if problems:
+        raise ManifestError(uri, problems)
+    return table

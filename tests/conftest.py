@@ -1,0 +1,47 @@
+"""One Ray instance per test session: a simulated 3-node cluster, two nodes with a logical GPU each."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+DEMO_DATA = REPO / "jobs" / "demo_data"
+
+
+def pytest_configure(config):
+    # Set before Ray starts, so every Ray worker process inherits them.
+    cache = Path(os.environ.get("ANIMA_TEST_CACHE", "/tmp/anima-test-cache"))
+    os.environ["ANIMA_CACHE"] = str(cache)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Real example inputs: ../shared/data when present, else the copies the demo ships."""
+    return SHARED_DATA if SHARED_DATA.exists() else DEMO_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 3, "object_store_memory": 150 * 2**20, "include_dashboard": False},
+    )
+    for _ in range(2):
+        cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=150 * 2**20)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

@@ -1,0 +1,372 @@
+"""Media I/O against real example files, local paths and memory://, including every failure mode."""
+
+from __future__ import annotations
+
+import io
+import re
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fsspec.core import url_to_fs
+from PIL import Image
+
+from pipelines import media
+from pipelines.media import MediaError
+
+# CI clones the repository to X/main with the example inputs at X/shared.
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def moving_square(frames: int = 12, height: int = 48, width: int = 64) -> np.ndarray:
+    video = np.zeros((frames, height, width, 3), np.uint8)
+    video[...] = (30, 60, 90)
+    for i in range(frames):
+        video[i, 10:26, 4 * i : 4 * i + 16] = (250, 200, 20)
+    return video
+
+
+@pytest.fixture
+def memory_root():
+    # Unique per test so parallel or repeated tests never share the process-wide memory filesystem.
+    root = f"memory://test-{uuid.uuid4().hex}"
+    yield root
+    fs, path = url_to_fs(root)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+# -- paths and atomic writes ------------------------------------------------------------------------
+
+
+def test_join_keeps_protocol_and_local_paths():
+    assert media.join("memory://out", "a/b.mp4") == "memory://out/a/b.mp4"
+    assert media.join("s3://bucket/run/", "/x", "y.png") == "s3://bucket/run/x/y.png"
+    assert media.join("/tmp/out", "a", "b.png") == "/tmp/out/a/b.png"
+    assert media.join("memory://", "a") == "memory://a"
+
+
+def test_bytes_and_text_round_trip(tmp_path, memory_root):
+    for base in (str(tmp_path), f"file://{tmp_path}", memory_root):
+        uri = media.join(base, "deep", "dir", "note.txt")
+        assert not media.exists(uri)
+        assert media.write_text("héllo", uri) == uri
+        assert media.exists(uri)
+        assert media.read_bytes(uri).decode() == "héllo"
+        with media.open_file(uri) as f:
+            assert f.read() == "héllo".encode()
+        media.remove(uri)
+        media.remove(uri)  # already gone is fine
+        assert not media.exists(uri)
+
+
+def test_atomic_write_leaves_no_temp_file(tmp_path, memory_root):
+    media.write_bytes(b"first", str(tmp_path / "out.bin"))
+    media.write_bytes(b"second", str(tmp_path / "out.bin"))
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+    assert (tmp_path / "out.bin").read_bytes() == b"second"
+
+    uri = media.join(memory_root, "x", "out.bin")
+    media.write_bytes(b"data", uri)
+    fs, path = url_to_fs(media.join(memory_root, "x"))
+    assert [p.rsplit("/", 1)[1] for p in fs.ls(path, detail=False)] == ["out.bin"]
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_atomic_write_failure_leaves_nothing(tmp_path, memory_root, where):
+    base = str(tmp_path) if where == "local" else memory_root
+    uri = media.join(base, "sub", "out.bin")
+    with pytest.raises(RuntimeError, match="boom"), media.atomic_write(uri) as f:
+        f.write(b"half")
+        raise RuntimeError("boom")
+    assert not media.exists(uri)
+    fs, path = url_to_fs(media.join(base, "sub"))
+    assert fs.ls(path, detail=False) == []
+
+
+def test_object_store_write_is_one_put_on_success(monkeypatch, memory_root):
+    monkeypatch.setattr(media, "_OBJECT_STORES", frozenset({"memory"}))
+    uri = media.join(memory_root, "store", "out.bin")
+    with pytest.raises(RuntimeError, match="boom"), media.atomic_write(uri) as f:
+        f.write(b"half")
+        raise RuntimeError("boom")
+    assert not media.exists(uri)
+    media.write_bytes(b"whole", uri)
+    assert media.read_bytes(uri) == b"whole"
+
+
+def test_atomic_write_is_invisible_until_done(tmp_path):
+    target = tmp_path / "out.bin"
+    with media.atomic_write(str(target)) as f:
+        f.write(b"partial")
+        assert not target.exists()
+    assert target.read_bytes() == b"partial"
+
+
+# -- videos -----------------------------------------------------------------------------------------
+
+
+def test_mp4_round_trip(tmp_path):
+    video = moving_square()
+    uri = media.write_video(video, str(tmp_path / "clip.mp4"), fps=8)
+    frames = media.read_video(uri)
+    assert frames.shape == video.shape and frames.dtype == np.uint8
+    assert np.abs(frames.astype(int) - video).mean() < 12
+    assert media.video_info(uri) == media.VideoInfo(num_frames=12, height=48, width=64, fps=8.0)
+    assert media.read_video(uri, num_frames=4, size=(32, 32)).shape == (4, 32, 32, 3)
+
+
+def test_mp4_sampling_picks_evenly_spaced_frames(tmp_path):
+    video = moving_square()
+    uri = media.write_video(video, str(tmp_path / "clip.mp4"))
+    sampled = media.read_video(uri, num_frames=4)
+    expected = video[[0, 4, 7, 11]]  # linspace(0, 11, 4) rounded
+    assert np.abs(sampled.astype(int) - expected).mean() < 12
+    assert media.frame_indices(12, 4).tolist() == [0, 4, 7, 11]
+
+
+def test_mp4_without_x264_uses_mpeg4(tmp_path, monkeypatch):
+    monkeypatch.setattr(media, "_mp4_codec", lambda: "mpeg4")
+    video = moving_square()
+    frames = media.read_video(media.write_video(video, str(tmp_path / "clip.mp4")))
+    assert frames.shape == video.shape
+    assert np.abs(frames.astype(int) - video).mean() < 12
+
+
+def test_mp4_odd_size_is_padded_by_edge_replication(tmp_path):
+    video = moving_square(frames=3, height=47, width=63)
+    frames = media.read_video(media.write_video(video, str(tmp_path / "odd.mp4")))
+    assert frames.shape == (3, 48, 64, 3)
+    assert np.abs(frames[:, -1, :63].astype(int) - video[:, -1]).mean() < 12  # copy of the last row
+    assert np.abs(frames[:, :47, -1].astype(int) - video[:, :, -1]).mean() < 12  # and of the last column
+
+
+def test_gif_round_trip(tmp_path):
+    video = moving_square()
+    uri = media.write_video(video, str(tmp_path / "clip.gif"), fps=8)
+    with Image.open(uri) as gif:
+        assert gif.info["loop"] == 0 and gif.info["duration"] == 120  # 125 ms in whole centiseconds
+    frames = media.read_video(uri)
+    assert frames.shape == video.shape
+    assert np.abs(frames.astype(int) - video).mean() < 4
+    info = media.video_info(uri)
+    assert (info.num_frames, info.height, info.width) == (12, 48, 64)
+    assert media.read_video(uri, num_frames=4, size=(32, 32)).shape == (4, 32, 32, 3)
+
+
+def test_video_round_trip_through_memory(memory_root):
+    video = moving_square()
+    for name in ("clip.mp4", "clip.gif"):
+        uri = media.write_video(video, media.join(memory_root, "videos", name))
+        assert uri.startswith("memory://")
+        assert media.read_video(uri).shape == video.shape
+
+
+def test_write_video_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="extension"):
+        media.write_video(moving_square(), str(tmp_path / "clip.avi"))
+    with pytest.raises(ValueError, match="uint8"):
+        media.write_video(moving_square().astype(np.float32), str(tmp_path / "clip.mp4"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "frames", "height", "width"), [("bird000", 16, 256, 256), ("locomotive", 24, 142, 256)]
+)
+def test_example_videos(name, frames, height, width):
+    uri = str(DATA / "videos" / f"{name}.mp4")
+    assert media.video_info(uri) == media.VideoInfo(frames, height, width, 8.0)
+    video = media.read_video(uri)
+    assert video.shape == (frames, height, width, 3)
+    assert video.std() > 10  # real content, not a blank decode
+    assert media.read_video(uri, num_frames=8, size=(64, 64)).shape == (8, 64, 64, 3)
+
+
+def test_pyav_fallback_matches_decord():
+    data = (DATA / "videos" / "locomotive.mp4").read_bytes()
+    uri = "locomotive.mp4"
+    assert np.array_equal(media._decode_pyav(uri, data, 5), media._decode_video(uri, data, 5))
+
+
+def test_reads_without_decord(monkeypatch):
+    monkeypatch.setattr(media, "decord", None)
+    uri = str(DATA / "videos" / "locomotive.mp4")
+    assert media.read_video(uri, num_frames=3).shape == (3, 142, 256, 3)
+    assert media.video_info(uri) == media.VideoInfo(24, 142, 256, 8.0)
+
+
+def test_too_many_frames_requested():
+    with pytest.raises(MediaError, match="video has 16 frames, 17 requested"):
+        media.read_video(str(DATA / "videos" / "bird000.mp4"), num_frames=17)
+
+
+def test_missing_video(tmp_path):
+    missing = str(tmp_path / "nope.mp4")
+    with pytest.raises(MediaError, match=re.escape(f"video not found: {missing}")):
+        media.read_video(missing)
+    with pytest.raises(MediaError, match="not found"):
+        media.video_info(missing)
+    with pytest.raises(MediaError, match="file not found"):
+        media.read_bytes("memory://no/such/file")
+
+
+def test_corrupt_videos(tmp_path):
+    real = (DATA / "videos" / "bird000.mp4").read_bytes()
+    corrupt = {
+        "random.mp4": np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+        "truncated.mp4": real[:100],
+        "empty.mp4": b"",
+        "text.mp4": b"not a video at all\n",
+    }
+    for name, data in corrupt.items():
+        uri = media.write_bytes(data, str(tmp_path / name))
+        with pytest.raises(MediaError, match=re.escape(f"cannot decode video {uri}")):
+            media.read_video(uri)
+        with pytest.raises(MediaError, match="cannot decode video"):
+            media.video_info(uri)
+
+
+def test_directory_is_not_a_video(tmp_path):
+    with pytest.raises(MediaError, match=re.escape(str(tmp_path))):
+        media.read_video(str(tmp_path))
+
+
+# -- images -----------------------------------------------------------------------------------------
+
+
+def test_webp_named_png_and_jpeg():
+    boy = media.read_image(str(DATA / "images" / "boy.png"))
+    assert boy.shape == (512, 512, 3) and boy.dtype == np.uint8
+    jpeg = media.read_image(str(DATA / "images" / "guitar0.jpeg"), size=(320, 512))
+    assert jpeg.shape == (320, 512, 3)
+
+
+def test_image_cover_resize_crops_the_centre(tmp_path):
+    image = np.zeros((100, 200, 3), np.uint8)
+    image[:, 50:150] = 255  # white centre half, black sides
+    uri = media.write_image(image, str(tmp_path / "wide.png"))
+    square = media.read_image(uri, size=(50, 50))
+    assert square.shape == (50, 50, 3)
+    assert square[:, 5:45].min() > 200  # the crop kept only the white centre...
+    assert square[:, 0].mean() > 100  # ...plus at most a blurred edge, nothing stretched
+
+
+def test_alpha_is_composited_on_white(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:4, :, 3] = 255  # top half opaque black, bottom half transparent
+    uri = media.write_image(rgba, str(tmp_path / "alpha.png"))
+    image = media.read_image(uri)
+    assert (image[:4] == 0).all() and (image[4:] == 255).all()
+
+
+def test_image_round_trip_png_and_jpeg(memory_root):
+    image = moving_square(frames=1)[0]
+    png = media.read_image(media.write_image(image, media.join(memory_root, "a.png")))
+    assert np.array_equal(png, image)
+    jpeg = media.read_image(media.write_image(image, media.join(memory_root, "a.jpg")))
+    assert np.abs(jpeg.astype(int) - image).mean() < 4
+    with pytest.raises(ValueError, match="image format"):
+        media.write_image(image, media.join(memory_root, "a.unknown"))
+
+
+def test_bad_images(tmp_path):
+    text = media.write_text("just text", str(tmp_path / "fake.png"))
+    with pytest.raises(MediaError, match=re.escape(f"not an image file: {text}")):
+        media.read_image(text)
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, format="PNG")
+    truncated = media.write_bytes(png.getvalue()[:60], str(tmp_path / "cut.png"))
+    with pytest.raises(MediaError, match=re.escape(f"cannot decode image {truncated}")):
+        media.read_image(truncated)
+    with pytest.raises(MediaError, match="image not found"):
+        media.read_image(str(tmp_path / "missing.png"))
+
+
+# -- masks ------------------------------------------------------------------------------------------
+
+
+def binary_masks(frames: int = 3, height: int = 24, width: int = 32) -> np.ndarray:
+    masks = np.zeros((frames, height, width), bool)
+    for i in range(frames):
+        masks[i, 4:12, 4 * i : 4 * i + 10] = True
+    return masks
+
+
+def test_mask_folder_of_pngs(tmp_path, memory_root):
+    masks = binary_masks()
+    for base in (str(tmp_path / "mask"), media.join(memory_root, "mask")):
+        uris = media.write_png_frames(masks, base)
+        assert [u.rsplit("/", 1)[1] for u in uris] == ["frame_0000.png", "frame_0001.png", "frame_0002.png"]
+        read = media.read_mask(base)
+        assert read.dtype == np.bool_ and np.array_equal(read, masks)
+
+
+def test_mask_binarizes_luminance_above_127(tmp_path):
+    gray = np.array([[0, 127, 128, 255]], np.uint8).repeat(2, axis=0)
+    uri = media.write_image(gray, str(tmp_path / "gray.png"))
+    assert media.read_mask(uri).tolist() == [[[False, False, True, True]] * 2]
+
+
+def test_mask_video_round_trip(tmp_path):
+    masks = binary_masks(frames=6)
+    rgb = np.repeat(masks[..., None], 3, axis=3).astype(np.uint8) * 255
+    uri = media.write_video(rgb, str(tmp_path / "m.mp4"))
+    read = media.read_mask(uri)
+    assert read.shape == masks.shape
+    assert (read != masks).mean() < 0.02  # only compression noise right at the edges
+
+
+def test_mask_resize_is_nearest_without_crop(tmp_path):
+    masks = binary_masks()
+    media.write_png_frames(masks, str(tmp_path / "mask"))
+    resized = media.read_mask(str(tmp_path / "mask"), size=(48, 48))  # other aspect: stretched, not cropped
+    assert resized.shape == (3, 48, 48) and resized.dtype == np.bool_
+    assert np.array_equal(resized[:, ::2, ::3][:, :, :16], masks[:, :, ::2])
+    assert np.array_equal(media.read_mask(str(tmp_path / "mask"), size=(24, 32)), masks)
+
+
+def test_mask_errors(tmp_path, memory_root):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no frames here")
+    with pytest.raises(MediaError, match="no PNG frames"):
+        media.read_mask(str(tmp_path / "empty"))
+    with pytest.raises(MediaError, match="mask not found"):
+        media.read_mask(media.join(memory_root, "missing.png"))
+    media.write_png_frames([np.zeros((4, 4), bool), np.zeros((5, 5), bool)], str(tmp_path / "mixed"))
+    with pytest.raises(MediaError, match="differ in size"):
+        media.read_mask(str(tmp_path / "mixed"))
+
+
+# -- SVG --------------------------------------------------------------------------------------------
+
+
+def test_read_real_svg():
+    text = media.read_svg(str(DATA / "sketches" / "fish_scaled1.svg"))
+    assert "<svg" in text and "path" in text
+
+
+def test_svg_without_namespace_is_accepted(memory_root):
+    svg = '<svg width="4" height="4"><rect width="4" height="4"/></svg>'
+    uri = media.write_text(svg, media.join(memory_root, "a.svg"))
+    assert media.read_svg(uri).startswith("<svg")
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        ((DATA / "images" / "bear.png").read_bytes(), "not UTF-8"),
+        (b'<?xml version="1.0"?><html><body/></html>', "root element"),
+        (b'<svg xmlns="http://example.com/not-svg"/>', "root element"),
+        (b"<svg><unclosed></svg>", "invalid XML"),
+    ],
+)
+def test_not_svg(tmp_path, data, problem):
+    uri = media.write_bytes(data, str(tmp_path / "x.svg"))
+    with pytest.raises(MediaError, match=re.escape(f"not an SVG document: {uri} ({problem}")):
+        media.read_svg(uri)
+
+
+def test_missing_svg(tmp_path):
+    with pytest.raises(MediaError, match="SVG not found"):
+        media.read_svg(str(tmp_path / "x.svg"))

@@ -1,0 +1,178 @@
+"""The Ray job runner end to end: every row accounted for, resume, multi-node GPU pools, killed workers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from actors.base import CHAOS_KILL_ENV
+from jobs import resume
+from jobs.cli import main
+from jobs.runner import JobSpec, run_job
+
+FAST = {"num_frames": 4}
+
+
+def _eval_manifest(data_dir: Path, tmp_path: Path, rows: int = 12) -> Path:
+    """Rows over the example videos; the last three are bad: missing file, corrupt video, empty prompt."""
+    videos = sorted((data_dir / "videos").glob("*.mp4")) or sorted(data_dir.glob("*.mp4"))
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+    records = []
+    for n in range(rows - 3):
+        video = videos[n % len(videos)]
+        records.append({"id": f"ok-{n:02d}", "video": str(video), "prompt": f"a video of {video.stem}"})
+    records += [
+        {"id": "bad-missing", "video": str(tmp_path / "nope.mp4"), "prompt": "a cat"},
+        {"id": "bad-corrupt", "video": str(corrupt), "prompt": "a cat"},
+        {"id": "bad-empty-prompt", "video": str(videos[0]), "prompt": "  "},
+    ]
+    path = tmp_path / "eval.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return path
+
+
+def _latest(output: Path) -> dict[str, dict]:
+    table = resume.latest(resume.read_results(str(output / "results")))
+    return {r["id"]: r for r in table.to_pylist()}
+
+
+def _spec(manifest: Path, output: Path, **kw) -> JobSpec:
+    return JobSpec(
+        method="evaluate",
+        manifest=str(manifest),
+        output=str(output),
+        models={"clip": "tiny"},
+        params=dict(FAST),
+        **kw,
+    )
+
+
+def test_bad_rows_become_error_rows_and_reruns_resume(ray_cluster, data_dir, tmp_path):
+    manifest, output = _eval_manifest(data_dir, tmp_path), tmp_path / "out"
+    first = run_job(_spec(manifest, output, batch_size=2))
+    assert (first["processed"], first["ok"], first["error"]) == (12, 9, 3)
+    rows = _latest(output)
+    assert len(rows) == 12
+    errors = {i: r["error"] for i, r in rows.items() if r["status"] == "error"}
+    assert set(errors) == {"bad-missing", "bad-corrupt", "bad-empty-prompt"}
+    assert "'bad-missing'" in errors["bad-missing"] and "not found" in errors["bad-missing"]
+    assert "cannot decode" in errors["bad-corrupt"]
+    assert "empty prompt" in errors["bad-empty-prompt"]
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    assert all(r["clip_text"] is not None and r["clip_temporal"] is not None for r in ok)
+    assert all(r["clip_image"] is None and "clip_image: no image" in r["notes"] for r in ok)
+    assert all(r["seconds"] > 0 and r["peak_memory_mb"] > 0 and r["attempt"] == 1 for r in rows.values())
+    assert json.loads(ok[0]["params"])["num_frames"] == 4
+    saved = json.loads((output / "summary.json").read_text())
+    assert saved["run_id"] == first["run_id"] and saved["ok"] == 9
+    metrics = json.loads((output / "metrics_summary.json").read_text())
+    assert metrics["clip_temporal"]["n"] == 9 and metrics["clip_temporal"]["std"] >= 0
+
+    second = run_job(_spec(manifest, output))
+    assert (second["processed"], second["skipped"]) == (0, 12)
+
+    # Forget two ok rows, as if the job had been preempted before writing them.
+    forgotten = {"ok-01", "ok-05"}
+    for path in (output / "results").glob("*.parquet"):
+        table = pq.read_table(path)
+        kept = table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(sorted(forgotten)))))
+        if kept.num_rows != table.num_rows:
+            pq.write_table(kept, path)
+    third = run_job(_spec(manifest, output))
+    assert (third["processed"], third["ok"]) == (2, 2)
+    run_ids = {i: r["run_id"] for i, r in _latest(output).items()}
+    assert {i for i, r in run_ids.items() if r == third["run_id"]} == forgotten
+
+    # Bad-input errors are retried only when asked, and count as a second attempt.
+    fourth = run_job(_spec(manifest, output, retry_errors=True))
+    assert (fourth["processed"], fourth["error"]) == (3, 3)
+    assert _latest(output)["bad-corrupt"]["attempt"] == 2
+
+
+def test_gpu_actor_pool_spreads_over_two_simulated_nodes(ray_cluster, data_dir, tmp_path):
+    import ray
+
+    manifest, output = _eval_manifest(data_dir, tmp_path, rows=11), tmp_path / "out"
+    report = run_job(_spec(manifest, output, actors=2, gpus_per_actor=1))
+    assert (report["processed"], report["ok"]) == (11, 8)
+    assert report["gpu_seconds_per_row"] > 0 and report["items_per_gpu_hour"] > 0
+    gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")}
+    used = {r["node"] for r in _latest(output).values()}
+    assert used == gpu_nodes and len(used) == 2
+
+
+def test_a_worker_killed_mid_job_loses_no_row(ray_cluster, data_dir, tmp_path):
+    manifest, output = _eval_manifest(data_dir, tmp_path, rows=9), tmp_path / "out"
+    victim = "ok-02"
+    report = run_job(_spec(manifest, output, runtime_env={"env_vars": {CHAOS_KILL_ENV: victim}}))
+    assert report["processed"] == 9 and report["ok"] == 6
+    rows = _latest(output)
+    assert len(rows) == 9
+    assert rows[victim]["status"] == "ok"
+    assert "died 1 time(s) on this row before" in rows[victim]["notes"]
+
+
+def test_a_row_that_keeps_killing_workers_is_given_up(ray_cluster, data_dir, tmp_path):
+    manifest, output = _eval_manifest(data_dir, tmp_path, rows=5), tmp_path / "out"
+    victim = "ok-00"
+    report = run_job(
+        _spec(manifest, output, max_row_crashes=1, runtime_env={"env_vars": {CHAOS_KILL_ENV: victim}})
+    )
+    assert report["processed"] == 5
+    rows = _latest(output)
+    assert rows[victim]["status"] == "error" and rows[victim]["retryable"]
+    assert "died 1 times" in rows[victim]["error"]
+    assert rows["ok-01"]["status"] == "ok"
+
+
+def test_cli_refuses_a_broken_manifest_before_any_work(ray_cluster, tmp_path, capsys):
+    manifest = tmp_path / "broken.parquet"
+    pq.write_table(pa.table({"id": ["a", "a"], "prompt": ["x", None]}), manifest)
+    code = main(
+        ["evaluate", "--manifest", str(manifest), "--output", str(tmp_path / "out"), "--clip", "tiny"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "missing required column 'video'" in err and "duplicate id(s): 'a'" in err
+    assert not (tmp_path / "out" / "results").exists()
+
+
+def test_cli_exit_codes_for_unknown_parameters_missing_manifest_and_unloadable_models(
+    ray_cluster, data_dir, tmp_path, capsys
+):
+    manifest = _eval_manifest(data_dir, tmp_path, rows=4)
+    out = str(tmp_path / "out")
+    assert main(["evaluate", "--manifest", str(manifest), "--output", out, "--set", "stesp=3"]) == 2
+    assert "unknown parameter(s) stesp" in capsys.readouterr().err
+    assert main(["evaluate", "--manifest", str(tmp_path / "none.parquet"), "--output", out]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert (
+        main(["evaluate", "--manifest", str(manifest), "--output", out, "--clip", str(tmp_path / "no-clip")])
+        == 3
+    )
+    assert "does not exist" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert (
+        main(["evaluate", "--manifest", str(manifest), "--output", str(blocker / "out"), "--clip", "tiny"])
+        == 2
+    )
+    assert "cannot write to output" in capsys.readouterr().err
+    assert main(["generate", "livesketch", "--manifest", str(manifest), "--output", out]) == 2
+    assert "not implemented" in capsys.readouterr().err
+
+
+def test_demo_runs_the_evaluation_over_the_shipped_examples(ray_cluster, tmp_path, capsys):
+    assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "demo outputs are under" in out
+    rows = _latest(tmp_path / "demo" / "evaluate")
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows.values())
+    assert rows["dance1"]["clip_image"] is not None and rows["bird000"]["clip_style"] is not None
+    shutil.rmtree(tmp_path / "demo")

@@ -1,0 +1,82 @@
+import pyarrow as pa
+import pytest
+
+from schemas import (
+    MANIFEST_KINDS,
+    METRIC_COLUMNS,
+    RESULT_SCHEMA,
+    ManifestError,
+    ResultRow,
+    check,
+    result_table,
+    validate,
+)
+
+
+def test_every_problem_of_a_broken_manifest_is_named():
+    table = pa.table(
+        {
+            "id": ["a", "b", "a", None],
+            "video": ["v.mp4", None, "w.mp4", "x.mp4"],
+            "source_prompt": [1, 2, 3, 4],  # mistyped
+            # target_prompt missing
+            "my_extra_param": [0.1, 0.2, 0.3, 0.4],  # allowed: passes through
+        }
+    )
+    problems = validate(table, "video")
+    text = "\n".join(problems)
+    assert "missing required column 'target_prompt'" in text
+    assert "column 'source_prompt' has type int64, expected string" in text
+    assert "duplicate id(s): 'a'" in text
+    assert "column 'id' is null in 1 row(s): '<row 3>'" in text
+    assert "required column 'video' is null in 1 row(s): 'b'" in text
+    assert "my_extra_param" not in text
+    assert len(problems) == 5
+    with pytest.raises(ManifestError) as info:
+        check(table, "video", "m.parquet")
+    assert info.value.problems == problems
+    assert "m.parquet has 5 problem(s)" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", sorted(MANIFEST_KINDS))
+def test_a_table_with_every_known_column_validates(kind):
+    schema = MANIFEST_KINDS[kind].schema()
+    row = {}
+    for f in schema:
+        row[f.name] = {pa.string(): "x", pa.int64(): 1, pa.float64(): 1.0}.get(f.type, ["a", "b"])
+    row["id"] = "only"
+    assert validate(pa.Table.from_pylist([row], schema=schema), kind) == []
+
+
+def test_narrow_integer_and_large_string_types_are_accepted_but_float_seed_is_not():
+    table = pa.table(
+        {
+            "id": pa.array(["a"], pa.large_string()),
+            "svg": ["s.svg"],
+            "prompt": ["p"],
+            "steps": pa.array([3], pa.int16()),
+            "seed": [1.5],
+        }
+    )
+    assert validate(table, "sketch") == ["column 'seed' has type double, expected int64"]
+
+
+def test_empty_manifest_and_unknown_kind():
+    empty = MANIFEST_KINDS["eval"].schema().empty_table()
+    assert validate(empty, "eval") == ["manifest has no rows"]
+    with pytest.raises(KeyError):
+        validate(empty, "audio")
+
+
+def test_result_rows_fill_the_fixed_schema():
+    rows = [
+        ResultRow(id="a", method="evaluate", metrics={"clip_text": 0.25}, outputs={"mp4": "x.mp4"}),
+        ResultRow(id="b", method="evaluate", status="error", error="row 'b': bad"),
+    ]
+    table = result_table(rows)
+    assert table.schema == RESULT_SCHEMA
+    assert table.column("clip_text").to_pylist() == [0.25, None]
+    assert table.column("outputs").to_pylist()[0] == [("mp4", "x.mp4")]
+    assert set(METRIC_COLUMNS) <= set(table.column_names)
+    with pytest.raises(KeyError, match="unknown metric"):
+        ResultRow(id="c", method="m", metrics={"fid": 1.0}).as_record()
