@@ -68,8 +68,8 @@ def test_ray_job_submit_runs_an_evaluation_on_a_local_head(data_dir, tmp_path):
         _wait_for_dashboard(dashboard_port, head)
         submit = subprocess.run(
             [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",
-             "--working-dir", str(REPO), "--", "python", "-m", "jobs", "evaluate", "--manifest", str(manifest), "--output", str(output),
-             "--clip", "tiny", "--set", "num_frames=4"],
+             "--working-dir", str(REPO), "--", "python", "-m", "jobs", "evaluate",
+             "--manifest", str(manifest), "--output", str(output), "--clip", "tiny", "--set", "num_frames=4"],
             env=env, capture_output=True, text=True, timeout=400,
         )  # fmt: skip
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
