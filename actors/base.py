@@ -80,6 +80,10 @@ class RowActor:
         self.config = config
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.node = _node_id()
+        cpus = _assigned_cpus()
+        if cpus:
+            # torch would otherwise start a thread per core and actors sharing a node would fight for them.
+            torch.set_num_threads(cpus)
         self.setup()
 
     # -- what a method provides -------------------------------------------------------------
@@ -223,12 +227,18 @@ class RowActor:
 
 
 def _node_id() -> str | None:
-    try:
-        import ray
+    """The Ray node this actor runs on; None outside Ray (tests, notebooks), without starting Ray."""
+    import ray
 
-        return ray.get_runtime_context().get_node_id()
-    except Exception:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _assigned_cpus() -> int | None:
+    import ray
+
+    if not ray.is_initialized():
         return None
+    return max(1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
 
 def _describe(exc: BaseException) -> tuple[str, bool]:

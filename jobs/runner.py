@@ -1,6 +1,6 @@
 """The one Ray Data graph every job runs: manifest in, one result row per input row out.
 
-    read manifest + validate (driver) -> drop settled ids -> from_arrow -> repartition
+    read manifest + validate (driver) -> drop settled ids -> from_arrow(blocks of batch_size rows)
     -> map_batches(actor pool) -> write_parquet(OUTPUT/results/) -> backfill rows lost to failed tasks
     -> summary
 
@@ -176,9 +176,10 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         ctx = DataContext.get_current()
         ctx.max_errored_blocks = -1  # a failed task's rows are backfilled as error rows below
         ctx.execution_no_progress_timeout_s = spec.no_progress_timeout_s
+        # Blocks of `batch_size` rows made here, so one failed task cannot take more rows with it.
+        blocks = [todo.slice(i, spec.batch_size) for i in range(0, todo.num_rows, spec.batch_size)]
         (
-            ray.data.from_arrow(todo)
-            .repartition(target_num_rows_per_block=spec.batch_size)
+            ray.data.from_arrow(blocks)
             .map_batches(
                 actor,
                 fn_constructor_kwargs={"config": config},
@@ -190,9 +191,11 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
                 runtime_env=spec.runtime_env,
             )
             .write_parquet(
-                # Files named after the run, so a run's own rows can be told from all runs' files.
                 results_uri,
+                # Files named after the run, so a run's own rows can be told from all runs' files.
                 filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
+                # Writing a few rows needs no reserved CPU; actors may hold all of them (small clusters).
+                ray_remote_args={"num_cpus": 0},
             )
         )
         backfill_lost(todo, results_uri, config)

@@ -20,6 +20,8 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.runtime_env import RuntimeEnv
 
+from jobs.cli import build_parser
+
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = ROOT / "cluster.yaml"
 RAYJOB_YAML = ROOT / "kuberay" / "rayjob.yaml"
@@ -199,9 +201,10 @@ def test_rayjob_kind_and_lifecycle(rayjob: dict[str, Any]) -> None:
 def test_rayjob_entrypoint_runs_anima(rayjob: dict[str, Any]) -> None:
     entrypoint = rayjob["spec"]["entrypoint"]
     assert entrypoint.startswith("python -m jobs")
-    args = shlex.split(entrypoint)[3:]
-    assert args[0] in ("generate", "evaluate", "train")
-    assert "--output" in args
+    args = build_parser().parse_args(shlex.split(entrypoint)[3:])  # the real CLI accepts it
+    assert args.command in ("generate", "evaluate", "train")
+    assert args.output.startswith("s3://")
+    assert args.gpus_per_actor >= 1
 
 
 def test_rayjob_gpu_workers(rayjob: dict[str, Any]) -> None:
