@@ -59,11 +59,12 @@ class RowError(ValueError):
 
 @dataclass
 class RowOutput:
-    """What a method produced for one row."""
+    """What a method produced for one row; `error` set when this row failed inside a batch that went on."""
 
     outputs: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    error: Exception | None = None
 
 
 class RowActor:
@@ -189,6 +190,9 @@ class RowActor:
     def _ok_row(
         self, row: dict[str, Any], params: dict[str, Any], out: RowOutput, seconds: float
     ) -> ResultRow:
+        if out.error is not None:
+            message, retryable = _describe(out.error)
+            return self._error_row(row, params, message, retryable, seconds)
         result = self._base_row(row, params, seconds)
         result.status, result.outputs, result.metrics, result.notes = OK, out.outputs, out.metrics, out.notes
         return result

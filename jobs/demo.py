@@ -1,11 +1,12 @@
-"""`anima demo`: the main job on local Ray with tiny models over real example inputs.
+"""`anima demo`: the jobs on local Ray with tiny models over real example inputs.
 
-Tiny models have random weights, so the numbers are meaningless; the demo shows the whole path a
-cluster job takes: manifest, validation, actor pool, artifacts, result table, summary.
+Tiny models have random weights, so the numbers and the motion are meaningless; the demo shows the
+whole path a cluster job takes: manifest, validation, actor pool, artifacts, result table, summary.
 """
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pyarrow as pa
@@ -46,18 +47,57 @@ def eval_manifest() -> pa.Table:
     )
 
 
-def run_demo(output: str) -> None:
-    output = str(Path(output).resolve())
-    manifest = media.join(output, "manifests", "eval.parquet")
-    with media.atomic_write(manifest) as f:
-        pq.write_table(eval_manifest(), f)
-    out = media.join(output, "evaluate")
-    run_job(JobSpec(method="evaluate", manifest=manifest, output=out, models={"clip": "tiny"}))
+def sketch_manifest() -> pa.Table:
+    with open(DATA / "sketches" / "prompts.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return pa.table(
+        {
+            "id": [r["file"].removesuffix("_scaled1.svg") for r in rows],
+            "svg": [str(DATA / "sketches" / r["file"]) for r in rows],
+            "prompt": [r["prompt"] for r in rows],
+        }
+    )
+
+
+# A LiveSketch smoke run: few steps, small frames, all sketches optimized together in one batch.
+LIVESKETCH_PARAMS = {"steps": 8, "num_frames": 8, "height": 64, "width": 64, "dim": 32, "video_size": 128}
+
+
+def _write_manifest(table: pa.Table, uri: str) -> str:
+    with media.atomic_write(uri) as f:
+        pq.write_table(table, f)
+    return uri
+
+
+def _print_results(out: str, columns: list[str]) -> None:
     results = resume.latest(resume.read_results(media.join(out, "results")))
-    print("\nper-row results (tiny random CLIP: the values only show the path works):")
-    for row in results.select(
-        ["id", "status", "clip_text", "clip_temporal", "clip_image", "clip_style"]
-    ).to_pylist():
+    for row in results.select(["id", "status", *columns]).to_pylist():
         cells = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
         print(f"  {cells}")
+
+
+def run_demo(output: str) -> None:
+    output = str(Path(output).resolve())
+    manifests = media.join(output, "manifests")
+    out = media.join(output, "evaluate")
+    manifest = _write_manifest(eval_manifest(), media.join(manifests, "eval.parquet"))
+    run_job(JobSpec(method="evaluate", manifest=manifest, output=out, models={"clip": "tiny"}))
+    print("\nevaluation, per row (tiny random CLIP: the values only show the path works):")
+    _print_results(out, ["clip_text", "clip_temporal", "clip_image", "clip_style"])
+
+    sketches = sketch_manifest()
+    out = media.join(output, "livesketch")
+    manifest = _write_manifest(sketches, media.join(manifests, "sketches.parquet"))
+    run_job(
+        JobSpec(
+            method="livesketch",
+            manifest=manifest,
+            output=out,
+            models={"backbone": "tiny", "clip": "tiny"},
+            params=LIVESKETCH_PARAMS,
+            batch_size=sketches.num_rows,
+        )
+    )
+    print(f"\nLiveSketch, per row (animations: {media.join(out, 'artifacts')}/<id>/animation.svg):")
+    _print_results(out, ["clip_image", "clip_text", "seconds"])
     print(f"\ndemo outputs are under {output}")

@@ -34,6 +34,7 @@ from schemas import ERROR, ResultRow, check, result_table
 # Method name -> its actor class, as "module:Class" so only the chosen method's code is imported.
 METHODS: dict[str, str] = {
     "evaluate": "actors.evaluate:EvaluateActor",
+    "livesketch": "actors.livesketch:LiveSketchActor",
 }
 GENERATION_METHODS = ("livesketch", "dynamicrafter", "dreammotion", "stylecrafter")
 

@@ -81,19 +81,32 @@ class Backbone:
         )
         return self.text_encoder(tokens.input_ids.to(self.device))[0].to(self.dtype)
 
-    def encode_frames(self, frames: torch.Tensor, sample: bool = False, chunk: int = 16) -> torch.Tensor:
+    def encode_frames(
+        self,
+        frames: torch.Tensor,
+        sample: bool = False,
+        chunk: int = 16,
+        generators: list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
         """Video [B, F, 3, H, W] in [-1, 1] -> scaled latents [B, C, F, h, w]; differentiable.
 
-        `sample` draws from the VAE posterior (as score distillation of renders does); otherwise the
-        posterior mean is used. Frames are encoded `chunk` at a time to bound memory.
+        `sample` draws from the VAE posterior (as score distillation of renders does), element b's
+        noise from `generators[b]` when given, so a batched call draws what separate calls would;
+        otherwise the posterior mean is used. Frames are encoded `chunk` at a time to bound memory.
         """
         b, f = frames.shape[:2]
         flat = frames.reshape(b * f, *frames.shape[2:]).to(self.device, self.dtype)
-        parts = []
-        for piece in flat.split(chunk):
-            dist = self.vae.encode(piece).latent_dist
-            parts.append(dist.sample() if sample else dist.mean)
-        latents = torch.cat(parts) * self.vae.config.scaling_factor
+        dists = [self.vae.encode(piece).latent_dist for piece in flat.split(chunk)]
+        latents = torch.cat([d.mean for d in dists])
+        if sample:
+            std = torch.cat([d.std for d in dists])
+            if generators is None:
+                noise = torch.randn_like(std)
+            else:
+                shape = (f, *std.shape[1:])
+                noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(std)
+            latents = latents + std * noise
+        latents = latents * self.vae.config.scaling_factor
         return latents.reshape(b, f, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
 
     def decode_latents(self, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Quality metrics of a generated video: CLIP text/image/style/temporal, PIC (DreamSim), LPIPS.
+"""Quality metrics of a generated video: CLIP text/image/style/temporal, X-CLIP text, PIC, LPIPS.
 
 Each metric is computed when its inputs and its model are present, and is otherwise None with a note
 saying why, so a result table never mixes "bad" with "not measured".
@@ -14,6 +14,7 @@ import torch
 
 from pipelines.clip import Clip
 from pipelines.lpips import LPIPS
+from pipelines.xclip import XClip
 
 
 def clip_text(frames: torch.Tensor, text: torch.Tensor) -> float:
@@ -87,6 +88,7 @@ class Scorer:
     clip: Clip | None = None
     lpips: LPIPS | None = None
     dreamsim: Callable[[np.ndarray, np.ndarray], float] | None = None
+    xclip: XClip | None = None
     absent: dict[str, str] = field(default_factory=dict)
 
     def score(
@@ -127,6 +129,13 @@ class Scorer:
             else:
                 unavailable("clip_style", "clip", "no style images")
 
+        if self.xclip is None:
+            unavailable("xclip_text", "xclip", None)
+        elif prompt:
+            metrics["xclip_text"] = self.xclip.score(frames, prompt)
+        else:
+            unavailable("xclip_text", "xclip", "no prompt")
+
         if image is None:
             unavailable("pic", "dreamsim", "no image")
         elif self.dreamsim is None:
@@ -157,7 +166,11 @@ def outside_mask_psnr(source: np.ndarray, video: np.ndarray, mask: np.ndarray) -
 
 
 def load_scorer(
-    clip: str | None, dreamsim: str | None = None, lpips: str | None = None, device: str = "cpu"
+    clip: str | None,
+    dreamsim: str | None = None,
+    lpips: str | None = None,
+    device: str = "cpu",
+    xclip: str | None = None,
 ) -> Scorer:
     """Load the metric models a job asked for; those not asked for are recorded as absent, with why.
 
@@ -165,12 +178,17 @@ def load_scorer(
     spends GPU-hours writing rows of nulls.
     """
     from pipelines.clip import load_clip
+    from pipelines.xclip import load_xclip
 
     scorer = Scorer()
     if clip:
         scorer.clip = load_clip(clip, device)
     else:
         scorer.absent["clip"] = "no CLIP model given (--clip REF)"
+    if xclip:
+        scorer.xclip = load_xclip(xclip, device)
+    else:
+        scorer.absent["xclip"] = "no X-CLIP model given (--xclip REF)"
     if lpips:
         scorer.lpips = LPIPS.from_dir(lpips).to(device)
     else:

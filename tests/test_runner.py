@@ -164,7 +164,7 @@ def test_cli_exit_codes_for_unknown_parameters_missing_manifest_and_unloadable_m
         == 2
     )
     assert "cannot write to output" in capsys.readouterr().err
-    assert main(["generate", "livesketch", "--manifest", str(manifest), "--output", out]) == 2
+    assert main(["generate", "stylecrafter", "--manifest", str(manifest), "--output", out]) == 2
     assert "not implemented" in capsys.readouterr().err
 
 

@@ -1,0 +1,195 @@
+"""LiveSketch on Ray: each actor keeps one backbone loaded and animates the sketches of its batch together."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from actors.base import JobConfig, RowActor, RowError, RowOutput
+from pipelines import media
+from pipelines.backbone import load_backbone, prepare_backbone
+from pipelines.clip import prepare_clip
+from pipelines.livesketch.animate import Animation, LiveSketchParams, SketchJob, animate
+from pipelines.livesketch.raster import render
+from pipelines.livesketch.svg import SketchError, animated_svg, load_sketch, sketch_to_svg
+from pipelines.metrics import load_scorer
+from pipelines.xclip import prepare_xclip
+
+# Parameters of the actor itself, beside the method's (LiveSketchParams). checkpoint_every: save each
+# row's optimization state every N steps, so a preempted row resumes there (0: never).
+OUTPUT_DEFAULTS: dict[str, Any] = {
+    "height": None,
+    "width": None,
+    "fps": 8,
+    "video_size": 512,
+    "checkpoint_every": 100,
+}
+CHECKPOINT = "_checkpoint.pt"
+# Parameters that must agree for rows to be optimized in one batch.
+BATCH_KEYS = ("steps", "num_frames", "size", "use_local", "use_global")
+
+
+def _dtype(device: str, precision: str) -> torch.dtype:
+    """bf16 on GPUs that have it (fp16 otherwise), fp32 on CPU, unless the job sets `precision`."""
+    if precision == "auto":
+        if device != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    choices = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in choices:
+        raise ValueError(f"precision must be auto, {', '.join(choices)}; got {precision!r}")
+    return choices[precision]
+
+
+class LiveSketchActor(RowActor):
+    method = "livesketch"
+    kind = "sketch"
+    defaults: ClassVar[dict[str, Any]] = {
+        **asdict(LiveSketchParams()),
+        **OUTPUT_DEFAULTS,
+        "precision": "auto",
+    }
+
+    @classmethod
+    def prepare(cls, config: JobConfig) -> None:
+        prepare_backbone(config.models.get("backbone") or "tiny")
+        if config.models.get("clip"):
+            prepare_clip(config.models["clip"])
+        if config.models.get("xclip"):
+            prepare_xclip(config.models["xclip"])
+
+    def setup(self) -> None:
+        models = self.config.models
+        dtype = _dtype(self.device, self.config.params.get("precision", "auto"))
+        self.backbone = load_backbone(models.get("backbone") or "tiny", self.device, dtype)
+        self.scorer = load_scorer(
+            models.get("clip"),
+            models.get("dreamsim"),
+            models.get("lpips"),
+            self.device,
+            xclip=models.get("xclip"),
+        )
+
+    def process_row(self, row: dict[str, Any], params: dict[str, Any]) -> RowOutput:
+        return self.process_rows([row], [params])[0]
+
+    def process_rows(self, rows: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[RowOutput]:
+        """Read every row's sketch, optimize rows of matching shapes as one batch, write each row's outputs."""
+        outs: dict[int, RowOutput] = {}
+        jobs: dict[int, SketchJob] = {}
+        for i, (row, p) in enumerate(zip(rows, params, strict=True)):
+            try:
+                jobs[i] = self._job(row, p)
+            except (RowError, SketchError, media.MediaError, ValueError) as exc:
+                outs[i] = RowOutput(
+                    error=exc if isinstance(exc, RowError | media.MediaError) else RowError(exc)
+                )
+        states = {i: self._resume_state(rows[i], job) for i, job in jobs.items()}
+        groups: dict[tuple, list[int]] = {}
+        for i, job in jobs.items():
+            key = (*(getattr(job.params, k) for k in BATCH_KEYS), states[i] and states[i]["step"])
+            groups.setdefault(key, []).append(i)
+        for indices in groups.values():
+            every = min(int(params[i]["checkpoint_every"] or 0) for i in indices)
+            animations = animate(
+                self.backbone,
+                [jobs[i] for i in indices],
+                states=[states[i] for i in indices],
+                on_checkpoint=lambda saved, indices=indices: self._checkpoint(rows, indices, jobs, saved),
+                checkpoint_every=every,
+            )
+            for i, animation in zip(indices, animations, strict=True):
+                try:
+                    outs[i] = self._write(rows[i], params[i], jobs[i], animation)
+                    if states[i] is not None:
+                        outs[i].notes.append(f"resumed from the checkpoint at step {states[i]['step']}")
+                    checkpoint = media.join(self.config.artifacts_dir(rows[i]["id"]), CHECKPOINT)
+                    if media.exists(checkpoint):
+                        media.remove(checkpoint)
+                except Exception as exc:
+                    outs[i] = RowOutput(error=exc)
+        return [outs[i] for i in range(len(rows))]
+
+    def _checkpoint(
+        self, rows: list[dict[str, Any]], indices: list[int], jobs: dict[int, SketchJob], states: list[dict]
+    ) -> None:
+        for i, state in zip(indices, states, strict=True):
+            buffer = io.BytesIO()
+            torch.save({**state, "params": asdict(jobs[i].params)}, buffer)
+            media.write_bytes(
+                buffer.getvalue(), media.join(self.config.artifacts_dir(rows[i]["id"]), CHECKPOINT)
+            )
+
+    def _resume_state(self, row: dict[str, Any], job: SketchJob) -> dict[str, Any] | None:
+        """The checkpoint an interrupted earlier attempt at this row left, if made with the same parameters."""
+        uri = media.join(self.config.artifacts_dir(row["id"]), CHECKPOINT)
+        if not media.exists(uri):
+            return None
+        try:
+            state = torch.load(io.BytesIO(media.read_bytes(uri)), map_location=self.device, weights_only=True)
+        except Exception:
+            return None  # a checkpoint that cannot be read is recomputed, not trusted
+        return state if state.get("params") == asdict(job.params) else None
+
+    def _job(self, row: dict[str, Any], params: dict[str, Any]) -> SketchJob:
+        prompt = row.get("prompt")
+        if not prompt or not prompt.strip():
+            raise RowError("empty prompt: LiveSketch needs a text prompt describing the motion")
+        height, width = params.get("height"), params.get("width")
+        if height is not None or width is not None:
+            if height is not None and width is not None and height != width:
+                raise RowError(f"LiveSketch renders a square canvas; got height={height}, width={width}")
+            params = {**params, "size": height or width}
+        try:
+            sketch_params = LiveSketchParams.from_dict(params)
+        except (TypeError, ValueError) as exc:
+            raise RowError(f"bad parameter: {exc}") from exc
+        sketch = load_sketch(row["svg"], size=LiveSketchParams().size)
+        return SketchJob(sketch=sketch, prompt=prompt.strip(), params=sketch_params)
+
+    def _write(
+        self, row: dict[str, Any], params: dict[str, Any], job: SketchJob, animation: Animation
+    ) -> RowOutput:
+        from safetensors.torch import save as save_safetensors
+
+        out_dir = self.config.artifacts_dir(row["id"])
+        sketch, points = job.sketch, animation.points
+        fps = float(params["fps"])
+        outputs: dict[str, str] = {}
+        frame_dir = media.join(out_dir, "frames")
+        for k, frame in enumerate(points):
+            media.write_text(sketch_to_svg(sketch, frame), media.join(frame_dir, f"frame_{k:03d}.svg"))
+        outputs["svg_frames"] = frame_dir
+        outputs["animated_svg"] = media.write_text(
+            animated_svg(sketch, points, fps), media.join(out_dir, "animation.svg")
+        )
+        with torch.no_grad():
+            size = int(params["video_size"])
+            video = _to_uint8(render(sketch, points, size))
+            initial = _to_uint8(render(sketch, sketch.points[None], size))[0]
+        outputs["mp4"] = media.write_video(video, media.join(out_dir, "video.mp4"), fps)
+        outputs["gif"] = media.write_video(video, media.join(out_dir, "video.gif"), fps)
+        buffer = io.BytesIO()
+        np.save(buffer, points.numpy().astype(np.float32))
+        outputs["points"] = media.write_bytes(buffer.getvalue(), media.join(out_dir, "points.npy"))
+        metadata = {"params": json.dumps(asdict(job.params)), "num_points": str(sketch.num_points)}
+        outputs["field"] = media.write_bytes(
+            save_safetensors(animation.field_state, metadata=metadata),
+            media.join(out_dir, "field.safetensors"),
+        )
+        metrics, notes = self.scorer.score(video, prompt=job.prompt, image=initial)
+        notes.append(
+            f"{animation.seconds_per_step:.3f} s per optimization step; mean displacement local "
+            f"{animation.stats['mean_local_px']:.2f} px, global {animation.stats['mean_global_px']:.2f} px"
+        )
+        return RowOutput(outputs=outputs, metrics=metrics, notes=notes)
+
+
+def _to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """Rendered frames [K, 3, H, W] in [0, 1] -> uint8 [K, H, W, 3]."""
+    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

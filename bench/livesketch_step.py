@@ -1,0 +1,120 @@
+"""Seconds per LiveSketch optimization step: one sketch at a time vs several sketches in one batch.
+
+Batching puts the sketches' videos through the VAE and the UNet in one call; on a GPU that call is
+where the time goes and a bigger batch uses the device better. On a CPU the work is compute-bound, so
+expect a ratio near 1 there. `--backbone` takes any backbone reference; `--modelscope-size` builds a
+randomly initialised backbone with ModelScope T2V's published configuration (UNet3D 320-640-1280-1280,
+SD VAE, 1024-wide text encoder; no download) to time real-size work on a GPU.
+
+    python bench/livesketch_step.py [--batch 4] [--frames 8] [--size 128] [--steps 3]
+    python bench/livesketch_step.py --device cuda --modelscope-size --frames 24 --size 256 --full-row
+
+Prints seconds per step for batch 1 and batch B and the per-sketch ratio (batch B / B) / batch 1
+(< 1 means batching pays); with --full-row, also the seconds one 1000-step row would take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SKETCHES = ["surfer0_scaled1.svg", "butterfly_3_scaled1.svg", "fish_scaled1.svg"]
+
+
+def sketch_paths() -> list[Path]:
+    shared = REPO.parent / "shared" / "data" / "sketches"
+    folder = shared if shared.exists() else REPO / "jobs" / "demo_data" / "sketches"
+    return [folder / name for name in SKETCHES]
+
+
+def build_modelscope_size(path: Path) -> None:
+    """ModelScope T2V's component shapes with random weights (diffusers' UNet3D defaults are ModelScope's)."""
+    from diffusers import AutoencoderKL, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from pipelines import tiny
+
+    tiny.build_backbone(path)  # tokenizer, scheduler and small parts, replaced below
+    ids = tiny._special_ids(path / "tokenizer")
+    UNet3DConditionModel(cross_attention_dim=1024, attention_head_dim=64).to(torch.float16).save_pretrained(
+        path / "unet"
+    )
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=256,
+    ).to(torch.float16).save_pretrained(path / "vae")
+    text = CLIPTextConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+        max_position_embeddings=77, hidden_act="gelu", **ids,
+    )  # fmt: skip
+    CLIPTextModel(text).to(torch.float16).save_pretrained(path / "text_encoder")
+
+
+def time_steps(backbone, jobs, steps: int) -> float:
+    from pipelines.livesketch.animate import animate
+
+    animate(backbone, [replace(j, params=replace(j.params, steps=1)) for j in jobs])  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    animate(backbone, jobs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backbone", default="tiny")
+    parser.add_argument("--modelscope-size", action="store_true")
+    parser.add_argument("--full-row", action="store_true", help="report the time of a 1000-step row")
+    args = parser.parse_args()
+
+    from pipelines.backbone import load_backbone
+    from pipelines.livesketch.animate import LiveSketchParams, SketchJob
+    from pipelines.livesketch.svg import load_sketch
+
+    ref = args.backbone
+    if args.modelscope_size:
+        ref = tempfile.mkdtemp(prefix="modelscope-size-")
+        build_modelscope_size(Path(ref))
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    backbone = load_backbone(ref, args.device, dtype)
+    paths = sketch_paths()
+    params = LiveSketchParams(steps=args.steps, num_frames=args.frames, size=args.size)
+    sketches = [load_sketch(str(p)) for p in paths]
+    jobs = [SketchJob(sketches[i % len(sketches)], "a thing moving", params) for i in range(args.batch)]
+
+    single = time_steps(backbone, jobs[:1], args.steps)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    batched = time_steps(backbone, jobs, args.steps)
+    size_note = " (ModelScope-size)" if args.modelscope_size else ""
+    print(f"device {args.device}, backbone {args.backbone}{size_note}, {args.frames} frames at {args.size}^2")
+    print(f"batch 1: {single:.3f} s/step; batch {args.batch}: {batched:.3f} s/step")
+    ratio = batched / args.batch / single
+    print(f"per-sketch time, batch {args.batch} / batch 1: {ratio:.3f}")
+    if torch.cuda.is_available():
+        print(f"peak GPU memory at batch {args.batch}: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    if args.full_row:
+        alone, shared = single * 1000 / 60, batched * 1000 / args.batch / 60
+        print(f"one 1000-step row: {alone:.1f} min alone, {shared:.1f} min per sketch in batch {args.batch}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""LiveSketch optimization: train one displacement field per sketch by score distillation.
+
+Each step runs the official two passes (notes/livesketch.md §3.7): a local pass (guidance 30) that
+steps the shared projection + local path, then a global pass (guidance 40) that steps the shared
+projection + global path. A pass renders every frame, augments them with one shared random draw,
+encodes them with the VAE (posterior sample, with gradient), and pushes the SDS gradient back into the
+field's weights.
+
+Several sketches are optimized together: their videos go through the VAE and the UNet as one batch,
+which is where a GPU's time goes, while every sketch keeps its own field, optimizers and random
+generator. A batched run therefore draws the same random numbers as separate runs and gives the same
+result up to floating-point reordering.
+
+Deliberate difference from the official code: both optimizers' gradients are cleared before each pass
+(the official code never clears the global path's, so its updates follow a running sum of gradients).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+from pipelines.distill import Denoiser, gradient_loss, sample_noise, sample_timesteps, sds_gradient
+from pipelines.livesketch.augment import augment
+from pipelines.livesketch.field import DisplacementField, FieldConfig
+from pipelines.livesketch.raster import render
+from pipelines.livesketch.svg import Sketch
+
+
+@dataclass(frozen=True)
+class LiveSketchParams:
+    """Every hyperparameter, with the official code's defaults; each can be set per job or per row."""
+
+    steps: int = 1000
+    num_frames: int = 24
+    size: int = 256
+    seed: int = 1000
+    guidance_local: float = 30.0
+    guidance_global: float = 40.0
+    lr_local: float = 5e-3
+    lr_global: float = 1e-4
+    # LR multiplier: sine warm-up from lr_warmup_start over lr_warmup_steps, then log-linear decay
+    # to lr_final_ratio at the last step (VectorFusion's schedule, as the official code).
+    lr_warmup_steps: int = 100
+    lr_warmup_start: float = 0.1
+    lr_final_ratio: float = 0.4
+    t_min: int = 50
+    t_max: int = 950
+    augment: bool = True
+    perspective: float = 0.5
+    crop_min_scale: float = 0.4
+    dim: int = 128
+    lambda_scale: float = 0.05
+    lambda_shear: float = 0.1
+    lambda_rotation: float = 0.01
+    lambda_translation: float = 1.0
+    dropout: float = 0.1
+    use_local: bool = True
+    use_global: bool = True
+    tile: int = 64
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LiveSketchParams:
+        """The known keys of `values` (a row's effective parameters), type-checked, the rest ignored."""
+        out = {}
+        for f in fields(cls):
+            if f.name in values and values[f.name] is not None:
+                value, kind = values[f.name], type(getattr(cls(), f.name))
+                if kind is bool and not isinstance(value, bool):
+                    raise ValueError(f"{f.name} must be true or false, got {value!r}")
+                if kind is int and (isinstance(value, bool) or float(value) != int(value)):
+                    raise ValueError(f"{f.name} must be an integer, got {value!r}")
+                out[f.name] = kind(value)
+        params = cls(**out)
+        params.check()
+        return params
+
+    def check(self) -> None:
+        problems = []
+        if self.steps < 1 or self.num_frames < 1 or self.size < 8:
+            problems.append("steps and num_frames must be >= 1 and size >= 8")
+        if not 0 <= self.t_min < self.t_max - 1:
+            problems.append(f"need 0 <= t_min < t_max - 1, got t_min={self.t_min}, t_max={self.t_max}")
+        if not self.use_local and not self.use_global:
+            problems.append("use_local and use_global cannot both be false")
+        if not 0 < self.crop_min_scale <= 1 or not 0 <= self.perspective < 1:
+            problems.append("crop_min_scale must be in (0, 1] and perspective in [0, 1)")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def field_config(self) -> FieldConfig:
+        names = {f.name for f in fields(FieldConfig)}
+        return FieldConfig(**{k: v for k, v in asdict(self).items() if k in names})
+
+    def lr_multiplier(self, step: int) -> float:
+        warm = min(max(step / max(self.lr_warmup_steps, 1), 0.0), 1.0)
+        delay = self.lr_warmup_start + (1 - self.lr_warmup_start) * math.sin(math.pi / 2 * warm)
+        progress = min(max(step / self.steps, 0.0), 1.0)
+        return delay * self.lr_final_ratio**progress
+
+
+@dataclass
+class SketchJob:
+    sketch: Sketch
+    prompt: str
+    params: LiveSketchParams
+
+
+@dataclass
+class Animation:
+    """The optimized animation of one sketch."""
+
+    points: torch.Tensor  # [K, P, 2] control points per frame (canvas px), field in eval mode
+    translation: torch.Tensor  # [K, 2] the global path's per-frame translation
+    field_state: dict[str, torch.Tensor]
+    seconds_per_step: float
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Track:
+    """What one sketch carries through the batched optimization."""
+
+    job: SketchJob
+    field: DisplacementField
+    generator: torch.Generator
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: list[torch.optim.lr_scheduler.LambdaLR]
+
+
+def _track(job: SketchJob, device: torch.device) -> _Track:
+    p = job.params
+    with torch.random.fork_rng(devices=[]):
+        # The field's initial weights depend on the row's seed only, not on what ran before.
+        torch.manual_seed(p.seed)
+        net = DisplacementField(job.sketch.points, p.num_frames, p.field_config()).to(device).train()
+    adam = {"betas": (0.9, 0.9), "eps": 1e-6}
+    optimizers = {
+        "local": torch.optim.Adam(net.local_parameters(), lr=p.lr_local, **adam),
+        "global": torch.optim.Adam(net.global_parameters(), lr=p.lr_global, **adam),
+    }
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, p.lr_multiplier) for o in optimizers.values()]
+    generator = torch.Generator().manual_seed(p.seed)
+    return _Track(job, net, generator, optimizers, schedulers)
+
+
+def _shared(jobs: list[SketchJob], name: str) -> Any:
+    values = {getattr(j.params, name) for j in jobs}
+    if len(values) > 1:
+        raise ValueError(f"sketches optimized together must share {name}, got {sorted(values)}")
+    return values.pop()
+
+
+def animate(
+    model: Denoiser,
+    jobs: list[SketchJob],
+    states: list[dict[str, Any] | None] | None = None,
+    on_checkpoint: Callable[[list[dict[str, Any]]], None] | None = None,
+    checkpoint_every: int = 0,
+) -> list[Animation]:
+    """Optimize the sketches of `jobs` together (same steps, num_frames and size) and return their animations.
+
+    `model` is a backbone (pipelines.backbone.Backbone) or anything with its distillation interface.
+    Every `checkpoint_every` steps `on_checkpoint` receives each sketch's complete optimization state
+    (weights, optimizer moments, schedule, random generator); passing those `states` back resumes exactly
+    where they were taken, so a preempted row loses at most `checkpoint_every` steps.
+    """
+    steps, size = _shared(jobs, "steps"), _shared(jobs, "size")
+    _shared(jobs, "num_frames")
+    device = model.alphas_cumprod.device
+    tracks = [_track(job, device) for job in jobs]
+    first = 0
+    if states is not None and any(s is not None for s in states):
+        if any(s is None for s in states) or len({s["step"] for s in states}) > 1:
+            raise ValueError("sketches resumed together must all resume from the same step")
+        for track, state in zip(tracks, states, strict=True):
+            _load_state(track, state)
+        first = states[0]["step"]
+    embeds = model.encode_prompt([j.prompt for j in jobs] + [""])
+    cond, uncond = embeds[:-1], embeds[-1:].expand(len(jobs), *embeds.shape[1:])
+    passes = [
+        (name, torch.tensor([getattr(j.params, f"guidance_{name}") for j in jobs], device=device))
+        for name in ("local", "global")
+        if all(getattr(j.params, f"use_{name}") for j in jobs)
+    ]
+    if not passes:
+        raise ValueError("sketches optimized together must enable the same paths (use_local, use_global)")
+    start = time.perf_counter()
+    for step in range(first, steps):
+        for name, guidance in passes:
+            _distill_pass(model, tracks, name, guidance, cond, uncond, size)
+        for track in tracks:
+            for scheduler in track.schedulers:
+                scheduler.step()
+        done = step + 1
+        if (
+            on_checkpoint is not None
+            and checkpoint_every > 0
+            and done % checkpoint_every == 0
+            and done < steps
+        ):
+            on_checkpoint([_state(track, done) for track in tracks])
+    seconds_per_step = (time.perf_counter() - start) / max(steps - first, 1)
+    return [_result(track, seconds_per_step) for track in tracks]
+
+
+def _state(track: _Track, step: int) -> dict[str, Any]:
+    """A copy (the live tensors go on changing in place) of everything the optimization depends on."""
+    return copy.deepcopy(
+        {
+            "step": step,
+            "field": track.field.state_dict(),
+            "optimizers": {name: o.state_dict() for name, o in track.optimizers.items()},
+            "schedulers": [s.state_dict() for s in track.schedulers],
+            "generator": track.generator.get_state(),
+        }
+    )
+
+
+def _load_state(track: _Track, state: dict[str, Any]) -> None:
+    track.field.load_state_dict(state["field"])
+    for name, optimizer in track.optimizers.items():
+        optimizer.load_state_dict(state["optimizers"][name])
+    for scheduler, saved in zip(track.schedulers, state["schedulers"], strict=True):
+        scheduler.load_state_dict(saved)
+    track.generator.set_state(state["generator"])
+
+
+def _distill_pass(
+    model: Denoiser,
+    tracks: list[_Track],
+    name: str,
+    guidance: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    size: int,
+) -> None:
+    videos = []
+    for track in tracks:
+        for optimizer in track.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        p = track.job.params
+        frames = render(track.job.sketch, track.field(track.generator).points, size, tile=p.tile)
+        if p.augment:
+            frames = augment(frames, track.generator, p.perspective, p.crop_min_scale)
+        videos.append(frames)
+    generators = [t.generator for t in tracks]
+    latents = model.encode_frames(torch.stack(videos) * 2 - 1, sample=True, generators=generators)
+    num_train = len(model.alphas_cumprod)
+    # Uniform on {t_min, …, min(t_max, T) − 2}: the official code's randint(t_min, min(t_max, T) − 1).
+    ranges = [(t.job.params.t_min, min(t.job.params.t_max, num_train) - 1) for t in tracks]
+    t = sample_timesteps(generators, ranges, latents.device)
+    noise = sample_noise(generators, tuple(latents.shape[1:]), latents.device)
+    grad = sds_gradient(model, latents, cond, uncond, guidance, t, noise)
+    gradient_loss(latents, grad).backward()
+    for track in tracks:
+        track.optimizers[name].step()
+
+
+@torch.no_grad()
+def _result(track: _Track, seconds_per_step: float) -> Animation:
+    track.field.eval()
+    out = track.field()
+    return Animation(
+        points=out.points.float().cpu(),
+        translation=out.translation.float().cpu(),
+        field_state={k: v.detach().float().cpu().contiguous() for k, v in track.field.state_dict().items()},
+        seconds_per_step=seconds_per_step,
+        stats={
+            "mean_local_px": float(out.local.norm(dim=-1).mean()),
+            "mean_global_px": float(out.global_.norm(dim=-1).mean()),
+        },
+    )
