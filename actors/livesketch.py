@@ -79,7 +79,7 @@ class LiveSketchActor(RowActor):
         return self.process_rows([row], [params])[0]
 
     def process_rows(self, rows: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[RowOutput]:
-        """Read every row's sketch, optimize rows of matching shapes as one batch, write each row's outputs."""
+        """Read each row's sketch, optimize rows of matching shapes as one batch, write each row's outputs."""
         outs: dict[int, RowOutput] = {}
         jobs: dict[int, SketchJob] = {}
         for i, (row, p) in enumerate(zip(rows, params, strict=True)):
@@ -126,7 +126,7 @@ class LiveSketchActor(RowActor):
             )
 
     def _resume_state(self, row: dict[str, Any], job: SketchJob) -> dict[str, Any] | None:
-        """The checkpoint an interrupted earlier attempt at this row left, if made with the same parameters."""
+        """The checkpoint an interrupted earlier attempt at this row left, if it had the same parameters."""
         uri = media.join(self.config.artifacts_dir(row["id"]), CHECKPOINT)
         if not media.exists(uri):
             return None

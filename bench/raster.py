@@ -7,8 +7,9 @@ the process's max RSS, each tile size measured in a fresh child process so earli
 
     python bench/raster.py [--device cuda] [--size 256] [--frames 24] [--repeats N] [--threads N]
 
-On a shared CPU machine use --threads 1: when another process holds a core, torch's default threads
-wait on each other at every op and the times stop meaning anything.
+On CPU it uses one torch thread unless told otherwise: on a shared 2-core machine, torch's default two
+threads wait for each other at every op whenever another process holds a core, and the times stop
+meaning anything (10-40× slower).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=24)
     parser.add_argument("--repeats", type=int, help="timed runs per tile (default: CUDA 10, CPU 3 or 1)")
     parser.add_argument("--tiles", type=int, nargs="+", default=list(TILES))
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)  # one tile, JSON out
     args = parser.parse_args()
     if args.threads:
@@ -113,9 +114,8 @@ def main() -> None:
             result = measure(tile, "cuda", args.size, args.frames, repeats(tile))
         else:
             cmd = [sys.executable, __file__, "--size", str(args.size), "--frames", str(args.frames),
-                   "--repeats", str(repeats(tile)), "--child", str(tile)]  # fmt: skip
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
+                   "--repeats", str(repeats(tile)), "--threads", str(args.threads),
+                   "--child", str(tile)]  # fmt: skip
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
         results.append({**result, "repeats": repeats(tile)})

@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from safetensors.torch import load_file
 
 from jobs import resume
@@ -120,3 +121,46 @@ def test_generate_livesketch_rejects_unknown_parameters(tmp_path, capsys):
     )
     assert code == 2
     assert "unknown parameter(s) guidance" in capsys.readouterr().err
+
+
+class Preempted(Exception):
+    pass
+
+
+def test_a_preempted_row_resumes_from_its_checkpoint(tmp_path, data_dir):
+    from actors.base import JobConfig
+    from actors.livesketch import CHECKPOINT, LiveSketchActor
+
+    row = {"id": "fish", "svg": str(data_dir / "sketches" / "fish_scaled1.svg"), "prompt": "a fish swimming"}
+    params = {"steps": 3, "num_frames": 2, "height": 32, "width": 32, "dim": 16, "video_size": 32}
+
+    def actor(output):
+        config = JobConfig(
+            "livesketch", str(output), "run", {"backbone": "tiny"}, {**params, "checkpoint_every": 1}
+        )
+        return LiveSketchActor(config)
+
+    whole = actor(tmp_path / "whole")
+    [expected] = whole.process_rows([row], [whole.effective_params(row)])
+
+    interrupted = actor(tmp_path / "resumed")
+    save = interrupted._checkpoint
+
+    def save_then_die(rows, indices, jobs, states):
+        save(rows, indices, jobs, states)
+        if states[0]["step"] == 2:
+            raise Preempted
+
+    interrupted._checkpoint = save_then_die
+    with pytest.raises(Preempted):
+        interrupted.process_rows([row], [interrupted.effective_params(row)])
+    checkpoint = tmp_path / "resumed" / "artifacts" / "fish" / CHECKPOINT
+    assert checkpoint.exists()
+
+    again = actor(tmp_path / "resumed")
+    [resumed] = again.process_rows([row], [again.effective_params(row)])
+    assert resumed.error is None and "resumed from the checkpoint at step 2" in resumed.notes
+    assert not checkpoint.exists()
+    np.testing.assert_allclose(
+        np.load(resumed.outputs["points"]), np.load(expected.outputs["points"]), atol=1e-5
+    )

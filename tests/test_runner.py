@@ -168,11 +168,16 @@ def test_cli_exit_codes_for_unknown_parameters_missing_manifest_and_unloadable_m
     assert "not implemented" in capsys.readouterr().err
 
 
-def test_demo_runs_the_evaluation_over_the_shipped_examples(ray_cluster, tmp_path, capsys):
+def test_demo_runs_every_job_over_the_shipped_examples(ray_cluster, tmp_path, capsys):
     assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "demo outputs are under" in out
     rows = _latest(tmp_path / "demo" / "evaluate")
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows.values())
     assert rows["dance1"]["clip_image"] is not None and rows["bird000"]["clip_style"] is not None
+    sketches = _latest(tmp_path / "demo" / "livesketch")
+    assert sorted(sketches) == ["butterfly_3", "fish", "surfer0"]
+    assert all(r["status"] == "ok" and r["clip_image"] is not None for r in sketches.values())
+    artifacts = tmp_path / "demo" / "livesketch" / "artifacts"
+    assert all((artifacts / i / "animation.svg").exists() for i in sketches)
     shutil.rmtree(tmp_path / "demo")

@@ -2,14 +2,16 @@
 
 diffvg is not on PyPI and hard to build, so frames are drawn here: each cubic is flattened into line
 segments; a pixel's distance to a path is the minimum over its segments; strokes cover an antialiased
-band of the stroke width (round caps), fills use the winding number with a one-pixel soft edge; paths
-are composited in document order over white. Gradients reach the control points through the distances.
+band of the stroke width, fills use the winding number with a one-pixel soft edge; paths are
+composited in document order over white. Gradients reach the control points through the distances.
+Strokes are always solid with round caps and joins (what LiveSketch's inputs use); other linecap,
+linejoin and dash attributes are only written back.
 
 The distance kernel is a custom autograd function: its forward reduces [B, paths, segments, pixels] to
-per-path minima without keeping the big tensor, and its backward uses the closest segment only (by the
-envelope theorem the derivative of a minimum over t is the partial derivative at the minimizer), so
-backward memory is [B, paths, pixels]. Tiles of `tile`² pixels are checkpointed, which bounds the peak to
-one tile; tiles that a path's bounding box (over all frames) misses skip that path.
+per-path minima chunk by chunk, without keeping the big tensor, and its backward uses the closest
+segment only (by the envelope theorem the derivative of a minimum over t is the partial derivative at
+the minimizer), so backward memory is [B, paths, pixels]. Tiles of `tile`² pixels are checkpointed,
+which bounds the peak to one tile; tiles that a path's bounding box (over all frames) misses skip it.
 """
 
 from __future__ import annotations
