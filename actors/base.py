@@ -238,9 +238,10 @@ def _node_id() -> str | None:
 
 
 def _assigned_cpus() -> int | None:
+    """CPUs Ray reserved for this actor; None outside a Ray worker (tests, notebooks, a Ray driver)."""
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
         return None
     return max(1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
