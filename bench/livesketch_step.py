@@ -105,7 +105,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     batched = time_steps(backbone, jobs, args.steps)
     size_note = " (ModelScope-size)" if args.modelscope_size else ""
-    print(f"device {args.device}, backbone {args.backbone}{size_note}, {args.frames} frames at {args.size}^2")
+    print(f"device {args.device}, backbone {ref}{size_note}, {args.frames} frames at {args.size}^2")
     print(f"batch 1: {single:.3f} s/step; batch {args.batch}: {batched:.3f} s/step")
     ratio = batched / args.batch / single
     print(f"per-sketch time, batch {args.batch} / batch 1: {ratio:.3f}")

@@ -204,8 +204,12 @@ def test_oracle_prior_teaches_the_translation_it_encodes(sketches):
     anim, start, final, target = _oracle_run(sketches[0])
     x = _ink_centroid_x(final)
     assert (x.diff() > 0).all(), f"ink centroid should move right frame by frame, got {x.tolist()}"
-    before, after = (start - target).abs().mean(), (final - target).abs().mean()
-    assert after < 0.5 * before, (before, after)
+    # Distance as the oracle sees it (its encoding); raw pixels barely overlap for 1-px strokes.
+    encode = OracleDenoiser(torch.zeros(1)).encode_frames
+    before, after = (
+        (encode(v[None] * 2 - 1) - encode(target[None] * 2 - 1)).abs().mean() for v in (start, final)
+    )
+    assert after < 0.4 * before, (before, after)
     # The motion is mostly the global path's translation, as the target is a pure translation.
     dx = anim.translation[:, 0] - anim.translation[0, 0]
     assert (dx.diff() > 0).all(), dx

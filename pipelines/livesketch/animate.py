@@ -21,7 +21,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -34,8 +34,8 @@ from pipelines.livesketch.svg import Sketch
 
 
 @dataclass(frozen=True)
-class LiveSketchParams:
-    """Every hyperparameter, with the official code's defaults; each can be set per job or per row."""
+class LiveSketchParams(FieldConfig):
+    """Every hyperparameter (the field's too), with the official code's defaults; set per job or per row."""
 
     steps: int = 1000
     num_frames: int = 24
@@ -55,15 +55,7 @@ class LiveSketchParams:
     augment: bool = True
     perspective: float = 0.5
     crop_min_scale: float = 0.4
-    dim: int = 128
-    lambda_scale: float = 0.05
-    lambda_shear: float = 0.1
-    lambda_rotation: float = 0.01
-    lambda_translation: float = 1.0
-    dropout: float = 0.1
-    use_local: bool = True
-    use_global: bool = True
-    tile: int = 64
+    tile: int = 32  # rasterizer tile side: 32 was fastest on CPU (bench/raster.py)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LiveSketchParams:
@@ -95,8 +87,7 @@ class LiveSketchParams:
             raise ValueError("; ".join(problems))
 
     def field_config(self) -> FieldConfig:
-        names = {f.name for f in fields(FieldConfig)}
-        return FieldConfig(**{k: v for k, v in asdict(self).items() if k in names})
+        return FieldConfig(**{f.name: getattr(self, f.name) for f in fields(FieldConfig)})
 
     def lr_multiplier(self, step: int) -> float:
         warm = min(max(step / max(self.lr_warmup_steps, 1), 0.0), 1.0)
