@@ -17,12 +17,15 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 
 from pipelines import media
 from schemas import ERROR, MANIFEST_KINDS, OK, ResultRow, result_table
+
+if TYPE_CHECKING:
+    import torch
 
 # Columns the driver adds to each row; they are bookkeeping, never method parameters.
 ATTEMPT_COLUMN = "_attempt"
@@ -228,6 +231,20 @@ class RowActor:
         marker = self._marker(row)
         if media.exists(marker):
             media.remove(marker)
+
+
+def model_dtype(device: str, precision: str) -> torch.dtype:
+    """bf16 on GPUs that have it (fp16 otherwise), fp32 on CPU, unless the job sets `precision`."""
+    import torch
+
+    if precision == "auto":
+        if device != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    choices = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in choices:
+        raise ValueError(f"precision must be auto, {', '.join(choices)}; got {precision!r}")
+    return choices[precision]
 
 
 def _node_id() -> str | None:

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from actors.base import JobConfig, RowActor, RowError, RowOutput
+from actors.base import JobConfig, RowActor, RowError, RowOutput, model_dtype
 from pipelines import media
 from pipelines.backbone import load_backbone, prepare_backbone
 from pipelines.clip import prepare_clip
@@ -34,18 +34,6 @@ CHECKPOINT = "_checkpoint.pt"
 BATCH_KEYS = ("steps", "num_frames", "size", "use_local", "use_global")
 
 
-def _dtype(device: str, precision: str) -> torch.dtype:
-    """bf16 on GPUs that have it (fp16 otherwise), fp32 on CPU, unless the job sets `precision`."""
-    if precision == "auto":
-        if device != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    choices = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in choices:
-        raise ValueError(f"precision must be auto, {', '.join(choices)}; got {precision!r}")
-    return choices[precision]
-
-
 class LiveSketchActor(RowActor):
     method = "livesketch"
     kind = "sketch"
@@ -65,7 +53,7 @@ class LiveSketchActor(RowActor):
 
     def setup(self) -> None:
         models = self.config.models
-        dtype = _dtype(self.device, self.config.params.get("precision", "auto"))
+        dtype = model_dtype(self.device, self.config.params.get("precision", "auto"))
         self.backbone = load_backbone(models.get("backbone") or "tiny", self.device, dtype)
         self.scorer = load_scorer(
             models.get("clip"),

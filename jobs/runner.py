@@ -35,6 +35,7 @@ from schemas import ERROR, ResultRow, check, result_table
 METHODS: dict[str, str] = {
     "evaluate": "actors.evaluate:EvaluateActor",
     "livesketch": "actors.livesketch:LiveSketchActor",
+    "dreammotion": "actors.dreammotion:DreamMotionActor",
 }
 GENERATION_METHODS = ("livesketch", "dynamicrafter", "dreammotion", "stylecrafter")
 

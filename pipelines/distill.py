@@ -88,3 +88,39 @@ def sds_gradient(
 def gradient_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """A scalar whose gradient with respect to `latents` is `grad` (summed over the batch)."""
     return (latents * grad.detach()).sum()
+
+
+@torch.no_grad()
+def dds_gradient(
+    model: Denoiser,
+    latents: torch.Tensor,
+    source: torch.Tensor,
+    target_embeds: torch.Tensor,
+    source_embeds: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """Delta denoising score ε_cfg(x_t, t, y) − ε_cfg(x̂_t, t, ŷ), DreamMotion's V-DDS (unweighted, as DDS).
+
+    The edited latents and the source share one timestep and one noise draw, so whatever the model
+    predicts alike for both (its bias, the noise itself) cancels. One UNet call runs the batch
+    [uncond · edited, uncond · source, cond · edited, cond · source], in that order (attention hooks rely
+    on it).
+    """
+    noisy = model.add_noise(latents.detach(), noise, t)
+    noisy_source = model.add_noise(source, noise, t)
+    eps = cfg_noise(
+        model,
+        torch.cat([noisy, noisy_source]),
+        torch.cat([t, t]),
+        torch.cat([target_embeds, source_embeds]),
+        torch.cat([uncond, uncond]),
+        torch.cat([guidance, guidance]),
+    )
+    b = latents.shape[0]
+    delta = eps[:b] - eps[b:]
+    if not torch.isfinite(delta).all():
+        raise FloatingPointError("delta denoising score produced a non-finite gradient")
+    return delta.to(latents.dtype)

@@ -410,6 +410,17 @@ def read_mask(uri: str, size: tuple[int, int] | None = None) -> npt.NDArray[np.b
     return masks
 
 
+def fit_masks(masks: npt.NDArray[np.bool_], size: tuple[int, int]) -> npt.NDArray[np.bool_]:
+    """Masks (F,H,W) scaled to cover `size` (h, w) and centre-cropped, as `read_video(size=...)` does
+    to frames (ImageOps.fit), so a mask stays aligned with the video it was drawn on; nearest neighbour."""
+    (h, w), (old_h, old_w) = size, masks.shape[1:]
+    crop_w, crop_h = min(old_w, old_h * w / h), min(old_h, old_w * h / w)
+    x0, y0 = (old_w - crop_w) / 2, (old_h - crop_h) / 2
+    rows = np.clip((y0 + (np.arange(h) + 0.5) * crop_h / h).astype(np.int64), 0, old_h - 1)
+    cols = np.clip((x0 + (np.arange(w) + 0.5) * crop_w / w).astype(np.int64), 0, old_w - 1)
+    return masks[:, rows[:, None], cols]
+
+
 # -- SVG ------------------------------------------------------------------------------------------
 
 

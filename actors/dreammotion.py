@@ -1,0 +1,108 @@
+"""DreamMotion on Ray: each actor keeps one backbone loaded and edits its rows' videos one by one."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from actors.base import JobConfig, RowActor, RowError, RowOutput, model_dtype
+from pipelines import media
+from pipelines.backbone import load_backbone, prepare_backbone
+from pipelines.clip import prepare_clip
+from pipelines.dreammotion.edit import EditParams, edit_video
+from pipelines.metrics import load_scorer, outside_mask_psnr
+
+
+def match_mask(
+    mask: np.ndarray, uri: str, total: int, picked: np.ndarray, size: tuple[int, int]
+) -> np.ndarray:
+    """The mask's frames for the sampled video frames: one per video frame, per edited frame, or one for all.
+
+    A mask whose frame count or size cannot be matched to the video is the row's error, never guessed.
+    """
+    if mask.shape[1:] != size:
+        raise RowError(f"mask {uri} is {mask.shape[2]}x{mask.shape[1]}, the video is {size[1]}x{size[0]}")
+    if len(mask) == total:
+        return mask[picked]
+    if len(mask) == len(picked):
+        return mask
+    if len(mask) == 1:
+        return np.repeat(mask, len(picked), 0)
+    raise RowError(
+        f"mask {uri} has {len(mask)} frames; the video has {total} and {len(picked)} are edited "
+        "(give one mask frame per video frame, per edited frame, or a single frame)"
+    )
+
+
+class DreamMotionActor(RowActor):
+    method = "dreammotion"
+    kind = "video"
+    defaults: ClassVar[dict[str, Any]] = {**asdict(EditParams()), "fps": 8, "precision": "auto"}
+
+    @classmethod
+    def prepare(cls, config: JobConfig) -> None:
+        prepare_backbone(config.models.get("backbone") or "tiny")
+        if config.models.get("clip"):
+            prepare_clip(config.models["clip"])
+
+    def setup(self) -> None:
+        models = self.config.models
+        dtype = model_dtype(self.device, self.config.params.get("precision", "auto"))
+        self.backbone = load_backbone(models.get("backbone") or "tiny", self.device, dtype)
+        self.scorer = load_scorer(
+            models.get("clip"), models.get("dreamsim"), models.get("lpips"), self.device
+        )
+
+    def process_row(self, row: dict[str, Any], params: dict[str, Any]) -> RowOutput:
+        for column in ("source_prompt", "target_prompt"):
+            if not (row.get(column) or "").strip():
+                raise RowError(f"empty {column}")
+        try:
+            p = EditParams.from_dict(params)
+        except (TypeError, ValueError) as exc:
+            raise RowError(f"bad parameter: {exc}") from exc
+        size = (p.height, p.width)
+        info = media.video_info(row["video"])
+        source = media.read_video(row["video"], num_frames=p.num_frames, size=size)
+        mask = None
+        if row.get("mask"):
+            picked = media.frame_indices(info.num_frames, p.num_frames)
+            native = match_mask(
+                media.read_mask(row["mask"]), row["mask"], info.num_frames, picked, (info.height, info.width)
+            )
+            mask = media.fit_masks(native, size)
+        frames = torch.from_numpy(source).permute(0, 3, 1, 2).float() / 127.5 - 1
+        result = edit_video(
+            self.backbone,
+            frames,
+            row["source_prompt"].strip(),
+            row["target_prompt"].strip(),
+            p,
+            torch.from_numpy(mask) if mask is not None else None,
+        )
+        edited = (
+            ((result.frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        )
+
+        out_dir = self.config.artifacts_dir(row["id"])
+        fps = float(params["fps"])
+        outputs = {
+            "mp4": media.write_video(edited, media.join(out_dir, "edit.mp4"), fps),
+            "gif": media.write_video(edited, media.join(out_dir, "edit.gif"), fps),
+            "side_by_side": media.write_video(
+                np.concatenate([source, edited], axis=2), media.join(out_dir, "source_and_edit.mp4"), fps
+            ),
+        }
+        metrics, notes = self.scorer.score(edited, prompt=row["target_prompt"], source=source)
+        if mask is not None and (~mask).any():
+            metrics["outside_mask_psnr"] = outside_mask_psnr(source, edited, mask)
+        else:
+            notes.append("outside_mask_psnr: no mask, or the mask covers every pixel")
+        notes.append(
+            f"{result.seconds_per_step:.3f} s per iteration"
+            + "".join(f"; final {k} {v:.4g}" for k, v in result.losses.items())
+        )
+        return RowOutput(outputs=outputs, metrics=metrics, notes=notes)
