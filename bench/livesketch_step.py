@@ -33,33 +33,6 @@ def sketch_paths() -> list[Path]:
     return [folder / name for name in SKETCHES]
 
 
-def build_modelscope_size(path: Path) -> None:
-    """ModelScope T2V's component shapes with random weights (diffusers' UNet3D defaults are ModelScope's)."""
-    from diffusers import AutoencoderKL, UNet3DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from pipelines import tiny
-
-    tiny.build_backbone(path)  # tokenizer, scheduler and small parts, replaced below
-    ids = tiny._special_ids(path / "tokenizer")
-    UNet3DConditionModel(cross_attention_dim=1024, attention_head_dim=64).to(torch.float16).save_pretrained(
-        path / "unet"
-    )
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=256,
-    ).to(torch.float16).save_pretrained(path / "vae")
-    text = CLIPTextConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-        max_position_embeddings=77, hidden_act="gelu", **ids,
-    )  # fmt: skip
-    CLIPTextModel(text).to(torch.float16).save_pretrained(path / "text_encoder")
-
-
 def time_steps(backbone, jobs, steps: int) -> float:
     from pipelines.livesketch.animate import animate
 
@@ -85,6 +58,7 @@ def main() -> None:
     parser.add_argument("--full-row", action="store_true", help="report the time of a 1000-step row")
     args = parser.parse_args()
 
+    from pipelines import tiny
     from pipelines.backbone import load_backbone
     from pipelines.livesketch.animate import LiveSketchParams, SketchJob
     from pipelines.livesketch.svg import load_sketch
@@ -92,7 +66,7 @@ def main() -> None:
     ref = args.backbone
     if args.modelscope_size:
         ref = tempfile.mkdtemp(prefix="modelscope-size-")
-        build_modelscope_size(Path(ref))
+        tiny.build_modelscope_size(Path(ref))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     backbone = load_backbone(ref, args.device, dtype)
     paths = sketch_paths()

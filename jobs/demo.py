@@ -59,6 +59,30 @@ def sketch_manifest() -> pa.Table:
     )
 
 
+# (clip, source prompt, target prompt): the shared data's edit prompts for these clips.
+EDIT_ROWS = [
+    ("locomotive.mp4", "A locomotive rides in a forest", "A car driving in a forest"),
+    (
+        "bird000.mp4",
+        "a black and white bird perched on a branch of orange blossoms, ink painting style",
+        "a red cardinal perched on a branch of orange blossoms, ink painting style",
+    ),
+]
+# A DreamMotion smoke run: few iterations on 8 small frames.
+DREAMMOTION_PARAMS = {"steps": 4, "num_frames": 8, "height": 64, "width": 112}
+
+
+def edit_manifest() -> pa.Table:
+    return pa.table(
+        {
+            "id": [Path(v).stem for v, *_ in EDIT_ROWS],
+            "video": [str(DATA / v) for v, *_ in EDIT_ROWS],
+            "source_prompt": [s for _, s, _ in EDIT_ROWS],
+            "target_prompt": [t for *_, t in EDIT_ROWS],
+        }
+    )
+
+
 # A LiveSketch smoke run: few steps, small frames, all sketches optimized together in one batch.
 LIVESKETCH_PARAMS = {"steps": 8, "num_frames": 8, "height": 64, "width": 64, "dim": 32, "video_size": 128}
 
@@ -100,4 +124,18 @@ def run_demo(output: str) -> None:
     )
     print(f"\nLiveSketch, per row (animations: {media.join(out, 'artifacts')}/<id>/animation.svg):")
     _print_results(out, ["clip_image", "clip_text", "seconds"])
+
+    out = media.join(output, "dreammotion")
+    manifest = _write_manifest(edit_manifest(), media.join(manifests, "videos.parquet"))
+    run_job(
+        JobSpec(
+            method="dreammotion",
+            manifest=manifest,
+            output=out,
+            models={"backbone": "tiny", "clip": "tiny"},
+            params=DREAMMOTION_PARAMS,
+        )
+    )
+    print(f"\nDreamMotion, per row (edits: {media.join(out, 'artifacts')}/<id>/source_and_edit.mp4):")
+    _print_results(out, ["clip_text", "clip_temporal", "seconds"])
     print(f"\ndemo outputs are under {output}")

@@ -137,3 +137,30 @@ def build_clip(path: Path, image_size: int = 32, width: int = TEXT_WIDTH, layers
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
     ).save_pretrained(path)
+
+
+def build_modelscope_size(path: Path) -> None:
+    """ModelScope T2V's (and ZeroScope's) component shapes with random weights, to time real-size work.
+
+    diffusers' UNet3D defaults are ModelScope's; weights are saved in fp16 (2.8 GB for the UNet)."""
+    from diffusers import AutoencoderKL, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    build_backbone(path)  # tokenizer, scheduler and small parts, replaced below
+    ids = _special_ids(path / "tokenizer")
+    UNet3DConditionModel(cross_attention_dim=1024, attention_head_dim=64).to(torch.float16).save_pretrained(
+        path / "unet"
+    )
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=256,
+    ).to(torch.float16).save_pretrained(path / "vae")
+    text = CLIPTextConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+        max_position_embeddings=77, hidden_act="gelu", **ids,
+    )  # fmt: skip
+    CLIPTextModel(text).to(torch.float16).save_pretrained(path / "text_encoder")

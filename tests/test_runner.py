@@ -180,4 +180,6 @@ def test_demo_runs_every_job_over_the_shipped_examples(ray_cluster, tmp_path, ca
     assert all(r["status"] == "ok" and r["clip_image"] is not None for r in sketches.values())
     artifacts = tmp_path / "demo" / "livesketch" / "artifacts"
     assert all((artifacts / i / "animation.svg").exists() for i in sketches)
+    edits = _latest(tmp_path / "demo" / "dreammotion")
+    assert sorted(edits) == ["bird000", "locomotive"] and all(r["status"] == "ok" for r in edits.values())
     shutil.rmtree(tmp_path / "demo")
