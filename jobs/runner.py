@@ -36,6 +36,7 @@ METHODS: dict[str, str] = {
     "evaluate": "actors.evaluate:EvaluateActor",
     "livesketch": "actors.livesketch:LiveSketchActor",
     "dreammotion": "actors.dreammotion:DreamMotionActor",
+    "dynamicrafter": "actors.dynamicrafter:DynamiCrafterActor",
 }
 GENERATION_METHODS = ("livesketch", "dynamicrafter", "dreammotion", "stylecrafter")
 

@@ -123,15 +123,22 @@ class Backbone:
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def predict_noise(
-        self, latents: torch.Tensor, t: torch.Tensor, text_embeds: torch.Tensor, **unet_kwargs
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        text_embeds: torch.Tensor,
+        extra_channels: torch.Tensor | None = None,
+        **unet_kwargs,
     ) -> torch.Tensor:
         """The UNet's prediction as epsilon, whatever the checkpoint was trained to predict.
 
         v-prediction models output v = sqrt(abar) eps - sqrt(1 - abar) x0; with x_t known,
-        eps = sqrt(abar) v + sqrt(1 - abar) x_t.
+        eps = sqrt(abar) v + sqrt(1 - abar) x_t. `extra_channels` are concatenated to the noisy latents
+        as UNet input (a widened conv_in, e.g. DynamiCrafter's condition latents).
         """
         t = torch.as_tensor(t, device=self.device).reshape(-1).expand(latents.shape[0])
-        out = self.unet(latents.to(self.dtype), t, encoder_hidden_states=text_embeds, **unet_kwargs).sample
+        sample = latents if extra_channels is None else torch.cat([latents, extra_channels.to(latents)], 1)
+        out = self.unet(sample.to(self.dtype), t, encoder_hidden_states=text_embeds, **unet_kwargs).sample
         if self.prediction_type == "epsilon":
             return out
         if self.prediction_type == "v_prediction":
@@ -140,7 +147,8 @@ class Backbone:
         raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
 
 
-def _load(ref: str, device: str, dtype: torch.dtype) -> Backbone:
+def load_backbone_uncached(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Backbone:
+    """A backbone of its own, for methods that modify the UNet (adapters); `load_backbone` shares one."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -165,4 +173,4 @@ def _load(ref: str, device: str, dtype: torch.dtype) -> Backbone:
 @functools.cache
 def load_backbone(ref: str = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32) -> Backbone:
     """The backbone for `ref` (hub id | local dir | tiny | tiny-v), loaded once per process."""
-    return _load(ref, str(device), dtype)
+    return load_backbone_uncached(ref, str(device), dtype)

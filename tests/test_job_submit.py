@@ -51,7 +51,7 @@ def test_ray_job_submit_runs_an_evaluation_on_a_local_head(data_dir, tmp_path):
         manifest,
     )
     output = tmp_path / "out"
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port, agent_port, agent_grpc, env_agent, metrics = (_free_port() for _ in range(6))
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     env = {
         **os.environ,
@@ -61,7 +61,10 @@ def test_ray_job_submit_runs_an_evaluation_on_a_local_head(data_dir, tmp_path):
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [RAY, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", "--num-cpus=2", f"--temp-dir={temp_dir}", "--block"],
+         f"--dashboard-port={dashboard_port}", "--num-cpus=2", f"--temp-dir={temp_dir}", "--block",
+         # Ports of its own: the session's test cluster may hold Ray's default agent ports.
+         f"--dashboard-agent-listen-port={agent_port}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
