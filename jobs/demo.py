@@ -83,6 +83,25 @@ def edit_manifest() -> pa.Table:
     )
 
 
+# DynamiCrafter smoke run: the two images with their captions, one animated, one looped.
+ANIMATE_ROWS = [
+    ("dance1.jpeg", "two people dancing", "animate"),
+    ("guitar0.jpeg", "bear playing guitar happily, snowing", "loop"),
+]
+DYNAMICRAFTER_PARAMS = {"steps": 4, "num_frames": 8, "height": 64, "width": 64}
+
+
+def image_manifest() -> pa.Table:
+    return pa.table(
+        {
+            "id": [Path(i).stem for i, *_ in ANIMATE_ROWS],
+            "image": [str(DATA / i) for i, *_ in ANIMATE_ROWS],
+            "prompt": [p for _, p, _ in ANIMATE_ROWS],
+            "mode": [m for *_, m in ANIMATE_ROWS],
+        }
+    )
+
+
 # A LiveSketch smoke run: few steps, small frames, all sketches optimized together in one batch.
 LIVESKETCH_PARAMS = {"steps": 8, "num_frames": 8, "height": 64, "width": 64, "dim": 32, "video_size": 128}
 
@@ -138,4 +157,18 @@ def run_demo(output: str) -> None:
     )
     print(f"\nDreamMotion, per row (edits: {media.join(out, 'artifacts')}/<id>/source_and_edit.mp4):")
     _print_results(out, ["clip_text", "clip_temporal", "seconds"])
+    out = media.join(output, "dynamicrafter")
+    manifest = _write_manifest(image_manifest(), media.join(manifests, "images.parquet"))
+    run_job(
+        JobSpec(
+            method="dynamicrafter",
+            manifest=manifest,
+            output=out,
+            models={"backbone": "tiny", "clip": "tiny"},
+            params=DYNAMICRAFTER_PARAMS,
+            batch_size=2,
+        )
+    )
+    print(f"\nDynamiCrafter, per row (untrained; videos: {media.join(out, 'artifacts')}/<id>/video.mp4):")
+    _print_results(out, ["clip_image", "clip_text", "seconds"])
     print(f"\ndemo outputs are under {output}")

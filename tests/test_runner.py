@@ -182,4 +182,6 @@ def test_demo_runs_every_job_over_the_shipped_examples(ray_cluster, tmp_path, ca
     assert all((artifacts / i / "animation.svg").exists() for i in sketches)
     edits = _latest(tmp_path / "demo" / "dreammotion")
     assert sorted(edits) == ["bird000", "locomotive"] and all(r["status"] == "ok" for r in edits.values())
+    animated = _latest(tmp_path / "demo" / "dynamicrafter")
+    assert sorted(animated) == ["dance1", "guitar0"] and all(r["status"] == "ok" for r in animated.values())
     shutil.rmtree(tmp_path / "demo")
