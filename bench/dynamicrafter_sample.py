@@ -88,7 +88,7 @@ def main() -> None:
     print(f"device {args.device}, backbone {ref}, {args.frames} frames at {args.size}^2, {args.steps} steps")
     print(f"batch 1: {single:.3f} s/video; batch {args.batch}: {batched:.3f} s/video")
     print(f"per-video ratio, batch {args.batch} / batch 1: {batched / single:.3f}")
-    print(f"guidance branches as 3 calls: {separate:.3f} s/video; 1 batched call / 3 calls: {batched / separate:.3f}")
+    print(f"guidance branches as 3 calls: {separate:.3f} s/video; 1 call / 3 calls: {batched / separate:.3f}")
     if torch.cuda.is_available():
         print(f"peak GPU memory at batch {args.batch}: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
