@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backbone", default="tiny")
     train.add_argument("--workers", type=int, default=1)
     train.add_argument("--gpus-per-worker", type=float, default=0.0)
+    train.add_argument("--adapter", default=None, help="adapter to start from (the previous stage's)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training parameter")
+    train.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
 
     demo = sub.add_parser("demo", help="run the demo on local Ray with tiny models")
     demo.add_argument("--output", default="demo_output")
@@ -133,7 +136,21 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.output)
         elif args.command == "train":
-            raise JobError(f"training {args.method} is not implemented in this version of anima yet")
+            from jobs.train import TrainSpec, run_training
+
+            run_training(
+                TrainSpec(
+                    method=args.method,
+                    stage=args.stage,
+                    data=args.data,
+                    output=args.output,
+                    models={"backbone": args.backbone, "adapter": args.adapter},
+                    params=parse_sets(args.set),
+                    workers=args.workers,
+                    gpus_per_worker=args.gpus_per_worker,
+                    max_failures=args.max_failures,
+                )
+            )
         else:
             run_job(spec_from_args(args, "evaluate" if args.command == "evaluate" else args.method))
     except ManifestError as exc:

@@ -279,6 +279,13 @@ class DynamiCrafter(nn.Module):
         }
         for prefix, module in parts.items():
             module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        # UNet layers a training stage fine-tuned (stages 2 and 3) travel as "unet.<name>".
+        unet = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
+        if unet:
+            missing = set(unet) - set(self.backbone.unet.state_dict())
+            if missing:
+                raise KeyError(f"adapter holds UNet weights this backbone lacks: {sorted(missing)[:5]}")
+            self.backbone.unet.load_state_dict(unet, strict=False)
 
     def save_adapter(self, directory: str, extra: dict[str, torch.Tensor] | None = None) -> None:
         """adapter.json (the context config) and adapter.safetensors (adapter weights, plus `extra`)."""
@@ -287,7 +294,7 @@ class DynamiCrafter(nn.Module):
         media.write_text(json.dumps(asdict(self.config), indent=1), media.join(directory, ADAPTER_CONFIG))
         weights = {**self.adapter_state_dict(), **(extra or {})}
         media.write_bytes(
-            save({k: v.cpu() for k, v in weights.items()}), media.join(directory, ADAPTER_WEIGHTS)
+            save({k: v.cpu().clone() for k, v in weights.items()}), media.join(directory, ADAPTER_WEIGHTS)
         )
 
 
