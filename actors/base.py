@@ -16,6 +16,7 @@ import resource
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -105,6 +106,41 @@ class RowActor:
     def process_rows(self, rows: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[RowOutput]:
         """Process several rows; methods override this to batch them through the GPU together."""
         return [self.process_row(row, p) for row, p in zip(rows, params, strict=True)]
+
+    @staticmethod
+    def run_in_groups(
+        rows: list[dict[str, Any]],
+        params: list[dict[str, Any]],
+        build: Callable[[dict[str, Any], dict[str, Any]], Any],
+        key: Callable[[Any], tuple],
+        run: Callable[[list[Any]], list[Any]],
+        write: Callable[[dict[str, Any], dict[str, Any], Any, Any], RowOutput],
+    ) -> list[RowOutput]:
+        """Batch rows through the GPU while keeping every row's failure its own.
+
+        `build` reads a row's inputs into a job (a bad row becomes that row's error, the others go on);
+        jobs with equal `key` (shapes, step counts) are `run` together; `write` stores each result.
+        """
+        outs: dict[int, RowOutput] = {}
+        jobs: dict[int, Any] = {}
+        for i, (row, p) in enumerate(zip(rows, params, strict=True)):
+            try:
+                jobs[i] = build(row, p)
+            except (RowError, media.MediaError, ValueError) as exc:
+                outs[i] = RowOutput(
+                    error=exc if isinstance(exc, RowError | media.MediaError) else RowError(exc)
+                )
+        groups: dict[tuple, list[int]] = {}
+        for i, job in jobs.items():
+            groups.setdefault(key(job), []).append(i)
+        for indices in groups.values():
+            results = run([jobs[i] for i in indices])
+            for i, result in zip(indices, results, strict=True):
+                try:
+                    outs[i] = write(rows[i], params[i], jobs[i], result)
+                except Exception as exc:
+                    outs[i] = RowOutput(error=exc)
+        return [outs[i] for i in range(len(rows))]
 
     # -- what Ray Data calls ----------------------------------------------------------------
 

@@ -9,16 +9,11 @@ import numpy as np
 import torch
 
 from actors.base import JobConfig, RowActor, RowError, RowOutput, model_dtype
-from pipelines import media
+from pipelines import adapters, media
+from pipelines.adapters import load_image_encoder
 from pipelines.backbone import load_backbone_uncached, prepare_backbone
 from pipelines.clip import prepare_clip
-from pipelines.dynamicrafter.model import (
-    OFFICIAL_IMAGE_ENCODER,
-    ContextConfig,
-    DynamiCrafter,
-    load_image_encoder,
-    read_adapter,
-)
+from pipelines.dynamicrafter.model import ContextConfig, DynamiCrafter, read_adapter
 from pipelines.dynamicrafter.sample import Request, SampleParams, sample
 from pipelines.metrics import load_scorer
 
@@ -27,11 +22,7 @@ BATCH_KEYS = ("steps", "num_frames", "height", "width", "eta")
 
 
 def image_encoder_ref(config: JobConfig) -> str:
-    """The adapter's image encoder; without an adapter, tiny for tiny backbones, else the official one."""
-    adapter = config.models.get("adapter")
-    if adapter:
-        return read_adapter(adapter)[0].image_encoder
-    return "tiny" if (config.models.get("backbone") or "tiny").startswith("tiny") else OFFICIAL_IMAGE_ENCODER
+    return adapters.image_encoder_ref(config.models.get("adapter"), config.models.get("backbone"))
 
 
 def load_dynamicrafter(config: JobConfig, device: str, dtype: torch.dtype) -> DynamiCrafter:
@@ -78,26 +69,12 @@ class DynamiCrafterActor(RowActor):
         return self.process_rows([row], [params])[0]
 
     def process_rows(self, rows: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[RowOutput]:
-        outs: dict[int, RowOutput] = {}
-        requests: dict[int, Request] = {}
-        for i, (row, p) in enumerate(zip(rows, params, strict=True)):
-            try:
-                requests[i] = self._request(row, p)
-            except (RowError, media.MediaError, ValueError) as exc:
-                outs[i] = RowOutput(
-                    error=exc if isinstance(exc, RowError | media.MediaError) else RowError(exc)
-                )
-        groups: dict[tuple, list[int]] = {}
-        for i, request in requests.items():
-            groups.setdefault(tuple(getattr(request.params, k) for k in BATCH_KEYS), []).append(i)
-        for indices in groups.values():
-            videos, seconds_per_step = sample(self.model, [requests[i] for i in indices])
-            for i, video in zip(indices, videos, strict=True):
-                try:
-                    outs[i] = self._write(rows[i], params[i], requests[i], video, seconds_per_step)
-                except Exception as exc:
-                    outs[i] = RowOutput(error=exc)
-        return [outs[i] for i in range(len(rows))]
+        def run(requests: list[Request]) -> list[tuple[torch.Tensor, float]]:
+            videos, per_step = sample(self.model, requests)
+            return [(video, per_step) for video in videos]
+
+        key = lambda request: tuple(getattr(request.params, k) for k in BATCH_KEYS)  # noqa: E731
+        return self.run_in_groups(rows, params, self._request, key, run, self._write)
 
     def _request(self, row: dict[str, Any], params: dict[str, Any]) -> Request:
         prompt = (row.get("prompt") or "").strip()
@@ -122,9 +99,9 @@ class DynamiCrafterActor(RowActor):
         row: dict[str, Any],
         params: dict[str, Any],
         request: Request,
-        video: torch.Tensor,
-        per_step: float,
+        result: tuple[torch.Tensor, float],
     ) -> RowOutput:
+        video, per_step = result
         frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         if request.params.mode == "loop":
             frames = frames[:-1]  # the last frame repeats the first: drop it so the clip loops seamlessly

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -16,7 +16,7 @@ from pipelines.backbone import load_backbone, prepare_backbone
 from pipelines.clip import prepare_clip
 from pipelines.livesketch.animate import Animation, LiveSketchParams, SketchJob, animate
 from pipelines.livesketch.raster import render
-from pipelines.livesketch.svg import SketchError, animated_svg, load_sketch, sketch_to_svg
+from pipelines.livesketch.svg import animated_svg, load_sketch, sketch_to_svg
 from pipelines.metrics import load_scorer
 from pipelines.xclip import prepare_xclip
 
@@ -32,6 +32,16 @@ OUTPUT_DEFAULTS: dict[str, Any] = {
 CHECKPOINT = "_checkpoint.pt"
 # Parameters that must agree for rows to be optimized in one batch.
 BATCH_KEYS = ("steps", "num_frames", "size", "use_local", "use_global")
+
+
+@dataclass
+class _Item:
+    """A row on its way through a batch: its job, and the state of an interrupted earlier attempt."""
+
+    row_id: str
+    job: SketchJob
+    state: dict[str, Any] | None
+    checkpoint_every: int
 
 
 class LiveSketchActor(RowActor):
@@ -68,49 +78,31 @@ class LiveSketchActor(RowActor):
 
     def process_rows(self, rows: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[RowOutput]:
         """Read each row's sketch, optimize rows of matching shapes as one batch, write each row's outputs."""
-        outs: dict[int, RowOutput] = {}
-        jobs: dict[int, SketchJob] = {}
-        for i, (row, p) in enumerate(zip(rows, params, strict=True)):
-            try:
-                jobs[i] = self._job(row, p)
-            except (RowError, SketchError, media.MediaError, ValueError) as exc:
-                outs[i] = RowOutput(
-                    error=exc if isinstance(exc, RowError | media.MediaError) else RowError(exc)
-                )
-        states = {i: self._resume_state(rows[i], job) for i, job in jobs.items()}
-        groups: dict[tuple, list[int]] = {}
-        for i, job in jobs.items():
-            key = (*(getattr(job.params, k) for k in BATCH_KEYS), states[i] and states[i]["step"])
-            groups.setdefault(key, []).append(i)
-        for indices in groups.values():
-            every = min(int(params[i]["checkpoint_every"] or 0) for i in indices)
-            animations = animate(
-                self.backbone,
-                [jobs[i] for i in indices],
-                states=[states[i] for i in indices],
-                on_checkpoint=lambda saved, indices=indices: self._checkpoint(rows, indices, jobs, saved),
-                checkpoint_every=every,
-            )
-            for i, animation in zip(indices, animations, strict=True):
-                try:
-                    outs[i] = self._write(rows[i], params[i], jobs[i], animation)
-                    if states[i] is not None:
-                        outs[i].notes.append(f"resumed from the checkpoint at step {states[i]['step']}")
-                    checkpoint = media.join(self.config.artifacts_dir(rows[i]["id"]), CHECKPOINT)
-                    if media.exists(checkpoint):
-                        media.remove(checkpoint)
-                except Exception as exc:
-                    outs[i] = RowOutput(error=exc)
-        return [outs[i] for i in range(len(rows))]
 
-    def _checkpoint(
-        self, rows: list[dict[str, Any]], indices: list[int], jobs: dict[int, SketchJob], states: list[dict]
-    ) -> None:
-        for i, state in zip(indices, states, strict=True):
+        def build(row: dict[str, Any], p: dict[str, Any]) -> _Item:
+            job = self._job(row, p)
+            return _Item(row["id"], job, self._resume_state(row, job), int(p["checkpoint_every"] or 0))
+
+        def key(item: _Item) -> tuple:
+            return (*(getattr(item.job.params, k) for k in BATCH_KEYS), item.state and item.state["step"])
+
+        def run(items: list[_Item]) -> list[Animation]:
+            return animate(
+                self.backbone,
+                [item.job for item in items],
+                states=[item.state for item in items],
+                on_checkpoint=lambda saved: self._checkpoint(items, saved),
+                checkpoint_every=min(item.checkpoint_every for item in items),
+            )
+
+        return self.run_in_groups(rows, params, build, key, run, self._write)
+
+    def _checkpoint(self, items: list[_Item], states: list[dict]) -> None:
+        for item, state in zip(items, states, strict=True):
             buffer = io.BytesIO()
-            torch.save({**state, "params": asdict(jobs[i].params)}, buffer)
+            torch.save({**state, "params": asdict(item.job.params)}, buffer)
             media.write_bytes(
-                buffer.getvalue(), media.join(self.config.artifacts_dir(rows[i]["id"]), CHECKPOINT)
+                buffer.getvalue(), media.join(self.config.artifacts_dir(item.row_id), CHECKPOINT)
             )
 
     def _resume_state(self, row: dict[str, Any], job: SketchJob) -> dict[str, Any] | None:
@@ -141,11 +133,11 @@ class LiveSketchActor(RowActor):
         return SketchJob(sketch=sketch, prompt=prompt.strip(), params=sketch_params)
 
     def _write(
-        self, row: dict[str, Any], params: dict[str, Any], job: SketchJob, animation: Animation
+        self, row: dict[str, Any], params: dict[str, Any], item: _Item, animation: Animation
     ) -> RowOutput:
         from safetensors.torch import save as save_safetensors
 
-        out_dir = self.config.artifacts_dir(row["id"])
+        job, out_dir = item.job, self.config.artifacts_dir(row["id"])
         sketch, points = job.sketch, animation.points
         fps = float(params["fps"])
         outputs: dict[str, str] = {}
@@ -175,6 +167,11 @@ class LiveSketchActor(RowActor):
             f"{animation.seconds_per_step:.3f} s per optimization step; mean displacement local "
             f"{animation.stats['mean_local_px']:.2f} px, global {animation.stats['mean_global_px']:.2f} px"
         )
+        if item.state is not None:
+            notes.append(f"resumed from the checkpoint at step {item.state['step']}")
+        checkpoint = media.join(out_dir, CHECKPOINT)
+        if media.exists(checkpoint):
+            media.remove(checkpoint)
         return RowOutput(outputs=outputs, metrics=metrics, notes=notes)
 
 

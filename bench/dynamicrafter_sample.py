@@ -52,8 +52,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipelines import media, tiny
+    from pipelines.adapters import load_image_encoder
     from pipelines.backbone import load_backbone_uncached
-    from pipelines.dynamicrafter.model import ContextConfig, DynamiCrafter, load_image_encoder
+    from pipelines.dynamicrafter.model import ContextConfig, DynamiCrafter
     from pipelines.dynamicrafter.sample import Request, SampleParams
 
     ref, encoder_ref = "tiny", "tiny"

@@ -37,6 +37,7 @@ METHODS: dict[str, str] = {
     "livesketch": "actors.livesketch:LiveSketchActor",
     "dreammotion": "actors.dreammotion:DreamMotionActor",
     "dynamicrafter": "actors.dynamicrafter:DynamiCrafterActor",
+    "stylecrafter": "actors.stylecrafter:StyleCrafterActor",
 }
 GENERATION_METHODS = ("livesketch", "dynamicrafter", "dreammotion", "stylecrafter")
 

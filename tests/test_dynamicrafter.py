@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipelines.adapters import load_image_encoder
 from pipelines.attention import spatial_cross_attention_names
 from pipelines.backbone import load_backbone, load_backbone_uncached
-from pipelines.dynamicrafter.model import ContextConfig, DynamiCrafter, load_image_encoder, read_adapter
+from pipelines.dynamicrafter.model import ContextConfig, DynamiCrafter, read_adapter
 from pipelines.dynamicrafter.sample import Request, SampleParams, sample
 
 

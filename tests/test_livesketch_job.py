@@ -146,8 +146,8 @@ def test_a_preempted_row_resumes_from_its_checkpoint(tmp_path, data_dir):
     interrupted = actor(tmp_path / "resumed")
     save = interrupted._checkpoint
 
-    def save_then_die(rows, indices, jobs, states):
-        save(rows, indices, jobs, states)
+    def save_then_die(items, states):
+        save(items, states)
         if states[0]["step"] == 2:
             raise Preempted
 

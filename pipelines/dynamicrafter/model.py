@@ -18,21 +18,17 @@ differs from `video_length` (the official model only runs 16 frames).
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from pipelines import attention, media
+from pipelines import adapters, attention
+from pipelines.adapters import OFFICIAL_IMAGE_ENCODER
 from pipelines.backbone import Backbone
-
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter.json", "adapter.safetensors"
-OFFICIAL_IMAGE_ENCODER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
 @dataclass(frozen=True)
@@ -196,20 +192,9 @@ class DynamiCrafter(nn.Module):
 
     # -- conditions ------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] -> all last-layer CLIP tokens [B, N, E].
-
-        As the official code: bicubic resize to the encoder's size without cropping, CLIP normalisation.
-        """
-        enc = self.image_encoder
-        size = enc.config.image_size
-        x = F.interpolate(images.float(), (size, size), mode="bicubic", antialias=True, align_corners=False)
-        x = ((x + 1) / 2).clamp(0, 1)
-        mean = torch.tensor(enc.image_mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(enc.image_std, device=x.device).view(1, 3, 1, 1)
-        x = ((x - mean) / std).to(self.backbone.device, enc.dtype)
-        return enc(pixel_values=x).last_hidden_state
+        """Images [B, 3, H, W] in [-1, 1] -> all last-layer CLIP tokens [B, N, E] (no final LayerNorm)."""
+        return adapters.encode_images(self.image_encoder, images).last_hidden_state
 
     def image_context(self, images: torch.Tensor, frames: int) -> torch.Tensor:
         """Context tokens [B, frames·Q, D] of condition images (gray images stand for "no image")."""
@@ -260,63 +245,25 @@ class DynamiCrafter(nn.Module):
 
     # -- adapter files --------------------------------------------------------------------------
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """What DynamiCrafter adds or changes: context network, image K/V, gates, conv_in, stride embed."""
-        state = {f"context.{k}": v for k, v in self.context.state_dict().items()}
-        state |= {f"processors.{k}": v for k, v in self.processors.state_dict().items()}
-        state |= {
-            f"stride_embedding.{k}": v for k, v in self.time_embedding.stride_embedding.state_dict().items()
-        }
-        state |= {f"conv_in.{k}": v for k, v in self.backbone.unet.conv_in.state_dict().items()}
-        return {k: v.detach().contiguous() for k, v in state.items()}
-
-    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        parts = {
+    def _parts(self) -> dict[str, nn.Module]:
+        return {
             "context.": self.context,
             "processors.": self.processors,
             "stride_embedding.": self.time_embedding.stride_embedding,
             "conv_in.": self.backbone.unet.conv_in,
         }
-        for prefix, module in parts.items():
-            module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-        # UNet layers a training stage fine-tuned (stages 2 and 3) travel as "unet.<name>".
-        unet = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
-        if unet:
-            missing = set(unet) - set(self.backbone.unet.state_dict())
-            if missing:
-                raise KeyError(f"adapter holds UNet weights this backbone lacks: {sorted(missing)[:5]}")
-            self.backbone.unet.load_state_dict(unet, strict=False)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """What DynamiCrafter adds or changes: context network, image K/V, gates, conv_in, stride embed."""
+        return adapters.part_state(self._parts())
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        adapters.load_parts(state, self._parts(), self.backbone.unet)
 
     def save_adapter(self, directory: str, extra: dict[str, torch.Tensor] | None = None) -> None:
-        """adapter.json (the context config) and adapter.safetensors (adapter weights, plus `extra`)."""
-        from safetensors.torch import save
-
-        media.write_text(json.dumps(asdict(self.config), indent=1), media.join(directory, ADAPTER_CONFIG))
-        weights = {**self.adapter_state_dict(), **(extra or {})}
-        media.write_bytes(
-            save({k: v.cpu().clone() for k, v in weights.items()}), media.join(directory, ADAPTER_WEIGHTS)
-        )
+        adapters.save_adapter(directory, asdict(self.config), {**self.adapter_state_dict(), **(extra or {})})
 
 
 def read_adapter(directory: str) -> tuple[ContextConfig, dict[str, torch.Tensor]]:
-    from safetensors.torch import load
-
-    config = ContextConfig(**json.loads(media.read_bytes(media.join(directory, ADAPTER_CONFIG))))
-    return config, load(media.read_bytes(media.join(directory, ADAPTER_WEIGHTS)))
-
-
-def load_image_encoder(ref: str, device: str, dtype: torch.dtype) -> nn.Module:
-    """The CLIP vision tower (hub id | local dir | tiny), with the mean/std it was trained with attached."""
-    from transformers import CLIPImageProcessor, CLIPVisionModel
-
-    from pipelines.clip import prepare_clip
-    from pipelines.model_cache import ModelLoadError
-
-    path = Path(prepare_clip(ref))
-    try:
-        encoder = CLIPVisionModel.from_pretrained(path, dtype=dtype).to(device).eval()
-        processor = CLIPImageProcessor.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load the image encoder {ref!r} from {path}: {exc}") from exc
-    encoder.image_mean, encoder.image_std = list(processor.image_mean), list(processor.image_std)
-    return encoder
+    config, weights = adapters.read_adapter(directory)
+    return ContextConfig(**config), weights

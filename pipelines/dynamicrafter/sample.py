@@ -11,12 +11,12 @@ last frame), `interpolate` (the image first, `end_image` last).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
+from pipelines.ddim import ddim_sample, rescale_guidance
 from pipelines.dynamicrafter.model import DynamiCrafter
 
 MODES = ("animate", "loop", "interpolate")
@@ -80,14 +80,6 @@ def _shared(requests: list[Request], *names: str) -> None:
             raise ValueError(f"videos sampled together must share {name}")
 
 
-def rescale_guidance(guided: torch.Tensor, conditional: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Lin et al.'s guidance rescale: give the guided prediction the conditional one's std, in part."""
-    dims = tuple(range(1, guided.dim()))
-    rescaled = guided * (conditional.std(dims, keepdim=True) / guided.std(dims, keepdim=True))
-    f = factor.view(-1, *([1] * (guided.dim() - 1)))
-    return f * rescaled + (1 - f) * guided
-
-
 @torch.no_grad()
 def sample(
     model: DynamiCrafter, requests: list[Request], batched_cfg: bool = True
@@ -129,41 +121,25 @@ def sample(
     generators = [torch.Generator().manual_seed(r.params.seed) for r in requests]
     scale = bb.vae_scale
     shape = (bb.unet.config.out_channels, frames, p0.height // scale, p0.width // scale)
-    x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, torch.float32)
-
-    scheduler = type(bb.scheduler).from_config(bb.scheduler.config)
-    scheduler.set_timesteps(p0.steps)
-    timesteps = scheduler.timesteps.tolist()
-    abar = bb.alphas_cumprod
-    final = abar[0] if not scheduler.config.set_alpha_to_one else torch.ones_like(abar[0])
     branches = [(empty, null_context), (empty, context), (text, context)]
-    start = time.perf_counter()
-    for i, t in enumerate(timesteps):
-        tt = torch.full((b,), t, device=device, dtype=torch.long)
+
+    def guided_noise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if batched_cfg:
-            eps = (
-                model.predict_noise(
-                    torch.cat([x] * 3),
-                    torch.cat([tt] * 3),
-                    torch.cat([c[0] for c in branches]),
-                    torch.cat([c[1] for c in branches]),
-                    torch.cat([condition] * 3),
-                    torch.cat([stride] * 3),
-                )
-                .float()
-                .chunk(3)
-            )
+            eps = model.predict_noise(
+                torch.cat([x] * 3),
+                torch.cat([t] * 3),
+                torch.cat([c[0] for c in branches]),
+                torch.cat([c[1] for c in branches]),
+                torch.cat([condition] * 3),
+                torch.cat([stride] * 3),
+            ).float()
+            e_none, e_img, e_both = eps.chunk(3)
         else:
-            eps = [model.predict_noise(x, tt, txt, ctx, condition, stride).float() for txt, ctx in branches]
-        e_none, e_img, e_both = eps
+            e_none, e_img, e_both = (
+                model.predict_noise(x, t, txt, ctx, condition, stride).float() for txt, ctx in branches
+            )
         guided = e_none + s_img * (e_img - e_none) + s_txt * (e_both - e_img)
-        guided = rescale_guidance(guided, e_both, rescale)
-        a_t = abar[t]
-        a_prev = abar[timesteps[i + 1]] if i + 1 < len(timesteps) else final
-        x0 = (x - (1 - a_t).sqrt() * guided) / a_t.sqrt()
-        sigma = p0.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * guided
-        if p0.eta > 0 and i + 1 < len(timesteps):
-            x = x + sigma * torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
-    seconds_per_step = (time.perf_counter() - start) / len(timesteps)
+        return rescale_guidance(guided, e_both, rescale)
+
+    x, seconds_per_step = ddim_sample(bb, shape, generators, p0.steps, p0.eta, guided_noise)
     return bb.decode_latents(x.to(bb.dtype)).float(), seconds_per_step

@@ -1,0 +1,88 @@
+"""What the adapter methods (DynamiCrafter, StyleCrafter) share: the CLIP image tower and adapter files.
+
+An adapter directory holds `adapter.json` (the adapter's configuration) and `adapter.safetensors` (its
+weights, and the UNet layers a training stage fine-tuned, as `unet.<name>`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines import media
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter.json", "adapter.safetensors"
+OFFICIAL_IMAGE_ENCODER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
+def load_image_encoder(ref: str, device: str, dtype: torch.dtype) -> nn.Module:
+    """The CLIP vision tower (hub id | local dir | tiny), with the mean/std it was trained with attached."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    from pipelines.clip import prepare_clip
+    from pipelines.model_cache import ModelLoadError
+
+    path = Path(prepare_clip(ref))
+    try:
+        encoder = CLIPVisionModel.from_pretrained(path, dtype=dtype).to(device).eval()
+        processor = CLIPImageProcessor.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the image encoder {ref!r} from {path}: {exc}") from exc
+    encoder.image_mean, encoder.image_std = list(processor.image_mean), list(processor.image_std)
+    return encoder
+
+
+@torch.no_grad()
+def encode_images(encoder: nn.Module, images: torch.Tensor) -> Any:
+    """Images [B, 3, H, W] in [-1, 1] through the CLIP tower, preprocessed as both official codes do:
+    bicubic resize to the tower's size without cropping (aspect squashed), CLIP normalisation."""
+    size = encoder.config.image_size
+    x = F.interpolate(images.float(), (size, size), mode="bicubic", antialias=True, align_corners=False)
+    x = ((x + 1) / 2).clamp(0, 1)
+    mean = torch.tensor(encoder.image_mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(encoder.image_std, device=x.device).view(1, 3, 1, 1)
+    return encoder(pixel_values=((x - mean) / std).to(encoder.device, encoder.dtype))
+
+
+def save_adapter(directory: str, config: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    media.write_text(json.dumps(config, indent=1), media.join(directory, ADAPTER_CONFIG))
+    # Cloned: safetensors refuses tensors that share memory (conv_in may appear twice).
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in weights.items()}
+    media.write_bytes(save(tensors), media.join(directory, ADAPTER_WEIGHTS))
+
+
+def read_adapter(directory: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors.torch import load
+
+    config = json.loads(media.read_bytes(media.join(directory, ADAPTER_CONFIG)))
+    return config, load(media.read_bytes(media.join(directory, ADAPTER_WEIGHTS)))
+
+
+def load_parts(state: dict[str, torch.Tensor], parts: dict[str, nn.Module], unet: nn.Module) -> None:
+    """Load `prefix.` entries into each part, and `unet.` entries (fine-tuned layers) into the UNet."""
+    for prefix, module in parts.items():
+        module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    fine_tuned = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
+    if fine_tuned:
+        missing = set(fine_tuned) - set(unet.state_dict())
+        if missing:
+            raise KeyError(f"adapter holds UNet weights this backbone lacks: {sorted(missing)[:5]}")
+        unet.load_state_dict(fine_tuned, strict=False)
+
+
+def part_state(parts: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v.detach() for prefix, m in parts.items() for k, v in m.state_dict().items()}
+
+
+def image_encoder_ref(adapter: str | None, backbone: str | None) -> str:
+    """The adapter's image encoder; without an adapter, tiny for tiny backbones, else the official one."""
+    if adapter:
+        return read_adapter(adapter)[0]["image_encoder"]
+    return "tiny" if (backbone or "tiny").startswith("tiny") else OFFICIAL_IMAGE_ENCODER
