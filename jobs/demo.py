@@ -102,6 +102,24 @@ def image_manifest() -> pa.Table:
     )
 
 
+# StyleCrafter smoke run: content prompts of the shared data in the ink style of the demo's reference.
+STYLE_ROWS = [
+    ("performer", "A street performer playing the guitar."),
+    ("chef", "A chef preparing meals in kitchen."),
+]
+STYLECRAFTER_PARAMS = {"steps": 4, "num_frames": 8, "height": 64, "width": 96, "style_size": 128}
+
+
+def style_manifest() -> pa.Table:
+    return pa.table(
+        {
+            "id": [i for i, _ in STYLE_ROWS],
+            "prompt": [p for _, p in STYLE_ROWS],
+            "style": pa.array([[str(DATA / "ink_1.jpeg")]] * len(STYLE_ROWS), pa.list_(pa.string())),
+        }
+    )
+
+
 # A LiveSketch smoke run: few steps, small frames, all sketches optimized together in one batch.
 LIVESKETCH_PARAMS = {"steps": 8, "num_frames": 8, "height": 64, "width": 64, "dim": 32, "video_size": 128}
 
@@ -171,4 +189,18 @@ def run_demo(output: str) -> None:
     )
     print(f"\nDynamiCrafter, per row (untrained; videos: {media.join(out, 'artifacts')}/<id>/video.mp4):")
     _print_results(out, ["clip_image", "clip_text", "seconds"])
+    out = media.join(output, "stylecrafter")
+    manifest = _write_manifest(style_manifest(), media.join(manifests, "styles.parquet"))
+    run_job(
+        JobSpec(
+            method="stylecrafter",
+            manifest=manifest,
+            output=out,
+            models={"backbone": "tiny", "clip": "tiny"},
+            params=STYLECRAFTER_PARAMS,
+            batch_size=2,
+        )
+    )
+    print(f"\nStyleCrafter, per row (untrained; videos: {media.join(out, 'artifacts')}/<id>/video.mp4):")
+    _print_results(out, ["clip_style", "clip_text", "seconds"])
     print(f"\ndemo outputs are under {output}")

@@ -184,4 +184,6 @@ def test_demo_runs_every_job_over_the_shipped_examples(ray_cluster, tmp_path, ca
     assert sorted(edits) == ["bird000", "locomotive"] and all(r["status"] == "ok" for r in edits.values())
     animated = _latest(tmp_path / "demo" / "dynamicrafter")
     assert sorted(animated) == ["dance1", "guitar0"] and all(r["status"] == "ok" for r in animated.values())
+    styled = _latest(tmp_path / "demo" / "stylecrafter")
+    assert sorted(styled) == ["chef", "performer"] and all(r["status"] == "ok" for r in styled.values())
     shutil.rmtree(tmp_path / "demo")
