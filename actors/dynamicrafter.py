@@ -10,10 +10,9 @@ import torch
 
 from actors.base import JobConfig, RowActor, RowError, RowOutput, model_dtype
 from pipelines import adapters, media
-from pipelines.adapters import load_image_encoder
-from pipelines.backbone import load_backbone_uncached, prepare_backbone
+from pipelines.backbone import prepare_backbone
 from pipelines.clip import prepare_clip
-from pipelines.dynamicrafter.model import ContextConfig, DynamiCrafter, read_adapter
+from pipelines.dynamicrafter.model import load_dynamicrafter
 from pipelines.dynamicrafter.sample import Request, SampleParams, sample
 from pipelines.metrics import load_scorer
 
@@ -24,21 +23,6 @@ BATCH_KEYS = ("steps", "num_frames", "height", "width", "eta")
 def image_encoder_ref(config: JobConfig) -> str:
     return adapters.image_encoder_ref(config.models.get("adapter"), config.models.get("backbone"))
 
-
-def load_dynamicrafter(config: JobConfig, device: str, dtype: torch.dtype) -> DynamiCrafter:
-    backbone = load_backbone_uncached(config.models.get("backbone") or "tiny", device, dtype)
-    encoder = load_image_encoder(image_encoder_ref(config), device, dtype)
-    adapter = config.models.get("adapter")
-    if adapter:
-        context, weights = read_adapter(adapter)
-    else:
-        width = backbone.unet.config.cross_attention_dim
-        context = ContextConfig() if width == 1024 else ContextConfig.small(image_encoder_ref(config), width)
-        weights = None
-    model = DynamiCrafter(backbone, encoder, context)
-    if weights is not None:
-        model.load_adapter_state(weights)
-    return model
 
 
 class DynamiCrafterActor(RowActor):
@@ -55,7 +39,7 @@ class DynamiCrafterActor(RowActor):
 
     def setup(self) -> None:
         dtype = model_dtype(self.device, self.config.params.get("precision", "auto"))
-        self.model = load_dynamicrafter(self.config, self.device, dtype)
+        self.model = load_dynamicrafter(self.config.models, self.device, dtype)
         self.model.eval()
         models = self.config.models
         self.scorer = load_scorer(

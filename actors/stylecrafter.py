@@ -10,11 +10,10 @@ import torch
 
 from actors.base import JobConfig, RowActor, RowError, RowOutput, model_dtype
 from pipelines import adapters, media
-from pipelines.adapters import load_image_encoder
-from pipelines.backbone import load_backbone_uncached, prepare_backbone
+from pipelines.backbone import prepare_backbone
 from pipelines.clip import prepare_clip
 from pipelines.metrics import load_scorer
-from pipelines.stylecrafter.model import StyleConfig, StyleCrafter, read_adapter
+from pipelines.stylecrafter.model import load_stylecrafter
 from pipelines.stylecrafter.sample import Request, SampleParams, sample
 
 BATCH_KEYS = ("steps", "num_frames", "height", "width", "eta")
@@ -23,21 +22,6 @@ BATCH_KEYS = ("steps", "num_frames", "height", "width", "eta")
 def image_encoder_ref(config: JobConfig) -> str:
     return adapters.image_encoder_ref(config.models.get("adapter"), config.models.get("backbone"))
 
-
-def load_stylecrafter(config: JobConfig, device: str, dtype: torch.dtype) -> StyleCrafter:
-    backbone = load_backbone_uncached(config.models.get("backbone") or "tiny", device, dtype)
-    encoder = load_image_encoder(image_encoder_ref(config), device, dtype)
-    if config.models.get("adapter"):
-        style, weights = read_adapter(config.models["adapter"])
-    else:
-        style = (
-            StyleConfig() if backbone.unet.config.cross_attention_dim == 1024 else StyleConfig.small("tiny")
-        )
-        style, weights = StyleConfig(**{**asdict(style), "image_encoder": image_encoder_ref(config)}), None
-    model = StyleCrafter(backbone, encoder, style)
-    if weights is not None:
-        model.load_adapter_state(weights)
-    return model
 
 
 class StyleCrafterActor(RowActor):
@@ -60,7 +44,7 @@ class StyleCrafterActor(RowActor):
 
     def setup(self) -> None:
         dtype = model_dtype(self.device, self.config.params.get("precision", "auto"))
-        self.model = load_stylecrafter(self.config, self.device, dtype).eval()
+        self.model = load_stylecrafter(self.config.models, self.device, dtype).eval()
         models = self.config.models
         self.scorer = load_scorer(
             models.get("clip"), models.get("dreamsim"), models.get("lpips"), self.device

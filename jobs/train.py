@@ -1,7 +1,8 @@
 """`anima train METHOD --stage K`: adapter training on Ray Train, fed by a Ray Data decoding stage.
 
-The manifest (Parquet: id, video or image, prompt, optional frame_stride) is decoded into fixed-size
-clips by CPU tasks and streamed to the workers (`get_dataset_shard`). Checkpoints and the run's state
+The manifest (Parquet: id, prompt, video and/or image, method-specific columns) is decoded into
+training examples by CPU tasks of the method's recipe and streamed to the workers (`get_dataset_shard`,
+one dataset per data source). Checkpoints and the run's state
 live under OUTPUT/<method>-stage<K>/; submitting the same command again resumes from the latest
 checkpoint. The final adapter is exported to OUTPUT/adapter-stage<K>/, which `generate --adapter` and
 the next stage's `train --adapter` take.
@@ -11,18 +12,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from jobs.runner import JobError, ensure_ray, read_manifest
-from pipelines import media
-
-TRAINERS = {"dynamicrafter": "actors.dynamicrafter_train:train_worker"}
+from pipelines import adapters, media
 
 
 @dataclass
@@ -40,91 +37,41 @@ class TrainSpec:
     runtime_env: dict[str, Any] | None = None  # of the training workers (env vars, pip packages)
 
 
-def clip_indices(total: int, frames: int, stride: int, rng: np.random.Generator) -> tuple[list[int], int]:
-    """`frames` indices `stride` apart from a random start; the stride shrinks for short videos (official)."""
-    if total < frames:
-        raise media.MediaError(f"video has {total} frames, {frames} needed")
-    if frames > 1 and (frames - 1) * stride + 1 > total:
-        stride = max(1, (total - 1) // (frames - 1))
-    span = (frames - 1) * stride + 1
-    start = int(rng.integers(0, total - span + 1))
-    return [start + i * stride for i in range(frames)], stride
-
-
-def decode_batch(batch: pa.Table, frames: int, size: tuple[int, int], stride: int, seed: int) -> pa.Table:
-    """Rows -> fixed-size uint8 clips; a row that cannot be decoded is dropped with a message, not fatal."""
-    rng = np.random.default_rng([seed, zlib.crc32(batch.column("id")[0].as_py().encode())])
-    clips, prompts, strides = [], [], []
-    for row in batch.to_pylist():
-        try:
-            if row.get("video"):
-                video = media.read_video(row["video"], size=size)
-                picked, used = clip_indices(len(video), frames, int(row.get("frame_stride") or stride), rng)
-                clip = video[picked]
-            else:
-                clip, used = np.repeat(media.read_image(row["image"], size)[None], frames, 0), 1
-        except media.MediaError as exc:
-            print(f"[anima] training row {row['id']!r} skipped: {exc}", file=sys.stderr, flush=True)
-            continue
-        clips.append(clip)
-        prompts.append(row.get("prompt") or "")
-        strides.append(used)
-    shape = (len(clips), frames, *size, 3)
-    flat = (
-        np.stack(clips).reshape(len(clips), -1) if clips else np.zeros((0, int(np.prod(shape[1:]))), np.uint8)
-    )
-    return pa.table(
-        {
-            "frames": pa.FixedShapeTensorArray.from_numpy_ndarray(flat.reshape(shape)),
-            "prompt": pa.array(prompts, pa.string()),
-            "frame_stride": pa.array(strides, pa.int64()),
-        }
-    )
-
-
 def run_training(spec: TrainSpec) -> dict[str, Any]:
     """Train to `steps`, resuming from the run's latest checkpoint; return the final metrics."""
-    import importlib
-
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.dynamicrafter.train import TrainConfig
+    from actors.train_worker import RECIPES, recipe_of, train_worker
 
-    if spec.method not in TRAINERS:
+    if spec.method not in RECIPES:
         raise JobError(f"training {spec.method} is not implemented in this version of anima yet")
+    recipe = recipe_of(spec.method)
     try:
-        config = TrainConfig.from_dict({**spec.params, "stage": spec.stage})
+        config = recipe.config({**spec.params, "stage": spec.stage})
     except (TypeError, ValueError) as exc:
         raise JobError(str(exc)) from exc
     table = read_manifest(spec.data)
-    media_column = "video" if "video" in table.column_names else "image"
-    if (
-        media_column not in table.column_names
-        or "prompt" not in table.column_names
-        or "id" not in table.column_names
-    ):
-        raise JobError(f"training manifest {spec.data} needs columns id, prompt and video or image")
-    module, name = TRAINERS[spec.method].split(":")
-    worker = getattr(importlib.import_module(module), name)
+    if "id" not in table.column_names or "prompt" not in table.column_names:
+        raise JobError(f"training manifest {spec.data} needs columns id, prompt, and video and/or image")
+    datasets = {}
+    for name, (_, kinds) in recipe.sources(config).items():
+        rows = _rows_with(table, kinds)
+        if rows.num_rows == 0:
+            raise JobError(f"training manifest {spec.data} has no rows with {' or '.join(kinds)} for {name}")
+        datasets[name] = ray.data.from_arrow(rows).map_batches(
+            recipe.decode, fn_kwargs={"config": config, "source": name}, batch_format="pyarrow", batch_size=4
+        )
     ensure_ray()
-
-    size = (config.height, config.width)
-    dataset = ray.data.from_arrow(table).map_batches(
-        decode_batch,
-        fn_kwargs={"frames": config.frames, "size": size, "stride": config.frame_stride, "seed": config.seed},
-        batch_format="pyarrow",
-        batch_size=4,
-    )
     run_name = f"{spec.method}-stage{spec.stage}"
     use_gpu = spec.gpus_per_worker > 0
     trainer = TorchTrainer(
-        worker,
+        train_worker,
         train_loop_config={
+            "method": spec.method,
             "params": {**spec.params, "stage": spec.stage},
             "models": spec.models,
-            "output": spec.output,
             "use_gpu": use_gpu,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -139,12 +86,12 @@ def run_training(spec: TrainSpec) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
             worker_runtime_env=spec.runtime_env,
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
     result = trainer.fit()
     adapter = media.join(spec.output, f"adapter-stage{spec.stage}")
     with result.checkpoint.as_directory() as directory:
-        for file in ("adapter.json", "adapter.safetensors"):
+        for file in (adapters.ADAPTER_CONFIG, adapters.ADAPTER_WEIGHTS):
             with (
                 open(os.path.join(directory, file), "rb") as src,
                 media.atomic_write(media.join(adapter, file)) as dst,
@@ -153,3 +100,14 @@ def run_training(spec: TrainSpec) -> dict[str, Any]:
     summary = {**result.metrics, "adapter": adapter, "checkpoint": result.checkpoint.path}
     print(f"[anima] {run_name}: step {summary.get('step')}, loss {summary.get('loss'):.4f}; {adapter}")
     return summary
+
+
+def _rows_with(table: pa.Table, kinds: tuple[str, ...]) -> pa.Table:
+    """The manifest rows that have a value in one of the media columns `kinds`."""
+    present = [k for k in kinds if k in table.column_names]
+    if not present:
+        return table.slice(0, 0)
+    mask = pc.is_valid(table.column(present[0]))
+    for k in present[1:]:
+        mask = pc.or_(mask, pc.is_valid(table.column(k)))
+    return table.filter(mask)

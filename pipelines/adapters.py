@@ -7,6 +7,7 @@ weights, and the UNet layers a training stage fine-tuned, as `unet.<name>`).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,31 @@ def image_encoder_ref(adapter: str | None, backbone: str | None) -> str:
     if adapter:
         return read_adapter(adapter)[0]["image_encoder"]
     return "tiny" if (backbone or "tiny").startswith("tiny") else OFFICIAL_IMAGE_ENCODER
+
+
+def load_model(
+    models: dict[str, str | None],
+    device: str,
+    dtype: torch.dtype,
+    build: Callable[[Any, nn.Module, Any], nn.Module],
+    config_type: type,
+    default_config: Callable[[int, str], Any],
+) -> Any:
+    """An adapter model on a fresh backbone: `models["adapter"]` if given, else a new (untrained) adapter.
+
+    `default_config(cross_attention_width, image_encoder)` chooses the new adapter's size.
+    """
+    from pipelines.backbone import load_backbone_uncached
+
+    backbone = load_backbone_uncached(models.get("backbone") or "tiny", device, dtype)
+    encoder_ref = image_encoder_ref(models.get("adapter"), models.get("backbone"))
+    encoder = load_image_encoder(encoder_ref, device, dtype)
+    if models.get("adapter"):
+        config, weights = read_adapter(models["adapter"])
+        config = config_type(**config)
+    else:
+        config, weights = default_config(backbone.unet.config.cross_attention_dim, encoder_ref), None
+    model = build(backbone, encoder, config)
+    if weights is not None:
+        model.load_adapter_state(weights)
+    return model

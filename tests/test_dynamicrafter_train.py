@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from actors.base import JobConfig
-from actors.dynamicrafter import load_dynamicrafter
-from jobs.train import TrainSpec, clip_indices, run_training
+from jobs.train import TrainSpec, run_training
 from pipelines import media
+from pipelines.dynamicrafter.model import load_dynamicrafter
 from pipelines.dynamicrafter.sample import Request, SampleParams, sample
-from pipelines.dynamicrafter.train import TrainConfig, trainable_parameters, training_loss
+from pipelines.dynamicrafter.train import DynamiCrafterTrainConfig, trainable_parameters, training_loss
+from pipelines.training import clip_indices
 
 SIZE, FRAMES = 32, 4
 COLOURS = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40)]
@@ -51,30 +51,23 @@ def squares(tmp_path_factory):
     return str(manifest)
 
 
-def _fixed_batch():
-    frames = np.stack([moving_square(c, 3)[:FRAMES] for c in COLOURS])
-    return torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+def _fixed_batch() -> np.ndarray:
+    return np.stack([moving_square(c, 3)[:FRAMES] for c in COLOURS])
 
 
 def _mean_loss(model, stage: int) -> float:
-    config = TrainConfig(stage=stage, num_frames=FRAMES, height=SIZE, width=SIZE)
+    config = DynamiCrafterTrainConfig(stage=stage, num_frames=FRAMES, height=SIZE, width=SIZE)
     g = torch.Generator().manual_seed(0)
+    batch = {"frames": _fixed_batch(), "prompt": ["a square moving right"] * 4, "frame_stride": np.full(4, 2)}
     with torch.no_grad():
-        losses = [
-            float(
-                training_loss(
-                    model, _fixed_batch(), ["a square moving right"] * 4, torch.full((4,), 2), config, g
-                )
-            )
-            for _ in range(6)
-        ]
+        losses = [float(training_loss(model, batch, config, g)) for _ in range(6)]
     return float(np.mean(losses))
 
 
 def _condition_error(model) -> float:
     """Mean |first frame − condition image| of sampled videos, in the VAE's rendering of the image."""
     params = SampleParams(steps=8, num_frames=FRAMES, height=SIZE, width=SIZE, cfg_text=1.0, cfg_image=1.0)
-    images = _fixed_batch()[:, 0]
+    images = torch.from_numpy(_fixed_batch()[:, 0]).permute(0, 3, 1, 2).float() / 127.5 - 1
     videos, _ = sample(model, [Request(img, "a square moving right", params) for img in images])
     with torch.no_grad():
         reference = model.backbone.decode_latents(model.backbone.encode_frames(images[:, None]))[:, 0]
@@ -92,10 +85,9 @@ def test_clip_indices_follow_the_stride_and_shrink_it_for_short_videos():
 
 
 def test_stages_train_what_the_paper_trains():
-    model = load_dynamicrafter(
-        JobConfig("dynamicrafter", "/tmp", "x", {"backbone": "tiny"}), "cpu", torch.float32
-    )
-    one, two = trainable_parameters(model, 1), trainable_parameters(model, 2)
+    model = load_dynamicrafter({"backbone": "tiny"}, "cpu", torch.float32)
+    one = trainable_parameters(model, DynamiCrafterTrainConfig(stage=1))
+    two = trainable_parameters(model, DynamiCrafterTrainConfig(stage=2))
     assert all(n.startswith(("context.", "processors.")) for n in one)
     assert set(one) < set(two)
     unet = [n for n in two if n.startswith("unet.")]
@@ -105,7 +97,7 @@ def test_stages_train_what_the_paper_trains():
 
 def test_training_on_ray_lowers_the_loss_and_follows_the_condition(ray_cluster, squares, tmp_path):
     models = {"backbone": "tiny", "adapter": None}
-    before = load_dynamicrafter(JobConfig("dynamicrafter", "", "", models), "cpu", torch.float32)
+    before = load_dynamicrafter(models, "cpu", torch.float32)
     loss_before, error_before = _mean_loss(before, 3), _condition_error(before)
 
     spec = TrainSpec(
@@ -113,9 +105,7 @@ def test_training_on_ray_lowers_the_loss_and_follows_the_condition(ray_cluster, 
     )
     summary = run_training(spec)
     assert summary["step"] == 60
-    after = load_dynamicrafter(
-        JobConfig("dynamicrafter", "", "", {**models, "adapter": summary["adapter"]}), "cpu", torch.float32
-    )
+    after = load_dynamicrafter({**models, "adapter": summary["adapter"]}, "cpu", torch.float32)
     loss_after, error_after = _mean_loss(after, 3), _condition_error(after)
     assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
     assert error_after < error_before, (error_before, error_after)

@@ -267,3 +267,12 @@ class DynamiCrafter(nn.Module):
 def read_adapter(directory: str) -> tuple[ContextConfig, dict[str, torch.Tensor]]:
     config, weights = adapters.read_adapter(directory)
     return ContextConfig(**config), weights
+
+
+def load_dynamicrafter(models: dict[str, str | None], device: str, dtype: torch.dtype) -> DynamiCrafter:
+    """DynamiCrafter on the backbone: from `models["adapter"]`, or untrained (official sizes at 1024)."""
+
+    def default(width: int, encoder: str) -> ContextConfig:
+        return ContextConfig(encoder) if width == 1024 else ContextConfig.small(encoder, width)
+
+    return adapters.load_model(models, device, dtype, DynamiCrafter, ContextConfig, default)

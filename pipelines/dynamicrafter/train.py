@@ -1,59 +1,35 @@
-"""DynamiCrafter training: the paper's three stages as one loop with a different set of trainable parts.
+"""DynamiCrafter training recipe: the paper's three stages with different trainable parts.
 
 1. the context network (and the image key/value projections and gates it feeds) on single frames,
    UNet frozen;
-2. the same plus the UNet's spatial layers (temporal layers stay frozen, as the paper) on video;
+2. the same plus the UNet's spatial layers (temporal layers stay frozen, as the paper) and the
+   frame-stride embedding, on video;
 3. the same plus visual detail guidance: the condition frame's latent is concatenated at a random frame
    index per sample, whose frame also gives the CLIP context.
 
 Condition dropout for classifier-free guidance, one draw per sample as the official code: text only
 dropped with probability p, text and image with p, image only with p (p = 0.05). A dropped image is a
-gray image; the concatenated latent is never dropped. The loss is the noise MSE; for v-prediction
-backbones it is weighted by 1/ᾱ_t, which makes it exactly the v MSE.
+gray image; the concatenated latent is never dropped.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
-from pipelines.dynamicrafter.model import DynamiCrafter
-
-TEMPORAL_MARKERS = ("temp_attentions", "temp_convs", "transformer_in")
+from pipelines import media, training
+from pipelines.dynamicrafter.model import DynamiCrafter, load_dynamicrafter
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Defaults: the paper's stage 2/3 learning rate, the official fine-tuning code's clipping and dropout."""
+class DynamiCrafterTrainConfig(training.TrainConfig):
+    """Defaults: the paper's stage 2/3 learning rate (1e-4 in stage 1), the official clipping and dropout."""
 
     stage: int = 3
-    steps: int = 1000
-    batch_size: int = 2
-    lr: float = 5e-5  # the paper: 1e-4 in stage 1, 5e-5 in stages 2 and 3
-    weight_decay: float = 1e-2
-    grad_clip: float = 0.5
-    uncond_prob: float = 0.05
-    num_frames: int = 16
-    height: int = 256
-    width: int = 256
     frame_stride: int = 3
-    checkpoint_every: int = 200
-    seed: int = 0
-    precision: str = "auto"
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name: type(getattr(cls(), f.name)) for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"unknown training parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
-        config = cls(**{k: known[k](v) for k, v in values.items()})
-        if config.stage not in (1, 2, 3):
-            raise ValueError(f"stage must be 1, 2 or 3, got {config.stage}")
-        return config
 
     @property
     def frames(self) -> int:
@@ -61,37 +37,52 @@ class TrainConfig:
         return 1 if self.stage == 1 else self.num_frames
 
 
-def trainable_parameters(model: DynamiCrafter, stage: int) -> dict[str, torch.nn.Parameter]:
-    """Named parameters a stage trains; everything else is frozen (`requires_grad` set accordingly)."""
-    model.requires_grad_(False)
-    model.backbone.unet.requires_grad_(False)
-    chosen: dict[str, torch.nn.Parameter] = {}
-    for name, p in model.context.named_parameters():
-        chosen[f"context.{name}"] = p
-    for name, p in model.processors.named_parameters():
-        chosen[f"processors.{name}"] = p
-    if stage >= 2:
-        for name, p in model.time_embedding.stride_embedding.named_parameters():
-            chosen[f"stride_embedding.{name}"] = p
-        for name, p in model.backbone.unet.named_parameters():
-            spatial = not any(m in name for m in TEMPORAL_MARKERS)
-            if spatial and ".processor." not in name and not name.startswith("time_embedding.stride_"):
-                chosen[f"unet.{name}"] = p
-    for p in chosen.values():
-        p.requires_grad_(True)
-    return chosen
+def trainable_parameters(model: DynamiCrafter, config: training.TrainConfig) -> dict[str, torch.nn.Parameter]:
+    chosen = {f"context.{n}": p for n, p in model.context.named_parameters()}
+    chosen |= {f"processors.{n}": p for n, p in model.processors.named_parameters()}
+    if config.stage >= 2:
+        chosen |= {
+            f"stride_embedding.{n}": p for n, p in model.time_embedding.stride_embedding.named_parameters()
+        }
+        spatial = training.select(
+            dict(model.backbone.unet.named_parameters()),
+            lambda n: not training.is_temporal(n) and ".processor." not in n and "stride_" not in n,
+        )
+        chosen |= {f"unet.{n}": p for n, p in spatial.items()}
+    return training.freeze_all_but(model, model.backbone.unet, chosen)
+
+
+def decode(batch: pa.Table, config: DynamiCrafterTrainConfig, source: str) -> pa.Table:
+    """Rows (id, video or image, prompt, optional frame_stride) -> clips of `frames` frames at a stride."""
+    rng = training.batch_rng(batch, config.seed)
+    size = (config.height, config.width)
+
+    def row_example(row: dict[str, Any]) -> dict[str, Any]:
+        if row.get("video"):
+            video = media.read_video(row["video"], size=size)
+            picked, used = training.clip_indices(
+                len(video), config.frames, int(row.get("frame_stride") or config.frame_stride), rng
+            )
+            clip = video[picked]
+        elif row.get("image"):
+            clip, used = media.read_image(row["image"], size)[None].repeat(config.frames, 0), 1
+        else:
+            raise media.MediaError("row has neither video nor image")
+        return {"frames": clip, "prompt": row.get("prompt") or "", "frame_stride": used}
+
+    shape = (config.frames, *size, 3)
+    return training.decode_rows(
+        batch, row_example, {"frames": shape, "prompt": pa.string(), "frame_stride": pa.int64()}
+    )
 
 
 def training_loss(
-    model: DynamiCrafter,
-    frames: torch.Tensor,
-    prompts: list[str],
-    strides: torch.Tensor,
-    config: TrainConfig,
-    generator: torch.Generator,
+    model: DynamiCrafter, batch: dict[str, Any], config: DynamiCrafterTrainConfig, generator: torch.Generator
 ) -> torch.Tensor:
-    """Diffusion loss of one batch: frames [B, F, 3, H, W] in [-1, 1], their captions and frame strides."""
+    """Diffusion loss of one batch of decoded clips."""
     bb = model.backbone
+    frames = training.to_frames(batch["frames"])
+    prompts, strides = list(batch["prompt"]), torch.as_tensor(batch["frame_stride"])
     b, f = frames.shape[:2]
     device = bb.device
     with torch.no_grad():
@@ -113,12 +104,20 @@ def training_loss(
     else:
         condition = torch.zeros_like(latents)
     text = bb.encode_prompt(["" if d else p for d, p in zip(drop_text.tolist(), prompts, strict=True)])
-
     t = torch.randint(0, bb.num_train_timesteps, (b,), generator=generator).to(device)
     noise = torch.randn(latents.shape, generator=generator).to(device)
-    noisy = bb.add_noise(latents, noise, t)
-    eps = model.predict_noise(noisy, t, text, context, condition, strides.to(device).float()).float()
-    per_sample = F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3, 4))
-    if bb.prediction_type == "v_prediction":
-        per_sample = per_sample / bb.alphas_cumprod[t]
-    return per_sample.mean()
+    eps = model.predict_noise(
+        bb.add_noise(latents, noise, t), t, text, context, condition, strides.to(device).float()
+    )
+    return training.diffusion_loss(bb, eps, noise, t)
+
+
+RECIPE = training.Recipe(
+    config_type=DynamiCrafterTrainConfig,
+    stages=(1, 2, 3),
+    load=load_dynamicrafter,
+    trainable=trainable_parameters,
+    decode=decode,
+    sources=lambda config: {"clips": (1.0, ("video", "image"))},
+    loss=training_loss,
+)

@@ -197,3 +197,12 @@ class StyleCrafter(nn.Module):
 def read_adapter(directory: str) -> tuple[StyleConfig, dict[str, torch.Tensor]]:
     config, weights = adapters.read_adapter(directory)
     return StyleConfig(**config), weights
+
+
+def load_stylecrafter(models: dict[str, str | None], device: str, dtype: torch.dtype) -> StyleCrafter:
+    """StyleCrafter on the backbone: from `models["adapter"]`, or untrained (official sizes at 1024)."""
+
+    def default(width: int, encoder: str) -> StyleConfig:
+        return StyleConfig(encoder) if width == 1024 else StyleConfig.small(encoder)
+
+    return adapters.load_model(models, device, dtype, StyleCrafter, StyleConfig, default)

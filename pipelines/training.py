@@ -1,0 +1,149 @@
+"""What adapter training shares across methods: the common hyperparameters and the recipe a method gives.
+
+A method's recipe says how to load its model, which parameters a stage trains, how raw rows become
+training examples (`decode`, run by Ray Data CPU tasks) and what the loss of a batch is; the training
+loop itself (`actors/train_worker.py`) is the same for every method.
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from pipelines import media
+
+TEMPORAL_MARKERS = ("temp_attentions", "temp_convs", "transformer_in")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters every method's training has; methods subclass it for their own."""
+
+    stage: int = 1
+    steps: int = 1000
+    batch_size: int = 2
+    lr: float = 5e-5
+    weight_decay: float = 1e-2
+    grad_clip: float = 0.5
+    uncond_prob: float = 0.05
+    num_frames: int = 16
+    height: int = 256
+    width: int = 256
+    checkpoint_every: int = 200
+    seed: int = 0
+    precision: str = "auto"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name: type(getattr(cls(), f.name)) for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown training parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        return cls(**{k: known[k](v) for k, v in values.items()})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One method's training, as the shared loop needs it."""
+
+    config_type: type[TrainConfig]
+    stages: tuple[int, ...]
+    load: Callable[[dict[str, str | None], str, torch.dtype], nn.Module]
+    trainable: Callable[[nn.Module, TrainConfig], dict[str, nn.Parameter]]
+    # Examples of a batch of manifest rows for one data source.
+    decode: Callable[[pa.Table, TrainConfig, str], pa.Table]
+    # Data sources of a configuration: name -> (share of the steps, the media columns its rows use).
+    sources: Callable[[TrainConfig], dict[str, tuple[float, tuple[str, ...]]]]
+    loss: Callable[[nn.Module, dict[str, Any], TrainConfig, torch.Generator], torch.Tensor]
+
+    def config(self, params: dict[str, Any]) -> TrainConfig:
+        config = self.config_type.from_dict(params)
+        if config.stage not in self.stages:
+            raise ValueError(f"stage must be one of {self.stages}, got {config.stage}")
+        return config
+
+
+def select(named: dict[str, nn.Parameter], keep: Callable[[str], bool]) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in named.items() if keep(name)}
+
+
+def is_temporal(name: str) -> bool:
+    return any(marker in name for marker in TEMPORAL_MARKERS)
+
+
+def freeze_all_but(
+    model: nn.Module, unet: nn.Module, chosen: dict[str, nn.Parameter]
+) -> dict[str, nn.Parameter]:
+    """Set `requires_grad` on exactly the chosen parameters and return them."""
+    model.requires_grad_(False)
+    unet.requires_grad_(False)
+    for p in chosen.values():
+        p.requires_grad_(True)
+    return chosen
+
+
+def diffusion_loss(backbone: Any, eps: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Noise MSE per sample; for v-prediction backbones weighted by 1/ᾱ_t, which is exactly the v MSE."""
+    per_sample = (eps.float() - noise.float()).pow(2).mean(dim=tuple(range(1, eps.dim())))
+    if backbone.prediction_type == "v_prediction":
+        per_sample = per_sample / backbone.alphas_cumprod[t]
+    return per_sample.mean()
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def clip_indices(total: int, frames: int, stride: int, rng: np.random.Generator) -> tuple[list[int], int]:
+    """`frames` indices `stride` apart from a random start; the stride shrinks for short videos (official)."""
+    if total < frames:
+        raise media.MediaError(f"video has {total} frames, {frames} needed")
+    if frames > 1 and (frames - 1) * stride + 1 > total:
+        stride = max(1, (total - 1) // (frames - 1))
+    span = (frames - 1) * stride + 1
+    start = int(rng.integers(0, total - span + 1))
+    return [start + i * stride for i in range(frames)], stride
+
+
+def batch_rng(batch: pa.Table, seed: int) -> np.random.Generator:
+    """A generator per batch of rows, the same on every run (Python's str hash is salted per process)."""
+    return np.random.default_rng([seed, zlib.crc32(str(batch.column("id")[0].as_py()).encode())])
+
+
+def decode_rows(
+    batch: pa.Table,
+    decode_row: Callable[[dict[str, Any]], dict[str, Any]],
+    columns: dict[str, pa.DataType | tuple[int, ...]],
+) -> pa.Table:
+    """Examples of the rows `decode_row` can read; a row it cannot is skipped with a message, not fatal.
+
+    A column given as a shape holds uint8 arrays of that shape (a fixed-shape tensor column, which Ray
+    Data hands to the workers as one numpy array); other columns are scalars of the given Arrow type.
+    """
+    examples = []
+    for row in batch.to_pylist():
+        try:
+            examples.append(decode_row(row))
+        except media.MediaError as exc:
+            print(f"[anima] training row {row.get('id')!r} skipped: {exc}", file=sys.stderr, flush=True)
+    out = {}
+    for name, kind in columns.items():
+        values = [e[name] for e in examples]
+        if isinstance(kind, tuple):
+            array = np.stack(values) if values else np.zeros((0, *kind), np.uint8)
+            out[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(array)
+        else:
+            out[name] = pa.array(values, kind)
+    return pa.table(out)
+
+
+def to_frames(array: np.ndarray) -> torch.Tensor:
+    """uint8 clips [B, F, H, W, 3] -> float [B, F, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
