@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from actors.base import model_dtype
-from pipelines import adapters
+from pipelines import adapters, training
 from pipelines.training import Recipe
 
 TRAIN_STATE = "train_state.pt"
@@ -54,6 +54,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
         torch.cuda.set_device(ray.train.torch.get_device())
     # Trainable weights stay fp32; the forward pass runs under autocast on GPUs.
     model = recipe.load(cfg["models"], device, torch.float32)
+    if device == "cpu":
+        training.contiguous_group_norm_inputs(model.backbone.unet)
     params = recipe.trainable(model, config)
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
 

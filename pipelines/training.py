@@ -147,3 +147,15 @@ def decode_rows(
 def to_frames(array: np.ndarray) -> torch.Tensor:
     """uint8 clips [B, F, H, W, 3] -> float [B, F, 3, H, W] in [-1, 1]."""
     return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+
+
+def contiguous_group_norm_inputs(module: nn.Module) -> None:
+    """Feed every GroupNorm a contiguous input.
+
+    The temporal convolutions give GroupNorm a permuted (channels-last-like) tensor, and torch's CPU
+    kernel for the backward of such an input with trainable weights crashes the process (segfault,
+    torch 2.13); a contiguous copy takes the ordinary kernel.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))

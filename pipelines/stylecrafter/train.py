@@ -89,7 +89,9 @@ def decode(batch: pa.Table, config: StyleTrainConfig, source: str) -> pa.Table:
     """Rows -> (frames, style reference, caption): clips for "clips", single frames for "images"."""
     rng = training.batch_rng(batch, config.seed)
     size = (config.height, config.width)
-    frames = 1 if source == "images" else config.num_frames
+    # Images pass the temporal layers as single frames, which attend only to themselves (the official
+    # identity temporal mask of image batches).
+    frames = config.num_frames if source == "clips" else 1
 
     def row_example(row: dict[str, Any]) -> dict[str, Any]:
         if source == "images":
