@@ -99,12 +99,16 @@ def load_model(
 ) -> Any:
     """An adapter model on a fresh backbone: `models["adapter"]` if given, else a new (untrained) adapter.
 
+    `models["image_encoder"]` overrides the CLIP tower (benches with random real-size weights).
+
     `default_config(cross_attention_width, image_encoder)` chooses the new adapter's size.
     """
     from pipelines.backbone import load_backbone_uncached
 
     backbone = load_backbone_uncached(models.get("backbone") or "tiny", device, dtype)
-    encoder_ref = image_encoder_ref(models.get("adapter"), models.get("backbone"))
+    encoder_ref = models.get("image_encoder") or image_encoder_ref(
+        models.get("adapter"), models.get("backbone")
+    )
     encoder = load_image_encoder(encoder_ref, device, dtype)
     if models.get("adapter"):
         config, weights = read_adapter(models["adapter"])
