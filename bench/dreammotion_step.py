@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from timing import seconds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,20 +34,9 @@ def clip_path() -> Path:
 def seconds_per_step(backbone, frames, params) -> float:
     from pipelines.dreammotion.edit import edit_video
 
-    edit_video(
-        backbone,
-        frames,
-        "A locomotive rides in a forest",
-        "A car driving in a forest",
-        replace(params, steps=1),
-    )
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    edit_video(backbone, frames, "A locomotive rides in a forest", "A car driving in a forest", params)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / params.steps
+    prompts = ("A locomotive rides in a forest", "A car driving in a forest")
+    edit_video(backbone, frames, *prompts, replace(params, steps=1))  # warm-up
+    return seconds(lambda: edit_video(backbone, frames, *prompts, params)) / params.steps
 
 
 def main() -> None:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from timing import seconds
 
 REPO = Path(__file__).resolve().parents[1]
 SKETCHES = ["surfer0_scaled1.svg", "butterfly_3_scaled1.svg", "fish_scaled1.svg"]
@@ -37,13 +37,7 @@ def time_steps(backbone, jobs, steps: int) -> float:
     from pipelines.livesketch.animate import animate
 
     animate(backbone, [replace(j, params=replace(j.params, steps=1)) for j in jobs])  # warm-up
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    animate(backbone, jobs)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return seconds(lambda: animate(backbone, jobs)) / steps
 
 
 def main() -> None:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from timing import seconds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,13 +33,7 @@ def seconds_per_video(model, requests, batched_cfg: bool) -> float:
     from pipelines.stylecrafter.sample import sample
 
     sample(model, [replace(r, params=replace(r.params, steps=1)) for r in requests], batched_cfg)  # warm-up
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    sample(model, requests, batched_cfg)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / len(requests)
+    return seconds(lambda: sample(model, requests, batched_cfg)) / len(requests)
 
 
 def main() -> None:

@@ -7,7 +7,10 @@ whole path a cluster job takes: manifest, validation, actor pool, artifacts, res
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -137,6 +140,37 @@ def _print_results(out: str, columns: list[str]) -> None:
         print(f"  {cells}")
 
 
+@dataclass(frozen=True)
+class DemoJob:
+    """One generation job of the demo: its manifest, smoke-run parameters, and what to print."""
+
+    method: str
+    manifest: Callable[[], pa.Table]
+    params: dict[str, Any]
+    batch_size: int
+    columns: list[str]
+    artifact: str  # the file to look at in artifacts/<id>/
+
+
+GENERATION_JOBS = [
+    DemoJob(
+        "livesketch", sketch_manifest, LIVESKETCH_PARAMS, 3, ["clip_image", "clip_text"], "animation.svg"
+    ),
+    DemoJob(
+        "dreammotion",
+        edit_manifest,
+        DREAMMOTION_PARAMS,
+        1,
+        ["clip_text", "clip_temporal"],
+        "source_and_edit.mp4",
+    ),
+    DemoJob(
+        "dynamicrafter", image_manifest, DYNAMICRAFTER_PARAMS, 2, ["clip_image", "clip_text"], "video.mp4"
+    ),
+    DemoJob("stylecrafter", style_manifest, STYLECRAFTER_PARAMS, 2, ["clip_style", "clip_text"], "video.mp4"),
+]
+
+
 def run_demo(output: str) -> None:
     output = str(Path(output).resolve())
     manifests = media.join(output, "manifests")
@@ -146,61 +180,12 @@ def run_demo(output: str) -> None:
     print("\nevaluation, per row (tiny random CLIP: the values only show the path works):")
     _print_results(out, ["clip_text", "clip_temporal", "clip_image", "clip_style"])
 
-    sketches = sketch_manifest()
-    out = media.join(output, "livesketch")
-    manifest = _write_manifest(sketches, media.join(manifests, "sketches.parquet"))
-    run_job(
-        JobSpec(
-            method="livesketch",
-            manifest=manifest,
-            output=out,
-            models={"backbone": "tiny", "clip": "tiny"},
-            params=LIVESKETCH_PARAMS,
-            batch_size=sketches.num_rows,
-        )
-    )
-    print(f"\nLiveSketch, per row (animations: {media.join(out, 'artifacts')}/<id>/animation.svg):")
-    _print_results(out, ["clip_image", "clip_text", "seconds"])
-
-    out = media.join(output, "dreammotion")
-    manifest = _write_manifest(edit_manifest(), media.join(manifests, "videos.parquet"))
-    run_job(
-        JobSpec(
-            method="dreammotion",
-            manifest=manifest,
-            output=out,
-            models={"backbone": "tiny", "clip": "tiny"},
-            params=DREAMMOTION_PARAMS,
-        )
-    )
-    print(f"\nDreamMotion, per row (edits: {media.join(out, 'artifacts')}/<id>/source_and_edit.mp4):")
-    _print_results(out, ["clip_text", "clip_temporal", "seconds"])
-    out = media.join(output, "dynamicrafter")
-    manifest = _write_manifest(image_manifest(), media.join(manifests, "images.parquet"))
-    run_job(
-        JobSpec(
-            method="dynamicrafter",
-            manifest=manifest,
-            output=out,
-            models={"backbone": "tiny", "clip": "tiny"},
-            params=DYNAMICRAFTER_PARAMS,
-            batch_size=2,
-        )
-    )
-    print(f"\nDynamiCrafter, per row (untrained; videos: {media.join(out, 'artifacts')}/<id>/video.mp4):")
-    _print_results(out, ["clip_image", "clip_text", "seconds"])
-    out = media.join(output, "stylecrafter")
-    manifest = _write_manifest(style_manifest(), media.join(manifests, "styles.parquet"))
-    run_job(
-        JobSpec(
-            method="stylecrafter",
-            manifest=manifest,
-            output=out,
-            models={"backbone": "tiny", "clip": "tiny"},
-            params=STYLECRAFTER_PARAMS,
-            batch_size=2,
-        )
-    )
-    print(f"\nStyleCrafter, per row (untrained; videos: {media.join(out, 'artifacts')}/<id>/video.mp4):")
-    _print_results(out, ["clip_style", "clip_text", "seconds"])
+    for job in GENERATION_JOBS:
+        out = media.join(output, job.method)
+        manifest = _write_manifest(job.manifest(), media.join(manifests, f"{job.method}.parquet"))
+        models = {"backbone": "tiny", "clip": "tiny"}
+        run_job(JobSpec(job.method, manifest, out, models, job.params, batch_size=job.batch_size))
+        where = media.join(out, "artifacts", "<id>", job.artifact)
+        print(f"\n{job.method}, per row (tiny random models, untrained adapters; outputs: {where}):")
+        _print_results(out, [*job.columns, "seconds"])
     print(f"\ndemo outputs are under {output}")

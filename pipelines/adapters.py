@@ -6,6 +6,7 @@ weights, and the UNet layers a training stage fine-tuned, as `unet.<name>`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -119,3 +120,25 @@ def load_model(
     if weights is not None:
         model.load_adapter_state(weights)
     return model
+
+
+class AdapterFiles:
+    """Mixin of the adapter models: `_parts()` names (by key prefix) the modules the adapter adds."""
+
+    config: Any
+    backbone: Any
+
+    def _parts(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return part_state(self._parts())
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_parts(state, self._parts(), self.backbone.unet)
+
+    def save_adapter(self, directory: str, extra: dict[str, torch.Tensor] | None = None) -> None:
+        """adapter.json (the config) and adapter.safetensors (the adapter's weights, plus `extra`)."""
+        save_adapter(
+            directory, dataclasses.asdict(self.config), {**self.adapter_state_dict(), **(extra or {})}
+        )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipelines import media
+from pipelines.params import from_values
 
 TEMPORAL_MARKERS = ("temp_attentions", "temp_convs", "transformer_in")
 
@@ -43,11 +44,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name: type(getattr(cls(), f.name)) for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"unknown training parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
-        return cls(**{k: known[k](v) for k, v in values.items()})
+        return from_values(cls, values, strict=True)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ Where the paper (no official code) is silent, the defaults follow the DDS/CDS co
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from pipelines.distill import dds_gradient, sample_noise, sample_timesteps
 from pipelines.dreammotion.ssm import AUTO, KeyRecorder, s_ssm, spatial_key_layers, t_ssm
+from pipelines.params import from_values
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,7 @@ class EditParams:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EditParams:
         """The known keys of `values`, type-checked; the rest ignored."""
-        out = {}
-        for f in fields(cls):
-            if f.name in values and values[f.name] is not None:
-                value, kind = values[f.name], type(getattr(cls(), f.name))
-                if kind is int and (isinstance(value, bool) or float(value) != int(value)):
-                    raise ValueError(f"{f.name} must be an integer, got {value!r}")
-                out[f.name] = kind(value)
-        params = cls(**out)
+        params = from_values(cls, values)
         if params.steps < 0 or params.num_frames < 1 or not 0 <= params.t_min < params.t_max - 1:
             raise ValueError("need steps >= 0, num_frames >= 1 and 0 <= t_min < t_max - 1")
         return params

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -163,7 +163,7 @@ def _widen_conv_in(unet: nn.Module, extra: int) -> None:
     unet.register_to_config(in_channels=new.in_channels)
 
 
-class DynamiCrafter(nn.Module):
+class DynamiCrafter(adapters.AdapterFiles, nn.Module):
     """A backbone turned into DynamiCrafter. It takes over (modifies) the backbone's UNet."""
 
     def __init__(self, backbone: Backbone, image_encoder: nn.Module, config: ContextConfig):
@@ -252,16 +252,6 @@ class DynamiCrafter(nn.Module):
             "stride_embedding.": self.time_embedding.stride_embedding,
             "conv_in.": self.backbone.unet.conv_in,
         }
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """What DynamiCrafter adds or changes: context network, image K/V, gates, conv_in, stride embed."""
-        return adapters.part_state(self._parts())
-
-    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        adapters.load_parts(state, self._parts(), self.backbone.unet)
-
-    def save_adapter(self, directory: str, extra: dict[str, torch.Tensor] | None = None) -> None:
-        adapters.save_adapter(directory, asdict(self.config), {**self.adapter_state_dict(), **(extra or {})})
 
 
 def read_adapter(directory: str) -> tuple[ContextConfig, dict[str, torch.Tensor]]:

@@ -11,13 +11,14 @@ last frame), `interpolate` (the image first, `end_image` last).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipelines.ddim import ddim_sample, rescale_guidance
 from pipelines.dynamicrafter.model import DynamiCrafter
+from pipelines.params import from_values
 
 MODES = ("animate", "loop", "interpolate")
 
@@ -42,16 +43,7 @@ class SampleParams:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SampleParams:
-        out = {}
-        for f in fields(cls):
-            if f.name in values and values[f.name] is not None:
-                value, kind = values[f.name], type(getattr(cls(), f.name))
-                if kind is int and (isinstance(value, bool) or float(value) != int(value)):
-                    raise ValueError(f"{f.name} must be an integer, got {value!r}")
-                if kind is bool and not isinstance(value, bool):
-                    raise ValueError(f"{f.name} must be true or false, got {value!r}")
-                out[f.name] = kind(value)
-        p = cls(**out)
+        p = from_values(cls, values)
         if p.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {p.mode!r}")
         if p.height % 8 or p.width % 8 or p.steps < 1 or p.num_frames < 2:

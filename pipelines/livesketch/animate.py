@@ -31,6 +31,7 @@ from pipelines.livesketch.augment import augment
 from pipelines.livesketch.field import DisplacementField, FieldConfig
 from pipelines.livesketch.raster import render
 from pipelines.livesketch.svg import Sketch
+from pipelines.params import from_values
 
 
 @dataclass(frozen=True)
@@ -60,16 +61,7 @@ class LiveSketchParams(FieldConfig):
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LiveSketchParams:
         """The known keys of `values` (a row's effective parameters), type-checked, the rest ignored."""
-        out = {}
-        for f in fields(cls):
-            if f.name in values and values[f.name] is not None:
-                value, kind = values[f.name], type(getattr(cls(), f.name))
-                if kind is bool and not isinstance(value, bool):
-                    raise ValueError(f"{f.name} must be true or false, got {value!r}")
-                if kind is int and (isinstance(value, bool) or float(value) != int(value)):
-                    raise ValueError(f"{f.name} must be an integer, got {value!r}")
-                out[f.name] = kind(value)
-        params = cls(**out)
+        params = from_values(cls, values)
         params.check()
         return params
 

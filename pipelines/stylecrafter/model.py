@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -123,7 +123,7 @@ class StyleProcessor(attention.ExtraStreamProcessor):
         return scale.view(-1, 1, 1) * self.norm(extra)
 
 
-class StyleCrafter(nn.Module):
+class StyleCrafter(adapters.AdapterFiles, nn.Module):
     """A backbone with StyleCrafter's style adapter; it takes over (modifies) the backbone's UNet."""
 
     def __init__(self, backbone: Backbone, image_encoder: nn.Module, config: StyleConfig):
@@ -183,15 +183,6 @@ class StyleCrafter(nn.Module):
 
     def _parts(self) -> dict[str, nn.Module]:
         return {"qformer.": self.qformer, "scales.": self.scales, "processors.": self.processors}
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return adapters.part_state(self._parts())
-
-    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        adapters.load_parts(state, self._parts(), self.backbone.unet)
-
-    def save_adapter(self, directory: str, extra: dict[str, torch.Tensor] | None = None) -> None:
-        adapters.save_adapter(directory, asdict(self.config), {**self.adapter_state_dict(), **(extra or {})})
 
 
 def read_adapter(directory: str) -> tuple[StyleConfig, dict[str, torch.Tensor]]:

@@ -8,12 +8,13 @@ One frame gives the style-only image mode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipelines.ddim import ddim_sample
+from pipelines.params import from_values
 from pipelines.stylecrafter.model import StyleCrafter
 
 
@@ -30,14 +31,7 @@ class SampleParams:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SampleParams:
-        out = {}
-        for f in fields(cls):
-            if f.name in values and values[f.name] is not None:
-                value, kind = values[f.name], type(getattr(cls(), f.name))
-                if kind is int and (isinstance(value, bool) or float(value) != int(value)):
-                    raise ValueError(f"{f.name} must be an integer, got {value!r}")
-                out[f.name] = kind(value)
-        p = cls(**out)
+        p = from_values(cls, values)
         if p.height % 8 or p.width % 8 or p.steps < 1 or p.num_frames < 1:
             raise ValueError("height and width must be multiples of 8, steps and num_frames >= 1")
         return p

@@ -1,0 +1,32 @@
+"""Hyperparameter dataclasses built from a row's effective parameters (defaults ← --set ← columns)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def from_values(cls: type[T], values: dict[str, Any], strict: bool = False) -> T:
+    """`cls` from the keys of `values` it knows (None keeps the default), typed like the defaults.
+
+    Values arrive as JSON from `--set` or from Parquet columns, so 5.0 is a fine integer but 2.5 is not,
+    and a boolean must be a boolean. `strict` refuses keys `cls` does not know.
+    """
+    defaults = cls()
+    names = [f.name for f in fields(cls)]
+    if strict and set(values) - set(names):
+        unknown = ", ".join(sorted(set(values) - set(names)))
+        raise ValueError(f"unknown parameter(s) {unknown}; known: {', '.join(names)}")
+    out = {}
+    for name in names:
+        if values.get(name) is None:
+            continue
+        value, kind = values[name], type(getattr(defaults, name))
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        if kind is int and (isinstance(value, bool) or float(value) != int(value)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        out[name] = kind(value)
+    return cls(**out)
