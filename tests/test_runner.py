@@ -165,6 +165,8 @@ def test_cli_exit_codes_for_unknown_parameters_missing_manifest_and_unloadable_m
     )
     assert "cannot write to output" in capsys.readouterr().err
     assert main(["generate", "stylecrafter", "--manifest", str(manifest), "--output", out]) == 2
+    assert "missing required column" in capsys.readouterr().err.replace("\n", " ")
+    assert main(["train", "livesketch", "--stage", "1", "--data", str(manifest), "--output", out]) == 2
     assert "not implemented" in capsys.readouterr().err
 
 
