@@ -55,6 +55,7 @@ def run_training(spec: TrainSpec) -> dict[str, Any]:
     table = read_manifest(spec.data)
     if "id" not in table.column_names or "prompt" not in table.column_names:
         raise JobError(f"training manifest {spec.data} needs columns id, prompt, and video and/or image")
+    ensure_ray()
     datasets = {}
     for name, (_, kinds) in recipe.sources(config).items():
         rows = _rows_with(table, kinds)
@@ -63,7 +64,6 @@ def run_training(spec: TrainSpec) -> dict[str, Any]:
         datasets[name] = ray.data.from_arrow(rows).map_batches(
             recipe.decode, fn_kwargs={"config": config, "source": name}, batch_format="pyarrow", batch_size=4
         )
-    ensure_ray()
     run_name = f"{spec.method}-stage{spec.stage}"
     use_gpu = spec.gpus_per_worker > 0
     trainer = TorchTrainer(
