@@ -70,8 +70,3 @@ class AdapterActor(RowActor):
         self, row: dict[str, Any], params: dict[str, Any], request: Any, result: tuple[torch.Tensor, float]
     ) -> RowOutput:
         raise NotImplementedError
-
-
-def to_uint8(video: torch.Tensor) -> Any:
-    """Frames [F, 3, H, W] in [-1, 1] -> uint8 [F, H, W, 3]."""
-    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -13,7 +13,7 @@ from pipelines import media
 from pipelines.backbone import load_backbone, prepare_backbone
 from pipelines.clip import prepare_clip
 from pipelines.dreammotion.edit import EditParams, edit_video
-from pipelines.metrics import load_scorer, outside_mask_psnr
+from pipelines.metrics import load_scorer, outside_mask_psnr, to_signed, to_uint8
 
 
 def match_mask(
@@ -74,7 +74,7 @@ class DreamMotionActor(RowActor):
                 media.read_mask(row["mask"]), row["mask"], info.num_frames, picked, (info.height, info.width)
             )
             mask = media.fit_masks(native, size)
-        frames = torch.from_numpy(source).permute(0, 3, 1, 2).float() / 127.5 - 1
+        frames = to_signed(source)
         result = edit_video(
             self.backbone,
             frames,
@@ -83,9 +83,7 @@ class DreamMotionActor(RowActor):
             p,
             torch.from_numpy(mask) if mask is not None else None,
         )
-        edited = (
-            ((result.frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        )
+        edited = to_uint8(result.frames)
 
         out_dir = self.config.artifacts_dir(row["id"])
         fps = float(params["fps"])

@@ -8,11 +8,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from actors.adapter_actor import AdapterActor, to_uint8
+from actors.adapter_actor import AdapterActor
 from actors.base import RowError, RowOutput
 from pipelines import media
 from pipelines.dynamicrafter.model import load_dynamicrafter
 from pipelines.dynamicrafter.sample import Request, SampleParams, sample
+from pipelines.metrics import to_signed, to_uint8
 
 
 class DynamiCrafterActor(AdapterActor):
@@ -35,7 +36,7 @@ class DynamiCrafterActor(AdapterActor):
         size = (p.height, p.width)
 
         def load(uri: str) -> torch.Tensor:
-            return torch.from_numpy(media.read_image(uri, size)).permute(2, 0, 1).float() / 127.5 - 1
+            return to_signed(media.read_image(uri, size)[None])[0]
 
         end = load(row["end_image"]) if p.mode == "interpolate" else None
         return Request(image=load(row["image"]), prompt=prompt, params=p, end_image=end)

@@ -8,9 +8,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from actors.adapter_actor import AdapterActor, to_uint8
+from actors.adapter_actor import AdapterActor
 from actors.base import RowError, RowOutput
 from pipelines import media
+from pipelines.metrics import to_signed, to_uint8
 from pipelines.stylecrafter.model import load_stylecrafter
 from pipelines.stylecrafter.sample import Request, SampleParams, sample
 
@@ -41,9 +42,7 @@ class StyleCrafterActor(AdapterActor):
             raise RowError(f"bad parameter: {exc}") from exc
         size = int(params["style_size"])
         styles = np.stack([media.read_image(uri, (size, size)) for uri in uris])
-        return Request(
-            prompt=prompt, styles=torch.from_numpy(styles).permute(0, 3, 1, 2).float() / 127.5 - 1, params=p
-        )
+        return Request(prompt=prompt, styles=to_signed(styles), params=p)
 
     def _write(
         self,

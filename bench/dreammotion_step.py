@@ -54,6 +54,7 @@ def main() -> None:
     from pipelines import media, tiny
     from pipelines.backbone import load_backbone
     from pipelines.dreammotion.edit import EditParams
+    from pipelines.metrics import to_signed
 
     ref = args.backbone
     if args.modelscope_size:
@@ -62,7 +63,7 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     backbone = load_backbone(ref, args.device, dtype)
     video = media.read_video(str(clip_path()), num_frames=args.frames, size=(args.height, args.width))
-    frames = torch.from_numpy(video).permute(0, 3, 1, 2).float() / 127.5 - 1
+    frames = to_signed(video)
     params = EditParams(steps=args.steps, num_frames=args.frames, height=args.height, width=args.width)
 
     plain = seconds_per_step(backbone, frames, replace(params, lambda_s=0.0, lambda_t=0.0))

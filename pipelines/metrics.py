@@ -49,6 +49,11 @@ def to_signed(frames: np.ndarray, device: torch.device | str = "cpu") -> torch.T
     return torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """float [N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3]; the inverse of `to_signed`."""
+    return ((frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def lpips_video(model: LPIPS, a: np.ndarray, b: np.ndarray, chunk: int = 16) -> float:
     """Mean frame-wise LPIPS between two videos of the same shape."""
     if a.shape != b.shape:

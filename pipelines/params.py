@@ -30,3 +30,11 @@ def from_values(cls: type[T], values: dict[str, Any], strict: bool = False) -> T
             raise ValueError(f"{name} must be an integer, got {value!r}")
         out[name] = kind(value)
     return cls(**out)
+
+
+def shared_value(items: list[Any], name: str) -> Any:
+    """The `params.<name>` every item (a job with `.params`) has: items run together must agree on it."""
+    values = {getattr(item.params, name) for item in items}
+    if len(values) > 1:
+        raise ValueError(f"items run together must share {name}, got {sorted(values, key=repr)}")
+    return values.pop()

@@ -18,7 +18,7 @@ import torch
 
 from pipelines.ddim import ddim_sample, rescale_guidance
 from pipelines.dynamicrafter.model import DynamiCrafter
-from pipelines.params import from_values
+from pipelines.params import from_values, shared_value
 
 MODES = ("animate", "loop", "interpolate")
 
@@ -66,18 +66,13 @@ class Request:
     end_image: torch.Tensor | None = None  # interpolate mode
 
 
-def _shared(requests: list[Request], *names: str) -> None:
-    for name in names:
-        if len({getattr(r.params, name) for r in requests}) > 1:
-            raise ValueError(f"videos sampled together must share {name}")
-
-
 @torch.no_grad()
 def sample(
     model: DynamiCrafter, requests: list[Request], batched_cfg: bool = True
 ) -> tuple[torch.Tensor, float]:
     """Videos [B, F, 3, H, W] in [-1, 1] of requests sharing steps, frames and size; and seconds per step."""
-    _shared(requests, "steps", "num_frames", "height", "width", "eta")
+    for name in ("steps", "num_frames", "height", "width", "eta"):
+        shared_value(requests, name)
     bb = model.backbone
     p0 = requests[0].params
     frames, device = p0.num_frames, bb.device

@@ -31,7 +31,7 @@ from pipelines.livesketch.augment import augment
 from pipelines.livesketch.field import DisplacementField, FieldConfig
 from pipelines.livesketch.raster import render
 from pipelines.livesketch.svg import Sketch
-from pipelines.params import from_values
+from pipelines.params import from_values, shared_value
 
 
 @dataclass(frozen=True)
@@ -133,13 +133,6 @@ def _track(job: SketchJob, device: torch.device) -> _Track:
     return _Track(job, net, generator, optimizers, schedulers)
 
 
-def _shared(jobs: list[SketchJob], name: str) -> Any:
-    values = {getattr(j.params, name) for j in jobs}
-    if len(values) > 1:
-        raise ValueError(f"sketches optimized together must share {name}, got {sorted(values)}")
-    return values.pop()
-
-
 def animate(
     model: Denoiser,
     jobs: list[SketchJob],
@@ -154,8 +147,8 @@ def animate(
     (weights, optimizer moments, schedule, random generator); passing those `states` back resumes exactly
     where they were taken, so a preempted row loses at most `checkpoint_every` steps.
     """
-    steps, size = _shared(jobs, "steps"), _shared(jobs, "size")
-    _shared(jobs, "num_frames")
+    steps, size = shared_value(jobs, "steps"), shared_value(jobs, "size")
+    shared_value(jobs, "num_frames")
     device = model.alphas_cumprod.device
     tracks = [_track(job, device) for job in jobs]
     first = 0

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from pipelines.ddim import ddim_sample
-from pipelines.params import from_values
+from pipelines.params import from_values, shared_value
 from pipelines.stylecrafter.model import StyleCrafter
 
 
@@ -51,8 +51,7 @@ def sample(
     """Videos [B, F, 3, H, W] in [-1, 1] of requests sharing steps, frames and size; and seconds per step."""
     p0 = requests[0].params
     for name in ("steps", "num_frames", "height", "width", "eta"):
-        if len({getattr(r.params, name) for r in requests}) > 1:
-            raise ValueError(f"videos sampled together must share {name}")
+        shared_value(requests, name)
     bb, b = model.backbone, len(requests)
     device = bb.device
     embeds = bb.encode_prompt([r.prompt for r in requests] + [""])
