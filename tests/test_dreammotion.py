@@ -139,7 +139,8 @@ def test_hooked_keys_have_the_configured_layers_shapes(tiny):
 
 def test_ssm_terms_are_zero_for_the_source_and_grow_with_shuffles(tiny):
     layers = spatial_key_layers(tiny.unet)
-    keys = _keys(tiny, layers, torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(0)))[0][layers[0]]
+    latents = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    keys = _keys(tiny, layers, latents)[0][layers[0]]
     assert s_ssm(keys, keys) == 0 and t_ssm(keys, keys) == 0
     spatial = keys[:, torch.randperm(64, generator=torch.Generator().manual_seed(0))]
     assert s_ssm(spatial, keys) > 1.0
