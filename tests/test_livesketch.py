@@ -30,6 +30,7 @@ def sketches(data_dir):
 
 @pytest.mark.parametrize(("points", "frames"), [(64, 24), (7, 3), (200, 1)])
 def test_field_works_for_any_number_of_points_and_frames(points, frames):
+    torch.manual_seed(points)  # the bound below is about typical initial weights, not unlucky ones
     base = 64 + torch.rand(points, 2) * 128  # a sketch-sized spread about the canvas centre
     out = DisplacementField(base, frames)(torch.Generator().manual_seed(0))
     assert out.points.shape == (frames, points, 2)
