@@ -20,6 +20,9 @@ from pipelines import media
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter.json", "adapter.safetensors"
 OFFICIAL_IMAGE_ENCODER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+# A new adapter's initial weights come from this seed, so that every data-parallel training worker starts
+# from the same weights (gradients are averaged, not weights) and an untrained adapter is reproducible.
+ADAPTER_INIT_SEED = 0
 
 
 def load_image_encoder(ref: str, device: str, dtype: torch.dtype) -> nn.Module:
@@ -116,7 +119,9 @@ def load_model(
         config = config_type(**config)
     else:
         config, weights = default_config(backbone.unet.config.cross_attention_dim, encoder_ref), None
-    model = build(backbone, encoder, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ADAPTER_INIT_SEED)
+        model = build(backbone, encoder, config)
     if weights is not None:
         model.load_adapter_state(weights)
     return model
