@@ -8,7 +8,6 @@ loop itself (`actors/train_worker.py`) is the same for every method.
 from __future__ import annotations
 
 import sys
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -109,9 +108,14 @@ def clip_indices(total: int, frames: int, stride: int, rng: np.random.Generator)
     return [start + i * stride for i in range(frames)], stride
 
 
-def batch_rng(batch: pa.Table, seed: int) -> np.random.Generator:
-    """A generator per batch of rows, the same on every run (Python's str hash is salted per process)."""
-    return np.random.default_rng([seed, zlib.crc32(str(batch.column("id")[0].as_py()).encode())])
+def augmentation_rng() -> np.random.Generator:
+    """Draws of one decoded batch (clip windows, style crops), fresh on every pass over the data.
+
+    Ray Data re-runs the decoding stage each epoch; a generator fixed by the rows (as this was before)
+    gave every epoch the same windows and crops. Runs are not bit-reproducible anyway: the streaming
+    order of batches across workers is not fixed.
+    """
+    return np.random.default_rng()
 
 
 def decode_rows(

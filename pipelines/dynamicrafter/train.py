@@ -54,7 +54,7 @@ def trainable_parameters(model: DynamiCrafter, config: training.TrainConfig) -> 
 
 def decode(batch: pa.Table, config: DynamiCrafterTrainConfig, source: str) -> pa.Table:
     """Rows (id, video or image, prompt, optional frame_stride) -> clips of `frames` frames at a stride."""
-    rng = training.batch_rng(batch, config.seed)
+    rng = training.augmentation_rng()
     size = (config.height, config.width)
 
     def row_example(row: dict[str, Any]) -> dict[str, Any]:

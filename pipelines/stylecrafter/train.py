@@ -87,7 +87,7 @@ def sources(config: StyleTrainConfig) -> dict[str, tuple[float, tuple[str, ...]]
 
 def decode(batch: pa.Table, config: StyleTrainConfig, source: str) -> pa.Table:
     """Rows -> (frames, style reference, caption): clips for "clips", single frames for "images"."""
-    rng = training.batch_rng(batch, config.seed)
+    rng = training.augmentation_rng()
     size = (config.height, config.width)
     # Images pass the temporal layers as single frames, which attend only to themselves (the official
     # identity temporal mask of image batches).
