@@ -56,6 +56,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
     model = recipe.load(cfg["models"], device, torch.float32)
     if device == "cpu":
         training.contiguous_group_norm_inputs(model.backbone.unet)
+    if config.gradient_checkpointing:
+        training.checkpoint_unet_blocks(model.backbone.unet)
     params = recipe.trainable(model, config)
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
 

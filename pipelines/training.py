@@ -7,6 +7,7 @@ loop itself (`actors/train_worker.py`) is the same for every method.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pipelines import media
 from pipelines.params import from_values
@@ -40,6 +42,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     seed: int = 0
     precision: str = "auto"
+    gradient_checkpointing: bool = True  # recompute the UNet's blocks in backward: memory for video sizes
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -160,3 +163,28 @@ def contiguous_group_norm_inputs(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.GroupNorm):
             m.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
+
+
+def checkpoint_unet_blocks(unet: nn.Module) -> None:
+    """Recompute each ResNet, temporal conv and (spatial or temporal) transformer of the UNet in backward.
+
+    Only their inputs are kept for backward instead of every intermediate: training memory at video sizes
+    (16 frames at 320×512) is dominated by attention and feed-forward activations. diffusers' UNet3D blocks
+    have no checkpointing of their own, so each module's forward is wrapped in place (names, and with
+    them the saved parameter names, are unchanged). Non-reentrant checkpointing also checkpoints calls
+    whose inputs need no grad (a frozen UNet under a trainable adapter).
+    """
+    from diffusers.models.resnet import ResnetBlock2D, TemporalConvLayer
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+
+    kinds = (ResnetBlock2D, TemporalConvLayer, Transformer2DModel, TransformerTemporalModel)
+    for module in unet.modules():
+        if isinstance(module, kinds):
+            module.forward = functools.partial(_checkpointed, module.forward)
+
+
+def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)

@@ -1,7 +1,10 @@
-"""The training loop's gradient averaging, in one process (the Ray Train tests run it across two)."""
+"""Pieces of the training loop in one process: gradient averaging (the Ray Train tests run it across two
+workers) and gradient checkpointing of the UNet."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -22,3 +25,40 @@ def test_gradients_are_averaged_in_buckets_and_missing_ones_count_as_zero(tmp_pa
     assert torch.equal(params[0].grad, torch.arange(3.0) / 2)
     assert torch.equal(params[1].grad, (torch.arange(4.0).view(2, 2) + 10) / 2)
     assert torch.equal(params[2].grad, torch.zeros(5))
+
+
+def _loss_and_gradients(method: str, stage: int, batch: dict, checkpointing: bool):
+    from actors.train_worker import recipe_of
+    from pipelines import training
+
+    recipe = recipe_of(method)
+    config = recipe.config({"stage": stage, "num_frames": 4, "height": 32, "width": 48})
+    model = recipe.load({"backbone": "tiny"}, "cpu", torch.float32)
+    training.contiguous_group_norm_inputs(model.backbone.unet)
+    if checkpointing:
+        training.checkpoint_unet_blocks(model.backbone.unet)
+    params = recipe.trainable(model, config)
+    calls = []
+    model.backbone.unet.mid_block.resnets[0].conv1.register_forward_hook(lambda *_: calls.append(1))
+    loss = recipe.loss(model, batch, config, torch.Generator().manual_seed(0))
+    loss.backward()
+    return float(loss), {n: p.grad.clone() for n, p in params.items() if p.grad is not None}, len(calls)
+
+
+@pytest.mark.parametrize(
+    ("method", "stage", "frames"), [("dynamicrafter", 3, 4), ("stylecrafter", 1, 1), ("stylecrafter", 2, 4)]
+)
+def test_checkpointing_recomputes_the_unet_blocks_and_leaves_gradients_unchanged(method, stage, frames):
+    rng = np.random.default_rng(0)
+    batch = {
+        "frames": rng.integers(0, 256, (2, frames, 32, 48, 3), dtype=np.uint8),
+        "style": rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+        "prompt": ["a red square", "a blue circle"],
+        "frame_stride": np.array([2, 3]),
+    }
+    loss, grads, calls = _loss_and_gradients(method, stage, batch, checkpointing=False)
+    loss_c, grads_c, calls_c = _loss_and_gradients(method, stage, batch, checkpointing=True)
+    assert calls == 1 and calls_c == 2  # the block ran again in backward
+    assert loss_c == loss and grads.keys() == grads_c.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -15,8 +15,6 @@ A context of text only skips the style branch, so without style the model is the
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -156,15 +154,14 @@ class StyleCrafter(adapters.AdapterFiles, nn.Module):
         style = torch.cat(tokens)
         return style, self.scales(style, text)
 
-    @contextlib.contextmanager
-    def scaled(self, scales: torch.Tensor | None) -> Iterator[None]:
+    def set_scales(self, scales: torch.Tensor | None) -> None:
+        """The scale factors the processors use until the next call sets others.
+
+        They stay set after the UNet call: gradient checkpointing recomputes the layers during backward.
+        A context without style tokens skips the style branch whatever is set.
+        """
         for i, name in enumerate(self.layers):
             self.processors[name.replace(".", "__")].scale = None if scales is None else scales[:, i]
-        try:
-            yield
-        finally:
-            for processor in self.processors.values():
-                processor.scale = None
 
     def predict_noise(
         self,
@@ -176,8 +173,8 @@ class StyleCrafter(adapters.AdapterFiles, nn.Module):
     ) -> torch.Tensor:
         """ε given text [B, 77, D] and optionally style tokens [B, K, D] with their scales [B, layers]."""
         tokens = text if style is None else torch.cat([text, style.to(text.dtype)], 1)
-        with self.scaled(scales):
-            return self.backbone.predict_noise(latents, t, tokens)
+        self.set_scales(scales)
+        return self.backbone.predict_noise(latents, t, tokens)
 
     # -- adapter files --------------------------------------------------------------------------
 
