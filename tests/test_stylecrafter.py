@@ -55,9 +55,10 @@ def test_scale_factors_map_to_layers_by_name_in_the_papers_order(model):
     # On the model, factor i reaches exactly layer i of that order.
     assert model.layers == paper_order(model.layers) and model.layers[1].startswith("mid_block")
     scales = torch.arange(len(model.layers), dtype=torch.float32)[None].repeat(2, 1)
-    with model.scaled(scales):
-        for i, name in enumerate(model.layers):
-            assert torch.equal(model.processors[name.replace(".", "__")].scale, torch.full((2,), float(i)))
+    model.set_scales(scales)
+    for i, name in enumerate(model.layers):
+        assert torch.equal(model.processors[name.replace(".", "__")].scale, torch.full((2,), float(i)))
+    model.set_scales(None)
     assert all(p.scale is None for p in model.processors.values())
 
 
