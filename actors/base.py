@@ -18,12 +18,14 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import pyarrow as pa
 
 from pipelines import media
 from schemas import ERROR, MANIFEST_KINDS, OK, ResultRow, result_table
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +61,14 @@ class JobConfig:
 
 class RowError(ValueError):
     """A problem with one input row (bad value, unreadable input); becomes that row's error message."""
+
+
+def row_params(parse: Callable[[dict[str, Any]], T], values: dict[str, Any]) -> T:
+    """A row's typed method parameters (`Params.from_dict`); a bad value becomes that row's error."""
+    try:
+        return parse(values)
+    except (TypeError, ValueError) as exc:
+        raise RowError(f"bad parameter: {exc}") from exc
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from actors.base import JobConfig, RowActor, RowError, RowOutput, model_dtype
+from actors.base import JobConfig, RowActor, RowError, RowOutput, model_dtype, row_params
 from pipelines import media
 from pipelines.backbone import load_backbone, prepare_backbone
 from pipelines.clip import prepare_clip
@@ -60,10 +60,7 @@ class DreamMotionActor(RowActor):
         for column in ("source_prompt", "target_prompt"):
             if not (row.get(column) or "").strip():
                 raise RowError(f"empty {column}")
-        try:
-            p = EditParams.from_dict(params)
-        except (TypeError, ValueError) as exc:
-            raise RowError(f"bad parameter: {exc}") from exc
+        p = row_params(EditParams.from_dict, params)
         size = (p.height, p.width)
         info = media.video_info(row["video"])
         source = media.read_video(row["video"], num_frames=p.num_frames, size=size)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from actors.adapter_actor import AdapterActor
-from actors.base import RowError, RowOutput
+from actors.base import RowError, RowOutput, row_params
 from pipelines import media
 from pipelines.dynamicrafter.model import load_dynamicrafter
 from pipelines.dynamicrafter.sample import Request, SampleParams, sample
@@ -27,10 +27,7 @@ class DynamiCrafterActor(AdapterActor):
         prompt = (row.get("prompt") or "").strip()
         if not prompt:
             raise RowError("empty prompt: describe the motion (DynamiCrafter is text- and image-conditioned)")
-        try:
-            p = SampleParams.from_dict(params)
-        except (TypeError, ValueError) as exc:
-            raise RowError(f"bad parameter: {exc}") from exc
+        p = row_params(SampleParams.from_dict, params)
         if p.mode == "interpolate" and not row.get("end_image"):
             raise RowError("mode interpolate needs an end_image")
         size = (p.height, p.width)

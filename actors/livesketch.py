@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from actors.base import JobConfig, RowActor, RowError, RowOutput, model_dtype
+from actors.base import JobConfig, RowActor, RowError, RowOutput, model_dtype, row_params
 from pipelines import media
 from pipelines.backbone import load_backbone, prepare_backbone
 from pipelines.clip import prepare_clip
@@ -125,10 +125,7 @@ class LiveSketchActor(RowActor):
             if height is not None and width is not None and height != width:
                 raise RowError(f"LiveSketch renders a square canvas; got height={height}, width={width}")
             params = {**params, "size": height or width}
-        try:
-            sketch_params = LiveSketchParams.from_dict(params)
-        except (TypeError, ValueError) as exc:
-            raise RowError(f"bad parameter: {exc}") from exc
+        sketch_params = row_params(LiveSketchParams.from_dict, params)
         sketch = load_sketch(row["svg"], size=LiveSketchParams().size)
         return SketchJob(sketch=sketch, prompt=prompt.strip(), params=sketch_params)
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from actors.adapter_actor import AdapterActor
-from actors.base import RowError, RowOutput
+from actors.base import RowError, RowOutput, row_params
 from pipelines import media
 from pipelines.metrics import to_signed, to_uint8
 from pipelines.stylecrafter.model import load_stylecrafter
@@ -36,10 +36,7 @@ class StyleCrafterActor(AdapterActor):
         uris = row.get("style") or []
         if not uris:
             raise RowError("no style images: give one or more URIs in the style column")
-        try:
-            p = SampleParams.from_dict(params)
-        except (TypeError, ValueError) as exc:
-            raise RowError(f"bad parameter: {exc}") from exc
+        p = row_params(SampleParams.from_dict, params)
         size = int(params["style_size"])
         styles = np.stack([media.read_image(uri, (size, size)) for uri in uris])
         return Request(prompt=prompt, styles=to_signed(styles), params=p)

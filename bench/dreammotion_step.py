@@ -16,11 +16,11 @@ time and peak memory of one 200-iteration edit (the paper: about 4 min for 16 fr
 from __future__ import annotations
 
 import argparse
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from real_size import bench_dtype, bench_models
 from timing import seconds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,17 +51,13 @@ def main() -> None:
     parser.add_argument("--full-edit", action="store_true", help="also time one 200-iteration edit")
     args = parser.parse_args()
 
-    from pipelines import media, tiny
+    from pipelines import media
     from pipelines.backbone import load_backbone
     from pipelines.dreammotion.edit import EditParams
     from pipelines.metrics import to_signed
 
-    ref = args.backbone
-    if args.modelscope_size:
-        ref = tempfile.mkdtemp(prefix="modelscope-size-")
-        tiny.build_modelscope_size(Path(ref))
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    backbone = load_backbone(ref, args.device, dtype)
+    ref = bench_models(True)["backbone"] if args.modelscope_size else args.backbone
+    backbone = load_backbone(ref, args.device, bench_dtype(args.device))
     video = media.read_video(str(clip_path()), num_frames=args.frames, size=(args.height, args.width))
     frames = to_signed(video)
     params = EditParams(steps=args.steps, num_frames=args.frames, height=args.height, width=args.width)

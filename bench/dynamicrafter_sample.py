@@ -12,11 +12,11 @@ batch 1) and for the three classifier-free guidance branches as three UNet calls
 from __future__ import annotations
 
 import argparse
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from real_size import bench_dtype, bench_models
 from timing import seconds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,30 +45,16 @@ def main() -> None:
     parser.add_argument("--modelscope-size", action="store_true")
     args = parser.parse_args()
 
-    from pipelines import media, tiny
-    from pipelines.adapters import load_image_encoder
-    from pipelines.backbone import load_backbone_uncached
-    from pipelines.dynamicrafter.model import ContextConfig, DynamiCrafter
+    from pipelines import media
+    from pipelines.dynamicrafter.model import load_dynamicrafter
     from pipelines.dynamicrafter.sample import Request, SampleParams
+    from pipelines.metrics import to_signed
 
-    ref, encoder_ref = "tiny", "tiny"
-    if args.modelscope_size:
-        ref = tempfile.mkdtemp(prefix="modelscope-size-")
-        tiny.build_modelscope_size(Path(ref))
-        encoder_ref = tempfile.mkdtemp(prefix="clip-h-size-")
-        tiny.build_clip(Path(encoder_ref), image_size=224, width=1280, layers=32)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    backbone = load_backbone_uncached(ref, args.device, dtype)
-    encoder = load_image_encoder(encoder_ref, args.device, dtype)
-    width = backbone.unet.config.cross_attention_dim
-    context = ContextConfig(encoder_ref) if width == 1024 else ContextConfig.small(encoder_ref, width)
-    model = DynamiCrafter(backbone, encoder, context).eval()
+    models = bench_models(args.modelscope_size, image_encoder=True)
+    model = load_dynamicrafter(models, args.device, bench_dtype(args.device)).eval()
 
     size = (args.size, args.size)
-    images = [
-        torch.from_numpy(media.read_image(str(p), size)).permute(2, 0, 1).float() / 127.5 - 1
-        for p in image_paths()
-    ]
+    images = [to_signed(media.read_image(str(p), size)[None])[0] for p in image_paths()]
     params = SampleParams(steps=args.steps, num_frames=args.frames, height=args.size, width=args.size)
     requests = [
         Request(images[i % len(images)], "a moving picture", replace(params, seed=i))
@@ -80,7 +66,10 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     batched = seconds_per_video(model, requests)
     separate = seconds_per_video(model, requests, batched_cfg=False)
-    print(f"device {args.device}, backbone {ref}, {args.frames} frames at {args.size}^2, {args.steps} steps")
+    print(
+        f"device {args.device}, backbone {models['backbone']}, {args.frames} frames at {args.size}^2, "
+        f"{args.steps} steps"
+    )
     print(f"batch 1: {single:.3f} s/video; batch {args.batch}: {batched:.3f} s/video")
     print(f"per-video ratio, batch {args.batch} / batch 1: {batched / single:.3f}")
     print(f"guidance branches as 3 calls: {separate:.3f} s/video; 1 call / 3 calls: {batched / separate:.3f}")

@@ -16,11 +16,11 @@ Prints seconds per step for batch 1 and batch B and the per-sketch ratio (batch 
 from __future__ import annotations
 
 import argparse
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from real_size import bench_dtype, bench_models
 from timing import seconds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,17 +52,12 @@ def main() -> None:
     parser.add_argument("--full-row", action="store_true", help="report the time of a 1000-step row")
     args = parser.parse_args()
 
-    from pipelines import tiny
     from pipelines.backbone import load_backbone
     from pipelines.livesketch.animate import LiveSketchParams, SketchJob
     from pipelines.livesketch.svg import load_sketch
 
-    ref = args.backbone
-    if args.modelscope_size:
-        ref = tempfile.mkdtemp(prefix="modelscope-size-")
-        tiny.build_modelscope_size(Path(ref))
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    backbone = load_backbone(ref, args.device, dtype)
+    ref = bench_models(True)["backbone"] if args.modelscope_size else args.backbone
+    backbone = load_backbone(ref, args.device, bench_dtype(args.device))
     paths = sketch_paths()
     params = LiveSketchParams(steps=args.steps, num_frames=args.frames, size=args.size)
     sketches = [load_sketch(str(p)) for p in paths]

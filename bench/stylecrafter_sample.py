@@ -14,11 +14,11 @@ A100-40G).
 from __future__ import annotations
 
 import argparse
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from real_size import bench_dtype, bench_models
 from timing import seconds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,25 +47,17 @@ def main() -> None:
     parser.add_argument("--modelscope-size", action="store_true")
     args = parser.parse_args()
 
-    from pipelines import media, tiny
+    from pipelines import media
+    from pipelines.metrics import to_signed
     from pipelines.stylecrafter.model import load_stylecrafter
     from pipelines.stylecrafter.sample import Request, SampleParams
 
-    models: dict[str, str | None] = {"backbone": "tiny"}
-    if args.modelscope_size:
-        models["backbone"] = tempfile.mkdtemp(prefix="modelscope-size-")
-        tiny.build_modelscope_size(Path(models["backbone"]))
-        models["image_encoder"] = tempfile.mkdtemp(prefix="clip-h-size-")
-        tiny.build_clip(Path(models["image_encoder"]), image_size=224, width=1280, layers=32)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    model = load_stylecrafter(models, args.device, dtype).eval()
-    style = (
-        torch.from_numpy(media.read_image(str(style_path()), (256, 256))).permute(2, 0, 1).float() / 127.5 - 1
-    )
+    models = bench_models(args.modelscope_size, image_encoder=True)
+    model = load_stylecrafter(models, args.device, bench_dtype(args.device)).eval()
+    style = to_signed(media.read_image(str(style_path()), (256, 256))[None])
     params = SampleParams(steps=args.steps, num_frames=args.frames, height=args.height, width=args.width)
     requests = [
-        Request("A bear walking in a snowy forest", style[None], replace(params, seed=i))
-        for i in range(args.batch)
+        Request("A bear walking in a snowy forest", style, replace(params, seed=i)) for i in range(args.batch)
     ]
 
     separate = seconds_per_video(model, requests, batched_cfg=False)

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import resource
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.multiprocessing as mp
+from real_size import bench_models
 from timing import seconds
 
 
@@ -79,14 +78,7 @@ def main() -> None:
     parser.add_argument("--modelscope-size", action="store_true")
     args = parser.parse_args()
 
-    from pipelines import tiny
-
-    args.models = {"backbone": "tiny"}
-    if args.modelscope_size:
-        args.models["backbone"] = tempfile.mkdtemp(prefix="modelscope-size-")
-        tiny.build_modelscope_size(Path(args.models["backbone"]))
-        args.models["image_encoder"] = tempfile.mkdtemp(prefix="clip-h-size-")
-        tiny.build_clip(Path(args.models["image_encoder"]), image_size=224, width=1280, layers=32)
+    args.models = bench_models(args.modelscope_size, image_encoder=True)
     context = mp.get_context("spawn")
     with context.Manager() as manager:
         out = manager.dict()

@@ -152,7 +152,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _fit(frame: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDArray[np.uint8]:
+def fit_frame(frame: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDArray[np.uint8]:
     """Scale to cover `size` (h, w) and crop the centre, so content is never stretched."""
     h, w = size
     fitted = ImageOps.fit(Image.fromarray(frame), (w, h), method=Image.Resampling.BICUBIC)
@@ -188,7 +188,7 @@ def _read_still(uri: str, what: str) -> npt.NDArray[np.uint8]:
 def read_image(uri: str, size: tuple[int, int] | None = None) -> npt.NDArray[np.uint8]:
     """(H,W,3) RGB (an animation's first frame); the format is sniffed from the bytes, not the name."""
     frame = _read_still(uri, "image")
-    return frame if size is None or frame.shape[:2] == tuple(size) else _fit(frame, size)
+    return frame if size is None or frame.shape[:2] == tuple(size) else fit_frame(frame, size)
 
 
 def _to_pil(frame: npt.NDArray[Any]) -> Image.Image:
@@ -286,7 +286,7 @@ def read_video(
     """(F,H,W,3) RGB frames; `num_frames` samples evenly over the clip, `size` (h, w) covers and crops."""
     frames = _decode_video(uri, _read(uri, "video"), num_frames)
     if size is not None and frames.shape[1:3] != tuple(size):
-        frames = np.stack([_fit(frame, size) for frame in frames])
+        frames = np.stack([fit_frame(frame, size) for frame in frames])
     return frames
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipelines import media
+from pipelines.metrics import to_signed
 from pipelines.params import from_values
 
 TEMPORAL_MARKERS = ("temp_attentions", "temp_convs", "transformer_in")
@@ -89,6 +90,16 @@ def freeze_all_but(
     return chosen
 
 
+def noisy_latents(
+    backbone: Any, latents: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, noise): each sample noised at a uniform random timestep, drawn from `generator` (CPU)."""
+    device = backbone.device
+    t = torch.randint(0, backbone.num_train_timesteps, (len(latents),), generator=generator).to(device)
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    return backbone.add_noise(latents, noise, t), t, noise
+
+
 def diffusion_loss(backbone: Any, eps: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Noise MSE per sample; for v-prediction backbones weighted by 1/ᾱ_t, which is exactly the v MSE."""
     per_sample = (eps.float() - noise.float()).pow(2).mean(dim=tuple(range(1, eps.dim())))
@@ -150,7 +161,8 @@ def decode_rows(
 
 def to_frames(array: np.ndarray) -> torch.Tensor:
     """uint8 clips [B, F, H, W, 3] -> float [B, F, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+    b, f = array.shape[:2]
+    return to_signed(array.reshape(b * f, *array.shape[2:])).reshape(b, f, 3, *array.shape[2:4])
 
 
 def contiguous_group_norm_inputs(module: nn.Module) -> None:

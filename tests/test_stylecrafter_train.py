@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from jobs.train import TrainSpec, run_training
 from pipelines import media, training
@@ -96,14 +96,10 @@ def test_stage_one_trains_the_adapter_and_stage_two_only_temporal_blocks():
     assert all(not p.requires_grad for p in model.qformer.parameters())
 
 
-def _fitted(image: np.ndarray) -> np.ndarray:
-    return np.asarray(ImageOps.fit(Image.fromarray(image), (W, H)))
-
-
-def _fit(parameters, steps: int, lr: float, loss_of) -> None:
+def _train(parameters, steps: int, lr: float, loss_of) -> None:
     optimizer = torch.optim.Adam(parameters, lr=lr)
-    for step in range(steps):
-        loss = loss_of(step)
+    for _ in range(steps):
+        loss = loss_of()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -116,18 +112,18 @@ def palette_backbone(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("backbone") / "palettes"
     shutil.copytree(prepare_backbone("tiny-v"), path)
-    images = np.stack([_fitted(palette_image(PALETTES[i % 3], 500 + i)) for i in range(120)])
+    images = np.stack([media.fit_frame(palette_image(PALETTES[i % 3], 500 + i), (H, W)) for i in range(120)])
     images, g = training.to_frames(images[:, None]), torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     # Groups of two channels: flat colour survives the encoder's normalisation.
     vae = AutoencoderKL.from_config({**AutoencoderKL.load_config(path / "vae"), "norm_num_groups": 4})
 
-    def reconstruction(_):
+    def reconstruction():
         batch = images[torch.randint(0, len(images), (16,), generator=g), 0]
         posterior = vae.encode(batch).latent_dist
         return (vae.decode(posterior.sample(g)).sample - batch).abs().mean() + 1e-6 * posterior.kl().mean()
 
-    _fit(vae.parameters(), 300, 2e-3, reconstruction)
+    _train(vae.parameters(), 300, 2e-3, reconstruction)
     with torch.no_grad():
         vae.register_to_config(scaling_factor=1 / float(vae.encode(images[:, 0]).latent_dist.mean.std()))
     vae.save_pretrained(path / "vae")
@@ -139,14 +135,13 @@ def palette_backbone(tmp_path_factory) -> str:
     unet = bb.unet.requires_grad_(True).train()
     training.contiguous_group_norm_inputs(unet)
 
-    def denoising(_):
+    def denoising():
         x0 = latents[torch.randint(0, len(latents), (16,), generator=g)]
-        t = torch.randint(0, bb.num_train_timesteps, (16,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
+        noisy, t, noise = training.noisy_latents(bb, x0, g)
         text = texts[(torch.rand(16, generator=g) < 0.1).long()]  # 10% unconditional, for CFG
-        return training.diffusion_loss(bb, bb.predict_noise(bb.add_noise(x0, noise, t), t, text), noise, t)
+        return training.diffusion_loss(bb, bb.predict_noise(noisy, t, text), noise, t)
 
-    _fit(unet.parameters(), 300, 1e-3, denoising)
+    _train(unet.parameters(), 300, 1e-3, denoising)
     unet.save_pretrained(path / "unet")
     return str(path)
 
@@ -154,7 +149,7 @@ def palette_backbone(tmp_path_factory) -> str:
 def _palette_batch(config):
     images = np.stack([palette_image(PALETTES[i % 3], 100 + i) for i in range(3)])
     rng = np.random.default_rng(0)
-    frames = np.stack([_fitted(img) for img in images])[:, None]
+    frames = np.stack([media.fit_frame(img, (H, W)) for img in images])[:, None]
     styles = np.stack([style_reference(img, config, rng) for img in images])
     return {"frames": frames, "style": styles, "prompt": ["a pattern"] * 3}
 

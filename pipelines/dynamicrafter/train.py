@@ -104,11 +104,8 @@ def training_loss(
     else:
         condition = torch.zeros_like(latents)
     text = bb.encode_prompt(["" if d else p for d, p in zip(drop_text.tolist(), prompts, strict=True)])
-    t = torch.randint(0, bb.num_train_timesteps, (b,), generator=generator).to(device)
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    eps = model.predict_noise(
-        bb.add_noise(latents, noise, t), t, text, context, condition, strides.to(device).float()
-    )
+    noisy, t, noise = training.noisy_latents(bb, latents, generator)
+    eps = model.predict_noise(noisy, t, text, context, condition, strides.to(device).float())
     return training.diffusion_loss(bb, eps, noise, t)
 
 

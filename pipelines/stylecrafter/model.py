@@ -109,7 +109,7 @@ class StyleProcessor(attention.ExtraStreamProcessor):
             self.to_k_extra.weight.copy_(attn.to_k.weight)
             self.to_v_extra.weight.copy_(attn.to_v.weight)
         self.norm = nn.LayerNorm(inner)
-        self.scale: torch.Tensor | None = None  # [B] for the current call, set by StyleCrafter
+        self.scale: torch.Tensor | None = None  # [B], set by StyleCrafter.set_scales before each UNet call
 
     def weight(self, extra: torch.Tensor) -> torch.Tensor:
         if self.scale is None:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from pipelines import media, training
+from pipelines.metrics import to_signed
 from pipelines.stylecrafter.model import StyleCrafter, load_stylecrafter
 
 # Phrases that name a style rather than content ("a painting of", "in the style of ...", "watercolor").
@@ -118,7 +119,7 @@ def training_loss(
     bb = model.backbone
     device = bb.device
     frames = training.to_frames(batch["frames"])
-    styles = training.to_frames(batch["style"][:, None])[:, 0]
+    styles = to_signed(batch["style"])
     b = len(frames)
     with torch.no_grad():
         latents = bb.encode_frames(frames.to(device), sample=True, generators=[generator] * b).float()
@@ -126,9 +127,8 @@ def training_loss(
     prompts = ["" if d else p for d, p in zip(drop_text.tolist(), batch["prompt"], strict=True)]
     text = bb.encode_prompt(prompts)
     style, scales = model.style([s[None].to(device) for s in styles], text)
-    t = torch.randint(0, bb.num_train_timesteps, (b,), generator=generator).to(device)
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    eps = model.predict_noise(bb.add_noise(latents, noise, t), t, text, style, scales)
+    noisy, t, noise = training.noisy_latents(bb, latents, generator)
+    eps = model.predict_noise(noisy, t, text, style, scales)
     return training.diffusion_loss(bb, eps, noise, t)
 
 
