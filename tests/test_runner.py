@@ -9,11 +9,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
-from actors.base import CHAOS_KILL_ENV
+from actors.base import CHAOS_KILL_ENV, RowError, row_params
 from jobs import resume
 from jobs.cli import main
 from jobs.runner import JobSpec, run_job
+from pipelines.dreammotion.edit import EditParams
+from pipelines.dynamicrafter.sample import SampleParams as AnimateParams
+from pipelines.livesketch.animate import LiveSketchParams
+from pipelines.stylecrafter.sample import SampleParams as StyleParams
 
 FAST = {"num_frames": 4}
 
@@ -189,3 +194,16 @@ def test_demo_runs_every_job_over_the_shipped_examples(ray_cluster, tmp_path, ca
     styled = _latest(tmp_path / "demo" / "stylecrafter")
     assert sorted(styled) == ["chef", "performer"] and all(r["status"] == "ok" for r in styled.values())
     shutil.rmtree(tmp_path / "demo")
+
+
+def test_a_bad_method_parameter_becomes_that_rows_error():
+    cases = [
+        (LiveSketchParams.from_dict, {"steps": "many"}),
+        (EditParams.from_dict, {"num_frames": 2.5}),
+        (AnimateParams.from_dict, {"mode": "sideways"}),
+        (StyleParams.from_dict, {"height": 30}),
+    ]
+    for parse, values in cases:
+        with pytest.raises(RowError, match=r"^bad parameter: .+"):
+            row_params(parse, values)
+    assert row_params(StyleParams.from_dict, {"steps": 3}).steps == 3
