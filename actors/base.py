@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import pyarrow as pa
 
 from pipelines import media
-from schemas import ERROR, MANIFEST_KINDS, OK, ResultRow, result_table
+from schemas import ERROR, MANIFEST_KINDS, OK, ResultRow, result_table, unsafe_id_reason
 
 T = TypeVar("T")
 
@@ -56,7 +56,12 @@ class JobConfig:
     max_row_crashes: int = 2
 
     def artifacts_dir(self, row_id: str) -> str:
-        return media.join(self.output, "artifacts", row_id)
+        """OUTPUT/artifacts/<id>/; an id that is not one plain folder name is refused (validation already
+        refuses such manifests: this guards every writer that reaches an actor some other way)."""
+        reason = unsafe_id_reason(row_id)
+        if reason:
+            raise RowError(f"id {row_id!r} cannot name an artifact folder: {reason}")
+        return media.join_under(self.output, "artifacts", row_id)
 
 
 class RowError(ValueError):
@@ -159,6 +164,11 @@ class RowActor:
         results: dict[int, ResultRow] = {}
         crashes: dict[int, int] = {}
         for i, row in enumerate(rows):
+            reason = unsafe_id_reason(row["id"])
+            if reason:  # its marker and artifact paths would lie outside OUTPUT: touch nothing
+                message = f"id cannot name an artifact folder ({reason}); nothing was written"
+                results[i] = self._error_row(row, {}, message, retryable=False, seconds=0.0)
+                continue
             crashes[i] = self._note_start(row)
             if crashes[i] >= self.config.max_row_crashes:
                 message = (
@@ -256,7 +266,10 @@ class RowActor:
 
     # -- crash accounting -------------------------------------------------------------------
 
-    def _marker(self, row: dict[str, Any]) -> str:
+    def _marker(self, row: dict[str, Any]) -> str | None:
+        """The row's in-flight marker; None for an id that cannot name a folder (it never gets one)."""
+        if unsafe_id_reason(row["id"]):
+            return None
         return media.join(self.config.artifacts_dir(row["id"]), "_inflight.json")
 
     def _note_start(self, row: dict[str, Any]) -> int:
@@ -265,6 +278,7 @@ class RowActor:
         The marker outlives a killed process, so its count says how many processes died on this row.
         """
         marker = self._marker(row)
+        assert marker is not None, "callers skip rows whose id cannot name a folder"
         starts = json.loads(media.read_bytes(marker))["starts"] if media.exists(marker) else 0
         if starts < self.config.max_row_crashes:
             media.write_text(json.dumps({"starts": starts + 1, "run_id": self.config.run_id}), marker)
@@ -275,7 +289,7 @@ class RowActor:
 
     def _note_done(self, row: dict[str, Any]) -> None:
         marker = self._marker(row)
-        if media.exists(marker):
+        if marker is not None and media.exists(marker):
             media.remove(marker)
 
 

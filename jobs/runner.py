@@ -159,7 +159,6 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     if spec.batch_size < 1 or spec.actors < 1:
         raise JobError("--batch-size and --actors must be at least 1")
     started = time.time()
-    ensure_ray()
     table = check(read_manifest(spec.manifest), actor.kind, spec.manifest)
     check_output_writable(spec.output)
     results_uri = media.join(spec.output, "results")
@@ -176,6 +175,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     print(f"[anima] run {run_id}: {table.num_rows} rows, {skipped} settled earlier, {todo.num_rows} to run")
 
     if todo.num_rows:
+        ensure_ray()  # only now: a job refused above never starts or joins a cluster
         prepare_on_nodes(config, spec)
         ctx = DataContext.get_current()
         ctx.max_errored_blocks = -1  # a failed task's rows are backfilled as error rows below

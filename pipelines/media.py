@@ -100,6 +100,21 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def _path_of(uri: str) -> str:
+    _, sep, rest = uri.partition("://")
+    return posixpath.normpath(rest if sep else uri)
+
+
+def join_under(base: str, *parts: str) -> str:
+    """`join`, refusing a result that does not lie inside `base` (a part such as '..' or a row id's
+    '../../x'), so that no name taken from input data can make anima write outside its output."""
+    out = join(base, *parts)
+    root, inner = _path_of(base), _path_of(out)
+    if inner == root or not inner.startswith(root.rstrip("/") + "/") or "\x00" in out:
+        raise ValueError(f"{'/'.join(parts)!r} leads outside {base}; refusing to use it as a path there")
+    return out
+
+
 @contextmanager
 def atomic_write(uri: str) -> Iterator[IO[bytes]]:
     """Yield a binary file whose bytes appear at `uri` all at once, and only if the block succeeds.

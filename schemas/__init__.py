@@ -1,10 +1,19 @@
 """Data contracts: manifest kinds, validation, and the result table."""
 
-from schemas.manifests import MANIFEST_KINDS, ManifestError, ManifestKind, check, validate
+from schemas.manifests import (
+    ID_MAX_BYTES,
+    MANIFEST_KINDS,
+    ManifestError,
+    ManifestKind,
+    check,
+    unsafe_id_reason,
+    validate,
+)
 from schemas.results import ERROR, METRIC_COLUMNS, OK, RESULT_SCHEMA, ResultRow, result_table
 
 __all__ = [
     "ERROR",
+    "ID_MAX_BYTES",
     "MANIFEST_KINDS",
     "METRIC_COLUMNS",
     "OK",
@@ -14,5 +23,6 @@ __all__ = [
     "ResultRow",
     "check",
     "result_table",
+    "unsafe_id_reason",
     "validate",
 ]

@@ -6,6 +6,7 @@ GPU-hour. Every problem is reported at once; columns not named here pass through
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -112,6 +113,36 @@ def _type_matches(actual: pa.DataType, expected: pa.DataType) -> bool:
     return actual == expected
 
 
+# A row id names the row's artifact folder, OUTPUT/artifacts/<id>/, so it must be one plain path component.
+ID_MAX_BYTES = 200
+_UNSAFE_ID_CHARACTERS = r"[/\\\x00-\x1f\x7f-\x9f]"
+# Every offending id is named, up to this many (a manifest of a million bad ids would not fit a message).
+_UNSAFE_IDS_SHOWN = 1000
+
+
+def unsafe_id_reason(row_id: str) -> str | None:
+    """Why `row_id` cannot name a folder under OUTPUT (None when it can): the rule validation applies."""
+    if row_id in ("", ".", ".."):
+        return "empty" if not row_id else f"is {row_id!r}"
+    if re.search(_UNSAFE_ID_CHARACTERS, row_id):
+        return "contains '/', '\\', NUL or a control character"
+    if len(row_id.encode("utf-8")) > ID_MAX_BYTES:
+        return f"longer than {ID_MAX_BYTES} bytes"
+    return None
+
+
+def _unsafe_ids(ids: pa.ChunkedArray) -> tuple[int, list[str]]:
+    """How many ids cannot name a folder, and each with its reason; found column-wise (a million in ms)."""
+    special = pc.is_in(ids, pa.array(["", ".", ".."]))
+    characters = pc.match_substring_regex(ids, _UNSAFE_ID_CHARACTERS)
+    bad = pc.or_(pc.or_(special, characters), pc.greater(pc.binary_length(ids), ID_MAX_BYTES))
+    offenders = ids.filter(pc.fill_null(bad, False)).to_pylist()
+    shown = [f"{i!r} ({unsafe_id_reason(i)})" for i in offenders[:_UNSAFE_IDS_SHOWN]]
+    if len(offenders) > _UNSAFE_IDS_SHOWN:
+        shown.append(f"and {len(offenders) - _UNSAFE_IDS_SHOWN} more")
+    return len(offenders), shown
+
+
 def _describe_ids(ids: list, limit: int = 10) -> str:
     shown = ", ".join(repr(i) for i in ids[:limit])
     more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
@@ -145,6 +176,13 @@ def validate(table: pa.Table, kind: str) -> list[str]:
         repeats = sorted(i for i, n in Counter(i for i in ids if i is not None).items() if n > 1)
         if repeats:
             problems.append(f"duplicate id(s): {_describe_ids(repeats)}")
+        textual = _type_matches(table.schema.field("id").type, STRING)
+        count, unsafe = _unsafe_ids(table.column("id")) if textual else (0, [])
+        if count:
+            problems.append(
+                f"{count} id(s) cannot name an artifact folder (an id is 1-{ID_MAX_BYTES} bytes, not '.' or "
+                f"'..', without '/', '\\', NUL or control characters): {', '.join(unsafe)}"
+            )
         for name in spec.required:
             if name == "id" or name not in names or name in duplicated:
                 continue

@@ -370,3 +370,14 @@ def test_not_svg(tmp_path, data, problem):
 def test_missing_svg(tmp_path):
     with pytest.raises(MediaError, match="SVG not found"):
         media.read_svg(str(tmp_path / "x.svg"))
+
+
+def test_join_under_refuses_paths_that_leave_the_base(tmp_path):
+    base = str(tmp_path / "out")
+    assert media.join_under(base, "artifacts", "row-1") == f"{base}/artifacts/row-1"
+    assert media.join_under("s3://bucket/out", "artifacts", "a") == "s3://bucket/out/artifacts/a"
+    for parts in [("artifacts", "../../escape"), ("..",), ("artifacts", ".."), ("a/../../b",)]:
+        with pytest.raises(ValueError, match="leads outside"):
+            media.join_under(base, *parts)
+    with pytest.raises(ValueError, match="leads outside"):
+        media.join_under("s3://bucket/out", "artifacts", "../../other")

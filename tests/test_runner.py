@@ -207,3 +207,47 @@ def test_a_bad_method_parameter_becomes_that_rows_error():
         with pytest.raises(RowError, match=r"^bad parameter: .+"):
             row_params(parse, values)
     assert row_params(StyleParams.from_dict, {"steps": 3}).steps == 3
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_hostile_ids_stop_the_job_before_anything_is_written(tmp_path, capsys):
+    hostile = ["../../escape_dir", "../x", "a/b", "..", "", "x" * 300]
+    manifest = tmp_path / "jobs" / "eval.parquet"
+    manifest.parent.mkdir()
+    ids = [*hostile, "fine"]
+    pq.write_table(pa.table({"id": ids, "video": [str(tmp_path / "v.mp4")] * len(ids)}), manifest)
+    output = tmp_path / "jobs" / "run" / "out"
+    before = _tree(tmp_path)
+    code = main(["evaluate", "--manifest", str(manifest), "--output", str(output), "--clip", "none"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{len(hostile)} id(s) cannot name an artifact folder" in err
+    for row_id in hostile:
+        assert repr(row_id) in err
+    assert "'fine'" not in err
+    assert _tree(tmp_path) == before  # not OUTPUT, not a directory beside it, nothing
+
+
+def test_an_actor_given_a_hostile_id_anyway_writes_nothing_outside_output(tmp_path):
+    """Defence in depth: rows that reach an actor without validation still cannot choose where it writes."""
+    from actors.base import JobConfig
+    from actors.evaluate import EvaluateActor
+
+    output = tmp_path / "a" / "out"
+    output.mkdir(parents=True)
+    before = _tree(tmp_path)
+    actor = EvaluateActor(JobConfig(method="evaluate", output=str(output), run_id="r1", models={}))
+    rows = [
+        {"id": "../../escape_dir", "video": str(tmp_path / "missing.mp4"), "prompt": None},
+        {"id": "good", "video": str(tmp_path / "missing.mp4"), "prompt": None},
+    ]
+    results = {r["id"]: r for r in actor(pa.Table.from_pylist(rows)).to_pylist()}
+    assert "cannot name an artifact folder" in results["../../escape_dir"]["error"]
+    assert results["../../escape_dir"]["retryable"] is False
+    assert "not found" in results["good"]["error"]
+    assert {p for p in _tree(tmp_path) - before if not p.startswith("a/out")} == set()
+    with pytest.raises(RowError):
+        actor.config.artifacts_dir("../x")

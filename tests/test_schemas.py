@@ -80,3 +80,33 @@ def test_result_rows_fill_the_fixed_schema():
     assert set(METRIC_COLUMNS) <= set(table.column_names)
     with pytest.raises(KeyError, match="unknown metric"):
         ResultRow(id="c", method="m", metrics={"fid": 1.0}).as_record()
+
+
+HOSTILE_IDS = ["../x", "a/b", "..", "", "x" * 300, "back\\slash", "nul\x00byte", "tab\tid", "."]
+
+
+def test_ids_that_cannot_name_a_folder_are_refused_and_every_one_is_named():
+    safe = ["ok-1", "café_02", "...", "a.b", "é" * 100]  # 200 bytes in UTF-8: the longest allowed
+    table = pa.table({"id": HOSTILE_IDS + safe, "video": ["v.mp4"] * (len(HOSTILE_IDS) + len(safe))})
+    problems = validate(table, "eval")
+    assert len(problems) == 1, problems
+    text = problems[0]
+    assert f"{len(HOSTILE_IDS)} id(s) cannot name an artifact folder" in text
+    for row_id in HOSTILE_IDS:
+        assert repr(row_id) in text
+    for row_id in safe:
+        assert repr(row_id) not in text
+    assert "'..' (is '..')" in text and "'' (empty)" in text and "(longer than 200 bytes)" in text
+    assert "'a/b' (contains '/', '\\', NUL or a control character)" in text
+    assert validate(pa.table({"id": ["é" * 101], "video": ["v.mp4"]}), "eval")  # 202 bytes
+
+
+def test_unsafe_id_reason_agrees_with_the_columnwise_check():
+    from schemas import unsafe_id_reason
+
+    for row_id in [*HOSTILE_IDS, "\x7f", "\x85"]:
+        assert unsafe_id_reason(row_id), row_id
+        assert validate(pa.table({"id": [row_id], "video": ["v.mp4"]}), "eval"), row_id
+    for row_id in ["ok", "...", "white space", "ü" * 100]:
+        assert unsafe_id_reason(row_id) is None
+        assert not validate(pa.table({"id": [row_id], "video": ["v.mp4"]}), "eval")
