@@ -14,20 +14,19 @@ from pipelines.backbone import prepare_backbone
 from pipelines.clip import prepare_clip
 from pipelines.metrics import load_scorer
 
-# Requests sampled together must agree on these.
-BATCH_KEYS = ("steps", "num_frames", "height", "width", "eta")
-
 
 class AdapterActor(RowActor):
     """A method implements `_request(row, params)` (a request with `.params`) and `_write(...)`."""
 
     load_model: ClassVar[Callable[[dict[str, str | None], str, torch.dtype], nn.Module]]
     sampler: ClassVar[Callable[[nn.Module, list[Any]], tuple[torch.Tensor, float]]]
+    batch_keys: ClassVar[tuple[str, ...]]  # request parameters that rows sampled together share
 
     @classmethod
     def prepare(cls, config: JobConfig) -> None:
         prepare_backbone(config.models.get("backbone") or "tiny")
-        prepare_clip(adapters.image_encoder_ref(config.models.get("adapter"), config.models.get("backbone")))
+        adapter = adapters.adapter_of(config.models)
+        prepare_clip(adapters.image_encoder_ref(adapter, config.models.get("backbone")))
         if config.models.get("clip"):
             prepare_clip(config.models["clip"])
 
@@ -35,10 +34,11 @@ class AdapterActor(RowActor):
         models = self.config.models
         dtype = model_dtype(self.device, self.config.params.get("precision", "auto"))
         self.model = type(self).load_model(models, self.device, dtype).eval()
+        self.model_defaults = dict(getattr(self.model.config, "sample_defaults", {}))
         self.scorer = load_scorer(
             models.get("clip"), models.get("dreamsim"), models.get("lpips"), self.device
         )
-        self.notes = [] if models.get("adapter") else [f"no --adapter: untrained {self.method} adapter"]
+        self.notes = [] if adapters.adapter_of(models) else [f"no --adapter: untrained {self.method} adapter"]
 
     def process_row(self, row: dict[str, Any], params: dict[str, Any]) -> RowOutput:
         return self.process_rows([row], [params])[0]
@@ -49,7 +49,7 @@ class AdapterActor(RowActor):
             return [(video, per_step) for video in videos]
 
         def key(request: Any) -> tuple:
-            return tuple(getattr(request.params, k) for k in BATCH_KEYS)
+            return tuple(getattr(request.params, k) for k in type(self).batch_keys)
 
         return self.run_in_groups(rows, params, self._request, key, run, self._write)
 

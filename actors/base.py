@@ -93,11 +93,14 @@ class RowActor:
     kind: ClassVar[str]  # manifest kind, a key of schemas.MANIFEST_KINDS
     # Parameter defaults of the method; `--set` and same-named manifest columns override them.
     defaults: ClassVar[dict[str, Any]] = {"seed": 0}
+    # Defaults the loaded model brings (a converted official model's inference settings), over `defaults`.
+    model_defaults: dict[str, Any]
 
     def __init__(self, config: JobConfig):
         import torch
 
         self.config = config
+        self.model_defaults = {}
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.node = _node_id()
         cpus = _assigned_cpus()
@@ -217,11 +220,11 @@ class RowActor:
         return results
 
     def effective_params(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Method defaults, overridden by the job's `--set`, overridden by the row's own columns.
+        """Method defaults, overridden by the model's own, the job's `--set`, then the row's own columns.
 
         Columns the manifest kind does not know are per-row parameters too and pass through.
         """
-        params = {**self.defaults, **self.config.params}
+        params = {**self.defaults, **self.model_defaults, **self.config.params}
         known = MANIFEST_KINDS[self.kind].columns
         for name, value in row.items():
             if value is not None and name != ATTEMPT_COLUMN and (name in params or name not in known):

@@ -12,7 +12,7 @@ from actors.adapter_actor import AdapterActor
 from actors.base import RowError, RowOutput, row_params
 from pipelines import media
 from pipelines.dynamicrafter.model import load_dynamicrafter
-from pipelines.dynamicrafter.sample import Request, SampleParams, sample
+from pipelines.dynamicrafter.sample import BATCH_KEYS, Request, SampleParams, sample
 from pipelines.metrics import to_signed, to_uint8
 
 
@@ -22,6 +22,7 @@ class DynamiCrafterActor(AdapterActor):
     defaults: ClassVar[dict[str, Any]] = {**asdict(SampleParams()), "fps": 8, "precision": "auto"}
     load_model = staticmethod(load_dynamicrafter)
     sampler = staticmethod(sample)
+    batch_keys = BATCH_KEYS
 
     def _request(self, row: dict[str, Any], params: dict[str, Any]) -> Request:
         prompt = (row.get("prompt") or "").strip()

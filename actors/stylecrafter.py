@@ -13,7 +13,7 @@ from actors.base import RowError, RowOutput, row_params
 from pipelines import media
 from pipelines.metrics import to_signed, to_uint8
 from pipelines.stylecrafter.model import load_stylecrafter
-from pipelines.stylecrafter.sample import Request, SampleParams, sample
+from pipelines.stylecrafter.sample import BATCH_KEYS, Request, SampleParams, sample
 
 
 class StyleCrafterActor(AdapterActor):
@@ -28,6 +28,7 @@ class StyleCrafterActor(AdapterActor):
     }
     load_model = staticmethod(load_stylecrafter)
     sampler = staticmethod(sample)
+    batch_keys = BATCH_KEYS
 
     def _request(self, row: dict[str, Any], params: dict[str, Any]) -> Request:
         prompt = (row.get("prompt") or "").strip()

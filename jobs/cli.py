@@ -17,6 +17,9 @@ from pipelines.model_cache import ModelLoadError
 from schemas import ManifestError
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+# What `generate METHOD` runs without --backbone: the released weights the method is published with
+# (converted once per node). `tiny` random models are only used when asked for by name.
+DEFAULT_BACKBONES = {"dynamicrafter": "Doubiiu/DynamiCrafter_512"}
 
 
 def parse_value(text: str) -> Any:
@@ -65,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="run a method over a manifest")
     gen.add_argument("method", choices=GENERATION_METHODS)
     _pool_args(gen)
-    gen.add_argument("--backbone", default="tiny", help="T2V backbone: hub id, local dir, or tiny")
+    gen.add_argument(
+        "--backbone",
+        default=None,
+        help="backbone: hub id (a released checkpoint's is converted once per node), local dir, or tiny; "
+        f"default per method: {DEFAULT_BACKBONES}",
+    )
     gen.add_argument("--adapter", default=None, help="trained adapter checkpoint URI")
     gen.add_argument("--xclip", default=None, help="X-CLIP model for text-video alignment")
 
@@ -84,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training parameter")
     train.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
 
+    from jobs.convert import add_parser
+
+    add_parser(sub)
+
     demo = sub.add_parser("demo", help="run the demo on local Ray with tiny models")
     demo.add_argument("--output", default="demo_output")
     return parser
@@ -101,6 +113,8 @@ def spec_from_args(args: argparse.Namespace, method: str) -> JobSpec:
     for name in ("backbone", "adapter", "xclip"):
         if getattr(args, name, None) is not None:
             models[name] = getattr(args, name)
+    if args.command == "generate" and models.get("backbone") is None:
+        models["backbone"] = DEFAULT_BACKBONES.get(method, "tiny")
     return JobSpec(
         method=method,
         manifest=args.manifest,
@@ -131,6 +145,10 @@ def _fail(message: str, advice: str, code: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "convert":
+            from jobs.convert import run_convert
+
+            return run_convert(args)
         if args.command == "demo":
             from jobs.demo import run_demo
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipelines import media
@@ -44,11 +43,14 @@ def load_image_encoder(ref: str, device: str, dtype: torch.dtype) -> nn.Module:
 
 @torch.no_grad()
 def encode_images(encoder: nn.Module, images: torch.Tensor) -> Any:
-    """Images [B, 3, H, W] in [-1, 1] through the CLIP tower, preprocessed as both official codes do:
-    bicubic resize to the tower's size without cropping (aspect squashed), CLIP normalisation."""
+    """Images [B, 3, H, W] in [-1, 1] through the CLIP tower, preprocessed as DynamiCrafter's official image
+    embedder does: squashed (no crop) to the tower's size by kornia's resize (a Gaussian pre-blur, then
+    bicubic with aligned corners), then (x + 1) / 2 and the CLIP normalisation, without clamping."""
+    from kornia.geometry.transform import resize
+
     size = encoder.config.image_size
-    x = F.interpolate(images.float(), (size, size), mode="bicubic", antialias=True, align_corners=False)
-    x = ((x + 1) / 2).clamp(0, 1)
+    x = resize(images.float(), (size, size), interpolation="bicubic", align_corners=True, antialias=True)
+    x = (x + 1) / 2
     mean = torch.tensor(encoder.image_mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(encoder.image_std, device=x.device).view(1, 3, 1, 1)
     return encoder(pixel_values=((x - mean) / std).to(encoder.device, encoder.dtype))
@@ -86,10 +88,22 @@ def part_state(parts: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return {f"{prefix}{k}": v.detach() for prefix, m in parts.items() for k, v in m.state_dict().items()}
 
 
+def adapter_of(models: dict[str, str | None]) -> str | None:
+    """The adapter to load: the one asked for, else the one a released backbone's conversion wrote."""
+    from pipelines.checkpoints import released
+
+    backbone = models.get("backbone")
+    if models.get("adapter") or not released.is_release(backbone):
+        return models.get("adapter")
+    return str(released.adapter_dir(backbone))
+
+
 def image_encoder_ref(adapter: str | None, backbone: str | None) -> str:
-    """The adapter's image encoder; without an adapter, tiny for tiny backbones, else the official one."""
+    """The adapter's image encoder (a "./" path lies inside the adapter directory, as a converted
+    checkpoint's does); without an adapter, tiny for tiny backbones, else the official one."""
     if adapter:
-        return read_adapter(adapter)[0]["image_encoder"]
+        ref = read_adapter(adapter)[0]["image_encoder"]
+        return media.join(adapter, ref[2:]) if ref.startswith("./") else ref
     return "tiny" if (backbone or "tiny").startswith("tiny") else OFFICIAL_IMAGE_ENCODER
 
 
@@ -101,7 +115,7 @@ def load_model(
     config_type: type,
     default_config: Callable[[int, str], Any],
 ) -> Any:
-    """An adapter model on a fresh backbone: `models["adapter"]` if given, else a new (untrained) adapter.
+    """An adapter model on a fresh backbone: `adapter_of(models)` if any, else a new (untrained) adapter.
 
     `models["image_encoder"]` overrides the CLIP tower (benches with random real-size weights).
 
@@ -110,12 +124,11 @@ def load_model(
     from pipelines.backbone import load_backbone_uncached
 
     backbone = load_backbone_uncached(models.get("backbone") or "tiny", device, dtype)
-    encoder_ref = models.get("image_encoder") or image_encoder_ref(
-        models.get("adapter"), models.get("backbone")
-    )
+    adapter = adapter_of(models)
+    encoder_ref = models.get("image_encoder") or image_encoder_ref(adapter, models.get("backbone"))
     encoder = load_image_encoder(encoder_ref, device, dtype)
-    if models.get("adapter"):
-        config, weights = read_adapter(models["adapter"])
+    if adapter:
+        config, weights = read_adapter(adapter)
         config = config_type(**config)
     else:
         config, weights = default_config(backbone.unet.config.cross_attention_dim, encoder_ref), None

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pipelines import model_cache, tiny
+from pipelines.checkpoints import released
 
 # Files a backbone needs from a hub repository (skips duplicated .bin or fp16 copies).
 BACKBONE_FILES = [
@@ -38,7 +39,11 @@ PRESETS = {
 
 
 def prepare_backbone(ref: str) -> Path:
-    """Make the backbone's files available on this node (download or build) and return their directory."""
+    """Make the backbone's files available on this node (download or build) and return their directory.
+
+    A released checkpoint's hub id (e.g. `Doubiiu/DynamiCrafter_512`) is converted once per node."""
+    if released.is_release(ref):
+        return released.backbone_dir(ref)
     return model_cache.resolve(ref, PRESETS, BACKBONE_FILES)
 
 
@@ -119,8 +124,47 @@ class Backbone:
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Forward diffusion q(x_t | x_0) for per-sample timesteps t [B]."""
-        abar = self.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+        abar = self._abar(t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return self.alphas_cumprod[t].view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        text_embeds: torch.Tensor,
+        extra_channels: torch.Tensor | None = None,
+        **unet_kwargs,
+    ) -> torch.Tensor:
+        """The UNet's raw output (ε or v, as `prediction_type`); samplers guide and step on it directly.
+
+        `extra_channels` are concatenated to the noisy latents as UNet input (a widened conv_in, e.g.
+        DynamiCrafter's condition latents).
+        """
+        t = torch.as_tensor(t, device=self.device).reshape(-1).expand(latents.shape[0])
+        sample = latents if extra_channels is None else torch.cat([latents, extra_channels.to(latents)], 1)
+        return self.unet(sample.to(self.dtype), t, encoder_hidden_states=text_embeds, **unet_kwargs).sample
+
+    def to_eps(self, output: torch.Tensor, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """A raw output as ε: v = √ᾱ ε − √(1−ᾱ) x0 with x_t known gives ε = √ᾱ v + √(1−ᾱ) x_t (no division,
+        so it holds at ᾱ = 0 of a zero-terminal-SNR schedule)."""
+        if self.prediction_type == "epsilon":
+            return output
+        if self.prediction_type == "v_prediction":
+            abar = self._abar(t, output)
+            return abar.sqrt() * output + (1 - abar).sqrt() * latents.to(output.dtype)
+        raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet is trained to output for x_t = √ᾱ x0 + √(1−ᾱ) ε: ε, or v = √ᾱ ε − √(1−ᾱ) x0."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            abar = self._abar(t, x0)
+            return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+        raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
 
     def predict_noise(
         self,
@@ -130,21 +174,10 @@ class Backbone:
         extra_channels: torch.Tensor | None = None,
         **unet_kwargs,
     ) -> torch.Tensor:
-        """The UNet's prediction as epsilon, whatever the checkpoint was trained to predict.
-
-        v-prediction models output v = sqrt(abar) eps - sqrt(1 - abar) x0; with x_t known,
-        eps = sqrt(abar) v + sqrt(1 - abar) x_t. `extra_channels` are concatenated to the noisy latents
-        as UNet input (a widened conv_in, e.g. DynamiCrafter's condition latents).
-        """
+        """The UNet's prediction as ε, whatever the checkpoint was trained to predict (score distillation)."""
+        out = self.predict(latents, t, text_embeds, extra_channels, **unet_kwargs)
         t = torch.as_tensor(t, device=self.device).reshape(-1).expand(latents.shape[0])
-        sample = latents if extra_channels is None else torch.cat([latents, extra_channels.to(latents)], 1)
-        out = self.unet(sample.to(self.dtype), t, encoder_hidden_states=text_embeds, **unet_kwargs).sample
-        if self.prediction_type == "epsilon":
-            return out
-        if self.prediction_type == "v_prediction":
-            abar = self.alphas_cumprod[t].view(-1, 1, 1, 1, 1).to(out.dtype)
-            return abar.sqrt() * out + (1 - abar).sqrt() * latents.to(out.dtype)
-        raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
+        return self.to_eps(out, latents, t)
 
 
 def load_backbone_uncached(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Backbone:

@@ -295,19 +295,31 @@ def _decode_video(uri: str, data: bytes, num_frames: int | None) -> npt.NDArray[
     return _decode_pyav(uri, data, num_frames)
 
 
+def _fitted(frames: npt.NDArray[np.uint8], size: tuple[int, int] | None) -> npt.NDArray[np.uint8]:
+    if size is None or frames.shape[1:3] == tuple(size):
+        return frames
+    return np.stack([fit_frame(frame, size) for frame in frames])
+
+
 def read_video(
     uri: str, num_frames: int | None = None, size: tuple[int, int] | None = None
 ) -> npt.NDArray[np.uint8]:
     """(F,H,W,3) RGB frames; `num_frames` samples evenly over the clip, `size` (h, w) covers and crops."""
-    frames = _decode_video(uri, _read(uri, "video"), num_frames)
-    if size is not None and frames.shape[1:3] != tuple(size):
-        frames = np.stack([fit_frame(frame, size) for frame in frames])
-    return frames
+    return _fitted(_decode_video(uri, _read(uri, "video"), num_frames), size)
+
+
+def read_video_and_rate(uri: str, size: tuple[int, int] | None = None) -> tuple[npt.NDArray[np.uint8], float]:
+    """Every frame (as `read_video`) and the clip's frame rate, from one fetch of the file."""
+    data = _read(uri, "video")
+    return _fitted(_decode_video(uri, data, None), size), _info(uri, data).fps
 
 
 def video_info(uri: str) -> VideoInfo:
     """Frame count, size and rate, counted the way `read_video` counts so the two agree."""
-    data = _read(uri, "video")
+    return _info(uri, _read(uri, "video"))
+
+
+def _info(uri: str, data: bytes) -> VideoInfo:
     reader = _decord_reader(data)
     if reader is not None:
         try:

@@ -91,21 +91,30 @@ def freeze_all_but(
 
 
 def noisy_latents(
-    backbone: Any, latents: torch.Tensor, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, t, noise): each sample noised at a uniform random timestep, drawn from `generator` (CPU)."""
+    backbone: Any, latents: torch.Tensor, generator: torch.Generator, x0_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, noise, x0): each sample noised at a uniform random timestep, drawn from `generator` (CPU).
+
+    `x0_scale` [T] is DynamiCrafter 512/1024's dynamic rescale: the clean latent is scaled by
+    x0_scale[t] before noising (official training), and the returned x0 is the scaled one.
+    """
     device = backbone.device
     t = torch.randint(0, backbone.num_train_timesteps, (len(latents),), generator=generator).to(device)
     noise = torch.randn(latents.shape, generator=generator).to(device)
-    return backbone.add_noise(latents, noise, t), t, noise
+    if x0_scale is not None:
+        latents = latents * x0_scale.to(device, latents.dtype)[t].view(-1, *([1] * (latents.dim() - 1)))
+    return backbone.add_noise(latents, noise, t), t, noise, latents
 
 
-def diffusion_loss(backbone: Any, eps: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Noise MSE per sample; for v-prediction backbones weighted by 1/ᾱ_t, which is exactly the v MSE."""
-    per_sample = (eps.float() - noise.float()).pow(2).mean(dim=tuple(range(1, eps.dim())))
-    if backbone.prediction_type == "v_prediction":
-        per_sample = per_sample / backbone.alphas_cumprod[t]
-    return per_sample.mean()
+def diffusion_loss(
+    backbone: Any, output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """MSE between the UNet's raw output and its target (ε, or v for v-prediction backbones).
+
+    The v target is formed directly, never as ε-MSE divided by ᾱ_t, which is infinite at the ᾱ = 0 of a
+    zero-terminal-SNR schedule.
+    """
+    return (output.float() - backbone.target(x0.float(), noise.float(), t)).pow(2).mean()
 
 
 # -- data ---------------------------------------------------------------------------------------

@@ -47,30 +47,30 @@ def inputs(model, frames=3):
 def test_untrained_dynamicrafter_is_exactly_the_base_backbone(ref):
     model = build(ref)
     x, t, text, context, condition, stride = inputs(model)
-    base = load_backbone(ref).predict_noise(x, t, text)
-    assert torch.equal(model.predict_noise(x, t, text, context, condition, stride), base)
+    base = load_backbone(ref).predict(x, t, text)
+    assert torch.equal(model.predict(x, t, text, context, condition, stride), base)
     assert model.backbone.unet.conv_in.in_channels == 8
 
 
 def test_every_new_part_is_live_once_it_moves(model):
     x, t, text, context, condition, stride = inputs(model)
-    before = model.predict_noise(x, t, text, context, condition, stride)
+    before = model.predict(x, t, text, context, condition, stride)
     state = {k: v.clone() for k, v in model.adapter_state_dict().items()}
     try:
         for name, change in [
             ("gate", lambda: [p.alpha.data.fill_(0.5) for p in model.processors.values()]),
             ("conv_in", lambda: model.backbone.unet.conv_in.weight.data[:, 4:].normal_()),
-            ("stride", lambda: model.time_embedding.stride_embedding.linear_2.weight.data.normal_()),
+            ("stride", lambda: model.fs_embedding.stride_embedding.linear_2.weight.data.normal_()),
         ]:
             change()
-            after = model.predict_noise(x, t, text, context, condition, stride)
+            after = model.predict(x, t, text, context, condition, stride)
             assert not torch.allclose(after, before), name
             model.load_adapter_state(state)
-            torch.testing.assert_close(model.predict_noise(x, t, text, context, condition, stride), before)
+            torch.testing.assert_close(model.predict(x, t, text, context, condition, stride), before)
         # A moved stride embedding makes the output depend on the frame stride.
-        model.time_embedding.stride_embedding.linear_2.weight.data.normal_()
-        other = model.predict_noise(x, t, text, context, condition, stride + 2)
-        assert not torch.allclose(other, model.predict_noise(x, t, text, context, condition, stride))
+        model.fs_embedding.stride_embedding.linear_2.weight.data.normal_()
+        other = model.predict(x, t, text, context, condition, stride + 2)
+        assert not torch.allclose(other, model.predict(x, t, text, context, condition, stride))
     finally:
         model.load_adapter_state(state)
 
@@ -107,7 +107,7 @@ def test_adapter_round_trips_through_files(model, tmp_path):
         for p in model.processors.values():
             p.alpha.data.fill_(0.3)
         model.backbone.unet.conv_in.weight.data[:, 4:].normal_()
-        expected = model.predict_noise(x, t, text, model.image_context(images(2), 3), condition, stride)
+        expected = model.predict(x, t, text, model.image_context(images(2), 3), condition, stride)
         model.save_adapter(str(tmp_path / "adapter"))
     finally:
         model.load_adapter_state(state)
@@ -115,7 +115,7 @@ def test_adapter_round_trips_through_files(model, tmp_path):
     config, weights = read_adapter(str(tmp_path / "adapter"))
     assert config == other.config
     other.load_adapter_state(weights)
-    got = other.predict_noise(x, t, text, other.image_context(images(2), 3), condition, stride)
+    got = other.predict(x, t, text, other.image_context(images(2), 3), condition, stride)
     torch.testing.assert_close(got, expected)
 
 
@@ -140,9 +140,11 @@ def test_sampler_is_deterministic_per_video_and_batch_invariant(model):
     assert not torch.allclose(b[0], c[0], atol=1e-3)
 
 
-def test_three_guidance_branches_in_one_call_equal_three_calls(model):
+@pytest.mark.parametrize("guidance", ["single", "multi"])
+def test_guidance_branches_in_one_call_equal_separate_calls(model, guidance):
     img = images(2)
-    requests = [Request(img[0], "a cat", PARAMS), Request(img[1], "a dog", PARAMS)]
+    params = SampleParams(**{**PARAMS.__dict__, "guidance": guidance})
+    requests = [Request(img[0], "a cat", params), Request(img[1], "a dog", params)]
     batched, _ = sample(model, requests)
     separate, _ = sample(model, requests, batched_cfg=False)
     torch.testing.assert_close(batched, separate, atol=1e-4, rtol=0)
@@ -165,16 +167,19 @@ def test_modes_place_the_condition_images_at_their_frames(model, mode, index, ex
     start, end = images(2)
     params = SampleParams(**{**PARAMS.__dict__, "mode": mode, "frame_index": index})
     cond = _conv_in_inputs(model, [Request(start, "x", params, end_image=end)])[:4]  # first branch, 4 frames
-    latents = model.backbone.encode_frames(torch.stack([start, end])[None])[0].permute(1, 0, 2, 3)
+    # Posterior samples, as the official code draws them: each placed image its own noise, from the seed.
+    placed = {"loop": [start, start], "interpolate": [start, end], "animate": [start]}[mode]
+    generator = torch.Generator().manual_seed(params.seed)
+    latents = model.backbone.encode_frames(torch.stack(placed)[None], sample=True, generators=[generator])
+    latents = latents[0].permute(1, 0, 2, 3)
     for f in range(4):
         if f not in expected:
             assert cond[f].abs().max() == 0, f
-    first = min(expected)
-    torch.testing.assert_close(cond[first], latents[0])
-    if mode == "loop":
-        torch.testing.assert_close(cond[3], latents[0])
-    if mode == "interpolate":
+    torch.testing.assert_close(cond[min(expected)], latents[0])
+    if mode != "animate":
         torch.testing.assert_close(cond[3], latents[1])
+    if mode == "loop":
+        assert not torch.allclose(cond[0], cond[3])  # the same image, two posterior draws
 
 
 def test_bad_sampling_parameters_are_refused():

@@ -34,6 +34,7 @@ def test_generate_dynamicrafter_in_every_mode_with_bad_rows(ray_cluster, tmp_pat
     pq.write_table(table, manifest)
     out = tmp_path / "out"
     args = ["generate", "dynamicrafter", "--manifest", str(manifest), "--output", str(out), "--clip", "tiny"]
+    args += ["--backbone", "tiny"]
     args += [a for s in SETS for a in ("--set", s)] + ["--batch-size", "4", "--actors", "2"]
     assert main(args) == 0
 

@@ -58,7 +58,12 @@ def _fixed_batch() -> np.ndarray:
 def _mean_loss(model, stage: int) -> float:
     config = DynamiCrafterTrainConfig(stage=stage, num_frames=FRAMES, height=SIZE, width=SIZE)
     g = torch.Generator().manual_seed(0)
-    batch = {"frames": _fixed_batch(), "prompt": ["a square moving right"] * 4, "frame_stride": np.full(4, 2)}
+    batch = {
+        "frames": _fixed_batch(),
+        "prompt": ["a square moving right"] * 4,
+        "frame_stride": np.full(4, 2),
+        "fps": np.full(4, 8.0),
+    }
     with torch.no_grad():
         losses = [float(training_loss(model, batch, config, g)) for _ in range(6)]
     return float(np.mean(losses))
@@ -66,7 +71,7 @@ def _mean_loss(model, stage: int) -> float:
 
 def _condition_error(model) -> float:
     """Mean |first frame − condition image| of sampled videos, in the VAE's rendering of the image."""
-    params = SampleParams(steps=8, num_frames=FRAMES, height=SIZE, width=SIZE, cfg_text=1.0, cfg_image=1.0)
+    params = SampleParams(steps=8, num_frames=FRAMES, height=SIZE, width=SIZE, cfg_scale=1.0)
     images = torch.from_numpy(_fixed_batch()[:, 0]).permute(0, 3, 1, 2).float() / 127.5 - 1
     videos, _ = sample(model, [Request(img, "a square moving right", params) for img in images])
     with torch.no_grad():

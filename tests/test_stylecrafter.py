@@ -29,11 +29,11 @@ def refs(n: int, seed: int = 0) -> torch.Tensor:
 def test_without_style_the_model_is_the_base_backbone(model):
     x, t = torch.randn(2, 4, 3, 8, 8), torch.tensor([30, 800])
     text = load_backbone("tiny").encode_prompt(["a", "b"])
-    base = load_backbone("tiny").predict_noise(x, t, text)
-    assert torch.equal(model.predict_noise(x, t, text), base)
+    base = load_backbone("tiny").predict(x, t, text)
+    assert torch.equal(model.predict(x, t, text), base)
     style, scales = model.style([refs(1), refs(2, 1)], text)
-    assert torch.equal(model.predict_noise(x, t, text, style, torch.zeros_like(scales)), base)
-    assert not torch.allclose(model.predict_noise(x, t, text, style, scales), base)
+    assert torch.equal(model.predict(x, t, text, style, torch.zeros_like(scales)), base)
+    assert not torch.allclose(model.predict(x, t, text, style, scales), base)
 
 
 def test_style_keys_and_values_start_from_the_text_ones(model):
@@ -80,9 +80,7 @@ def test_style_guidance_zero_is_text_only_guidance(model):
     text, empty = base.encode_prompt(["a house", ""]).split(1)
 
     def text_only(x, t):
-        e_none, e_text = base.predict_noise(
-            torch.cat([x, x]), torch.cat([t, t]), torch.cat([empty, text])
-        ).chunk(2)
+        e_none, e_text = base.predict(torch.cat([x, x]), torch.cat([t, t]), torch.cat([empty, text])).chunk(2)
         return e_none + 5.0 * (e_text - e_none)
 
     x, _ = ddim_sample(base, (4, 3, 4, 4), [torch.Generator().manual_seed(4)], 3, 1.0, text_only)

@@ -137,9 +137,9 @@ def palette_backbone(tmp_path_factory) -> str:
 
     def denoising():
         x0 = latents[torch.randint(0, len(latents), (16,), generator=g)]
-        noisy, t, noise = training.noisy_latents(bb, x0, g)
+        noisy, t, noise, x0 = training.noisy_latents(bb, x0, g)
         text = texts[(torch.rand(16, generator=g) < 0.1).long()]  # 10% unconditional, for CFG
-        return training.diffusion_loss(bb, bb.predict_noise(noisy, t, text), noise, t)
+        return training.diffusion_loss(bb, bb.predict(noisy, t, text), x0, noise, t)
 
     _train(unet.parameters(), 300, 1e-3, denoising)
     unet.save_pretrained(path / "unet")

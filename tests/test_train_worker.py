@@ -55,6 +55,7 @@ def test_checkpointing_recomputes_the_unet_blocks_and_leaves_gradients_unchanged
         "style": rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
         "prompt": ["a red square", "a blue circle"],
         "frame_stride": np.array([2, 3]),
+        "fps": np.array([24.0, 0.0]),
     }
     loss, grads, calls = _loss_and_gradients(method, stage, batch, checkpointing=False)
     loss_c, grads_c, calls_c = _loss_and_gradients(method, stage, batch, checkpointing=True)

@@ -3,23 +3,26 @@
 - Context network: all tokens of the last layer of a CLIP vision tower -> a query transformer (Perceiver
   resampler) -> `queries_per_frame` context tokens per frame in the UNet's cross-attention width.
 - Dual cross-attention in every spatial `attn2`: text attention + λ · attention over the frame's context
-  tokens, with their own key/value projections; λ = tanh(α) per layer.
+  tokens, with their own key/value projections.
 - Visual detail guidance: the condition image's VAE latent concatenated to the noisy latent (conv_in
-  widened from 4 to 8 input channels).
-- Frame-stride conditioning: an embedding of the frame stride added to the time embedding.
+  with 8 input channels).
+- fs conditioning: an embedding of the frame stride (official 256) or the fps (official 512/1024) added
+  to the time embedding.
 
-Every new part starts as the identity (zero gate α, zero new conv_in weights, zero last layer of the
-frame-stride embedding), so the untrained model is exactly the base backbone. Deliberate differences
-from the official code: λ = tanh(α) instead of 1 + tanh(α) (which is not the identity at the start);
-the per-frame queries of the resampler are interpolated along the frame axis for clips whose length
-differs from `video_length` (the official model only runs 16 frames).
+The gate λ follows `ContextConfig.gate`: the official 256 model's 1 + tanh(α), the official 512/1024
+models' constant 1, or anima's tanh(α) for adapters trained from scratch, which starts at 0 so that a
+new adapter (with zero new conv_in weights and a zero last fs-embedding layer) is exactly the backbone.
+Converted official models carry their 8-channel conv_in in the backbone's `unet/`. The per-frame queries
+of the resampler are interpolated along the frame axis for clips whose length differs from
+`video_length` (the official models only run 16 frames).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +32,22 @@ from torch import nn
 from pipelines import adapters, attention
 from pipelines.adapters import OFFICIAL_IMAGE_ENCODER
 from pipelines.backbone import Backbone
+from pipelines.model_cache import ModelLoadError
+
+GATES = ("tanh", "one_plus_tanh", "one")
+FS_KINDS = ("frame_stride", "fps")
 
 
 @dataclass(frozen=True)
 class ContextConfig:
-    """The query transformer; defaults are the official 256/512/1024 models' (`image_proj_stage_config`)."""
+    """The adapter's configuration (adapter.json).
+
+    The query transformer's defaults are the official 256/512/1024 models' (`image_proj_stage_config`).
+    A converted official model also records what differs between the variants: its gate, what its fs
+    input means, and `sample_defaults`, the sampling parameters its official inference uses (fs value,
+    size, repeated condition latent, guidance rescale, dynamic rescale). `schedule` records the noise
+    schedule it was trained with, which the backbone's scheduler must match.
+    """
 
     image_encoder: str = OFFICIAL_IMAGE_ENCODER
     dim: int = 1024
@@ -43,6 +57,16 @@ class ContextConfig:
     ff_mult: int = 4
     queries_per_frame: int = 16
     video_length: int = 16
+    gate: str = "tanh"
+    widen_conv_in: bool = True  # False: the backbone's conv_in already takes the condition latent
+    fs_kind: str = "frame_stride"
+    variant: str | None = None  # the official model it was converted from: 256, 512, 1024, 512_interp
+    sample_defaults: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.gate not in GATES or self.fs_kind not in FS_KINDS:
+            raise ValueError(f"gate must be one of {GATES} and fs_kind one of {FS_KINDS}")
 
     @classmethod
     def small(cls, image_encoder: str, width: int) -> ContextConfig:
@@ -120,34 +144,56 @@ class ContextNetwork(nn.Module):
 
 
 class GatedContextProcessor(attention.ExtraStreamProcessor):
-    """One layer's image cross-attention: text + tanh(α) · attention over its frame's context tokens."""
+    """One layer's image cross-attention: text + λ · attention over its frame's context tokens, with
+    λ = tanh(α), 1 + tanh(α) or 1 (`gate`)."""
 
-    def __init__(self, inner_dim: int, context_dim: int, tokens_per_frame: int):
+    def __init__(self, inner_dim: int, context_dim: int, tokens_per_frame: int, gate: str = "tanh"):
         super().__init__(inner_dim, context_dim, tokens_per_frame)
-        self.alpha = nn.Parameter(torch.zeros(()))
+        self.gate = gate
+        if gate != "one":
+            self.alpha = nn.Parameter(torch.zeros(()))
 
     def weight(self, extra: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.alpha).to(extra.dtype) * extra
+        if self.gate == "one":
+            return extra
+        gate = torch.tanh(self.alpha) + (1.0 if self.gate == "one_plus_tanh" else 0.0)
+        return gate.to(extra.dtype) * extra
 
 
-class FrameStrideTimeEmbedding(nn.Module):
-    """The UNet's time embedding plus an embedding of the frame stride (last layer zero-initialized)."""
+class FsEmbedding(nn.Module):
+    """The embedding of fs, the frame stride or fps, added to the UNet's time embedding (official
+    `fps_embedding`: sinusoidal features of fs, cos first, then Linear-SiLU-Linear; last layer
+    zero-initialized for a new adapter). It rides on a forward hook of the UNet's `time_embedding`,
+    so the UNet keeps its own module names."""
 
-    def __init__(self, time_embedding: nn.Module, channels: int, embed_dim: int):
+    def __init__(self, channels: int, embed_dim: int):
         super().__init__()
-        self.time_embedding = time_embedding
         self.stride_proj = Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.stride_embedding = TimestepEmbedding(channels, embed_dim)
         nn.init.zeros_(self.stride_embedding.linear_2.weight)
         nn.init.zeros_(self.stride_embedding.linear_2.bias)
-        self.frame_stride: torch.Tensor | None = None  # set around each UNet call
+        self.fs: torch.Tensor | None = None  # set around each UNet call
 
-    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.time_embedding(sample, condition)
-        if self.frame_stride is None:
+    def add_to(self, _module: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
+        if self.fs is None:
             return out
-        stride = self.frame_stride.to(out.device).reshape(-1).expand(out.shape[0])
-        return out + self.stride_embedding(self.stride_proj(stride).to(out.dtype))
+        fs = self.fs.to(out.device).reshape(-1).expand(out.shape[0])
+        return out + self.stride_embedding(self.stride_proj(fs).to(out.dtype))
+
+
+def place_condition(
+    latents: torch.Tensor, frames: int, positions: list[list[int]], repeat: bool = False
+) -> torch.Tensor:
+    """Condition latents [B, C, K, h, w] placed on `frames` frames: sample b's latent k at frame
+    positions[b][k], zeros elsewhere; `repeat` instead repeats the first over every frame (the official
+    image-to-video layout)."""
+    if repeat:
+        return latents[:, :, :1].expand(-1, -1, frames, -1, -1).contiguous()
+    out = latents.new_zeros(latents.shape[0], latents.shape[1], frames, *latents.shape[3:])
+    for i, where in enumerate(positions):
+        for j, f in enumerate(where):
+            out[i, :, f] = latents[i, :, j]
+    return out
 
 
 def _widen_conv_in(unet: nn.Module, extra: int) -> None:
@@ -163,31 +209,79 @@ def _widen_conv_in(unet: nn.Module, extra: int) -> None:
     unet.register_to_config(in_channels=new.in_channels)
 
 
+@dataclass(eq=False)
+class AdapterModules:
+    """What DynamiCrafter adds to a UNet, before or after `install` puts it there."""
+
+    context: ContextNetwork
+    processors: nn.ModuleDict
+    fs_embedding: FsEmbedding
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The adapter file's key prefixes and modules (a widened conv_in comes on top)."""
+        return {
+            "context.": self.context,
+            "processors.": self.processors,
+            "stride_embedding.": self.fs_embedding.stride_embedding,
+        }
+
+
+def adapter_modules(unet: nn.Module, config: ContextConfig, image_width: int) -> AdapterModules:
+    """DynamiCrafter's new modules sized for `unet`, without touching it (converters read their keys)."""
+    width = unet.config.cross_attention_dim
+    modules = dict(unet.named_modules())
+    processors = nn.ModuleDict(
+        {
+            name.replace(".", "__"): GatedContextProcessor(
+                modules[name].to_q.out_features, width, config.queries_per_frame, config.gate
+            )
+            for name in attention.spatial_cross_attention_names(unet)
+        }
+    )
+    fs_embedding = FsEmbedding(unet.config.block_out_channels[0], unet.time_embedding.linear_2.out_features)
+    return AdapterModules(ContextNetwork(config, image_width, width), processors, fs_embedding)
+
+
+def install(unet: nn.Module, parts: AdapterModules, config: ContextConfig) -> None:
+    """Turn a UNet into DynamiCrafter's in place: processors in its spatial attn2, the fs embedding on
+    its time embedding, and (for a new adapter) the widened conv_in.
+
+    The same code serves a full model and the bare official-layout UNet that `check-oracle` runs.
+    """
+    attention.install(unet, lambda name, _: parts.processors[name.replace(".", "__")])
+    if config.widen_conv_in:
+        _widen_conv_in(unet, unet.config.out_channels)
+    elif unet.config.in_channels != 2 * unet.config.out_channels:
+        raise ValueError(
+            f"the backbone's UNet takes {unet.config.in_channels} input channels; without widening it "
+            f"needs {2 * unet.config.out_channels} (noisy latent + condition latent)"
+        )
+    unet.time_embedding.register_forward_hook(parts.fs_embedding.add_to)
+
+
 class DynamiCrafter(adapters.AdapterFiles, nn.Module):
     """A backbone turned into DynamiCrafter. It takes over (modifies) the backbone's UNet."""
 
     def __init__(self, backbone: Backbone, image_encoder: nn.Module, config: ContextConfig):
         super().__init__()
         self.backbone, self.config = backbone, config
-        unet = backbone.unet
-        self.image_encoder = image_encoder.requires_grad_(False).eval()
-        width = unet.config.cross_attention_dim
-        self.context = ContextNetwork(config, image_encoder.config.hidden_size, width)
-        self.processors = nn.ModuleDict()
-        modules = dict(unet.named_modules())
-        for name in attention.spatial_cross_attention_names(unet):
-            inner = modules[name].to_q.out_features
-            self.processors[name.replace(".", "__")] = GatedContextProcessor(
-                inner, width, config.queries_per_frame
+        scheduler = backbone.scheduler.config
+        wrong = {k: (v, scheduler.get(k)) for k, v in config.schedule.items() if scheduler.get(k) != v}
+        if wrong:
+            raise ModelLoadError(
+                f"the adapter ({config.variant or 'converted'}) needs a backbone scheduler with "
+                + ", ".join(f"{k}={v!r} (this backbone has {have!r})" for k, (v, have) in wrong.items())
             )
-        attention.install(unet, lambda name, _: self.processors[name.replace(".", "__")])
-        _widen_conv_in(unet, unet.config.out_channels)
-        self.time_embedding = FrameStrideTimeEmbedding(
-            unet.time_embedding, unet.config.block_out_channels[0], unet.time_embedding.linear_2.out_features
+        self.image_encoder = image_encoder.requires_grad_(False).eval()
+        self.parts = adapter_modules(backbone.unet, config, image_encoder.config.hidden_size)
+        install(backbone.unet, self.parts, config)
+        self.context, self.processors, self.fs_embedding = (
+            self.parts.context,
+            self.parts.processors,
+            self.parts.fs_embedding,
         )
-        unet.time_embedding = self.time_embedding
         self.to(backbone.device)
-        for module in (self.context, self.processors, self.time_embedding.stride_embedding):
+        for module in (self.context, self.processors, self.fs_embedding):
             module.to(backbone.dtype)
 
     # -- conditions ------------------------------------------------------------------------------
@@ -202,56 +296,54 @@ class DynamiCrafter(adapters.AdapterFiles, nn.Module):
 
     @torch.no_grad()
     def condition_latents(
-        self, images: torch.Tensor, frames: int, positions: list[list[int]], repeat: bool = False
+        self,
+        images: torch.Tensor,
+        frames: int,
+        positions: list[list[int]],
+        repeat: bool = False,
+        generators: list[torch.Generator] | None = None,
     ) -> torch.Tensor:
-        """Visual detail guidance input [B, C, frames, h, w].
+        """Visual detail guidance input [B, C, frames, h, w] of condition images [B, K, 3, H, W] in [-1, 1].
 
-        images [B, K, 3, H, W] in [-1, 1]: sample b's image k is placed at frame positions[b][k], other
-        frames are zero; `repeat` instead repeats the first image over every frame (the official I2V).
+        The latents are VAE posterior samples, as the official code draws them (each image its own
+        noise, sample b's from `generators[b]`); see `place_condition` for where they go.
         """
-        b, k = images.shape[:2]
-        latents = self.backbone.encode_frames(images.to(self.backbone.device))  # [B, C, K, h, w]
-        if repeat:
-            return latents[:, :, :1].expand(-1, -1, frames, -1, -1).contiguous()
-        out = latents.new_zeros(b, latents.shape[1], frames, *latents.shape[3:])
-        for i in range(b):
-            for j in range(k):
-                out[i, :, positions[i][j]] = latents[i, :, j]
-        return out
+        sampled = self.backbone.encode_frames(
+            images.to(self.backbone.device), sample=True, generators=generators
+        )  # [B, C, K, h, w]
+        return place_condition(sampled, frames, positions, repeat)
 
     # -- denoising ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def frame_stride(self, stride: torch.Tensor | None) -> Iterator[None]:
-        self.time_embedding.frame_stride = stride
+    def fs_condition(self, fs: torch.Tensor | None) -> Iterator[None]:
+        self.fs_embedding.fs = fs
         try:
             yield
         finally:
-            self.time_embedding.frame_stride = None
+            self.fs_embedding.fs = None
 
-    def predict_noise(
+    def predict(
         self,
         latents: torch.Tensor,
         t: torch.Tensor,
         text: torch.Tensor,
         context: torch.Tensor | None,
         condition: torch.Tensor,
-        stride: torch.Tensor | None,
+        fs: torch.Tensor | None,
     ) -> torch.Tensor:
-        """ε for noisy latents [B, C, F, h, w] given text [B, 77, D], image context, condition latents."""
+        """The raw UNet output (ε or v) for noisy latents [B, C, F, h, w] given text [B, 77, D], image
+        context, condition latents and fs (frame stride or fps, as the adapter's `fs_kind`)."""
         tokens = text if context is None else torch.cat([text, context.to(text.dtype)], 1)
-        with self.frame_stride(stride):
-            return self.backbone.predict_noise(latents, t, tokens, extra_channels=condition)
+        with self.fs_condition(fs):
+            return self.backbone.predict(latents, t, tokens, extra_channels=condition)
 
     # -- adapter files --------------------------------------------------------------------------
 
     def _parts(self) -> dict[str, nn.Module]:
-        return {
-            "context.": self.context,
-            "processors.": self.processors,
-            "stride_embedding.": self.time_embedding.stride_embedding,
-            "conv_in.": self.backbone.unet.conv_in,
-        }
+        parts = self.parts.parts()
+        # A widened conv_in is the adapter's; a converted model's 8-channel conv_in is the backbone's.
+        return {**parts, "conv_in.": self.backbone.unet.conv_in} if self.config.widen_conv_in else parts
 
 
 def read_adapter(directory: str) -> tuple[ContextConfig, dict[str, torch.Tensor]]:

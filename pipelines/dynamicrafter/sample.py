@@ -1,12 +1,18 @@
-"""DynamiCrafter sampling: DDIM with multi-condition classifier-free guidance, several videos per call.
+"""DynamiCrafter sampling: DDIM with classifier-free guidance, several videos per call.
 
-ε = ε(∅,∅) + s_img·[ε(img,∅) − ε(∅,∅)] + s_txt·[ε(img,txt) − ε(img,∅)] (the official
-`ddim_multiplecond.py`), where ∅ image means the context of a gray image and the visual-detail latent
-is always kept. The three conditions run as one UNet call of 3B samples. Every video draws its noise
-from its own generator, so a video is the same whatever else shares its batch.
+Guidance acts on the raw UNet output (ε, or v for the 512/1024 models), as the official sampler does:
+- `single` (the official default): out(∅) + s·[out(img, txt) − out(∅)], two passes per step, where ∅ is
+  the empty prompt with the context of CLIP(zero image);
+- `multi` (the official `ddim_multiplecond.py`): out(∅,∅) + s_img·[out(img,∅) − out(∅,∅)] +
+  s_txt·[out(img,txt) − out(img,∅)], three passes per step.
+The passes run as one UNet call, and the visual-detail latent is kept in every branch. Then guidance
+rescale against the conditional output, and for 512/1024 the dynamic rescale of x0 inside the DDIM step.
+Every video draws its noise from its own generator, so a video is the same whatever else shares its batch.
 
-Modes: `animate` (the image at `frame_index`, 0 by default), `loop` (the image at the first and the
-last frame), `interpolate` (the image first, `end_image` last).
+Modes: `animate` (the image at `frame_index`, 0 by default, or on every frame with `repeat_condition`,
+the official layout), `loop` (the image at the first and the last frame), `interpolate` (the image
+first, `end_image` last); loop and interpolate leave the other frames' condition latents zero, as the
+official interpolation model.
 """
 
 from __future__ import annotations
@@ -16,26 +22,32 @@ from typing import Any
 
 import torch
 
-from pipelines.ddim import ddim_sample, rescale_guidance
+from pipelines.ddim import ddim_sample, dynamic_rescale_table, rescale_guidance
 from pipelines.dynamicrafter.model import DynamiCrafter
 from pipelines.params import from_values, shared_value
 
 MODES = ("animate", "loop", "interpolate")
+GUIDANCE = ("single", "multi")
 
 
 @dataclass(frozen=True)
 class SampleParams:
-    """Sampling parameters; defaults are the official 256 model's inference settings."""
+    """Sampling parameters; defaults are the official 256 model's inference settings. A converted
+    model's adapter.json replaces them with its variant's (`ContextConfig.sample_defaults`)."""
 
     steps: int = 50
     eta: float = 1.0
-    cfg_text: float = 7.5
-    cfg_image: float = 7.5
+    guidance: str = "single"
+    cfg_scale: float = 7.5  # single guidance
+    cfg_text: float = 7.5  # multi guidance
+    cfg_image: float = 7.5  # multi guidance
     guidance_rescale: float = 0.0  # 0.7 for the official 512/1024 models
+    dynamic_rescale: float = 0.0  # base scale of x0's dynamic rescale, 0 = off (0.7 on 512, 0.3 on 1024)
+    rescale_turning_step: int = 400
     num_frames: int = 16
     height: int = 256
     width: int = 256
-    frame_stride: int = 3  # motion magnitude of the 256 model (1–6; larger, more motion)
+    fs: int = 3  # frame stride (256: 1-6, more motion when larger) or fps (512: 15-30, 1024: 5-15)
     mode: str = "animate"
     frame_index: int = 0
     repeat_condition: bool = False  # the official I2V layout: the image latent on every frame
@@ -46,10 +58,14 @@ class SampleParams:
         p = from_values(cls, values)
         if p.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {p.mode!r}")
+        if p.guidance not in GUIDANCE:
+            raise ValueError(f"guidance must be one of {', '.join(GUIDANCE)}, got {p.guidance!r}")
         if p.height % 8 or p.width % 8 or p.steps < 1 or p.num_frames < 2:
             raise ValueError("height and width must be multiples of 8, steps >= 1, num_frames >= 2")
         if not 0 <= p.frame_index < p.num_frames:
             raise ValueError(f"frame_index {p.frame_index} is outside 0..{p.num_frames - 1}")
+        if p.dynamic_rescale < 0 or p.rescale_turning_step < 1:
+            raise ValueError("dynamic_rescale must be >= 0 (0: off) and rescale_turning_step >= 1")
         return p
 
     def positions(self) -> list[int]:
@@ -66,12 +82,23 @@ class Request:
     end_image: torch.Tensor | None = None  # interpolate mode
 
 
+# Requests sampled together must agree on these.
+BATCH_KEYS = (
+    "steps", "num_frames", "height", "width", "eta", "guidance", "dynamic_rescale", "rescale_turning_step"
+)  # fmt: skip
+
+
+def passes_per_step(guidance: str) -> int:
+    """UNet evaluations per DDIM step for each video."""
+    return 2 if guidance == "single" else 3
+
+
 @torch.no_grad()
 def sample(
     model: DynamiCrafter, requests: list[Request], batched_cfg: bool = True
 ) -> tuple[torch.Tensor, float]:
-    """Videos [B, F, 3, H, W] in [-1, 1] of requests sharing steps, frames and size; and seconds per step."""
-    for name in ("steps", "num_frames", "height", "width", "eta"):
+    """Videos [B, F, 3, H, W] in [-1, 1] of requests sharing `BATCH_KEYS`; and seconds per step."""
+    for name in BATCH_KEYS:
         shared_value(requests, name)
     bb = model.backbone
     p0 = requests[0].params
@@ -84,6 +111,7 @@ def sample(
         second = r.end_image if r.params.mode == "interpolate" else r.image
         images.append(torch.stack([r.image, second]))
     images = torch.stack(images)  # [B, 2, 3, H, W]
+    generators = [torch.Generator().manual_seed(r.params.seed) for r in requests]
     condition = torch.cat(
         [
             model.condition_latents(
@@ -91,6 +119,7 @@ def sample(
                 frames,
                 [r.params.positions()],
                 repeat=r.params.repeat_condition and r.params.mode == "animate",
+                generators=[generators[i]],
             )
             for i, r in enumerate(requests)
         ]
@@ -100,33 +129,49 @@ def sample(
     null_context = model.image_context(torch.zeros_like(images[:, 0]), frames)
     text = bb.encode_prompt([r.prompt for r in requests] + [""])
     text, empty = text[:b], text[b:].expand(b, -1, -1)
-    stride = torch.tensor([float(r.params.frame_stride) for r in requests], device=device)
-    s_txt = torch.tensor([r.params.cfg_text for r in requests], device=device).view(-1, 1, 1, 1, 1)
-    s_img = torch.tensor([r.params.cfg_image for r in requests], device=device).view(-1, 1, 1, 1, 1)
+    fs = torch.tensor([float(r.params.fs) for r in requests], device=device)
+
+    def scales(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(r.params, name) for r in requests], device=device).view(-1, 1, 1, 1, 1)
+
     rescale = torch.tensor([r.params.guidance_rescale for r in requests], device=device)
+    if p0.guidance == "single":
+        branches = [(empty, null_context), (text, context)]
+    else:
+        branches = [(empty, null_context), (empty, context), (text, context)]
 
-    generators = [torch.Generator().manual_seed(r.params.seed) for r in requests]
-    scale = bb.vae_scale
-    shape = (bb.unet.config.out_channels, frames, p0.height // scale, p0.width // scale)
-    branches = [(empty, null_context), (empty, context), (text, context)]
-
-    def guided_noise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def guided_output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = len(branches)
         if batched_cfg:
-            eps = model.predict_noise(
-                torch.cat([x] * 3),
-                torch.cat([t] * 3),
+            out = model.predict(
+                torch.cat([x] * n),
+                torch.cat([t] * n),
                 torch.cat([c[0] for c in branches]),
                 torch.cat([c[1] for c in branches]),
-                torch.cat([condition] * 3),
-                torch.cat([stride] * 3),
+                torch.cat([condition] * n),
+                torch.cat([fs] * n),
             ).float()
-            e_none, e_img, e_both = eps.chunk(3)
+            outs = out.chunk(n)
         else:
-            e_none, e_img, e_both = (
-                model.predict_noise(x, t, txt, ctx, condition, stride).float() for txt, ctx in branches
+            outs = [model.predict(x, t, txt, ctx, condition, fs).float() for txt, ctx in branches]
+        if p0.guidance == "single":
+            uncond, cond = outs
+            guided = uncond + scales("cfg_scale") * (cond - uncond)
+        else:
+            uncond, image_only, cond = outs
+            guided = (
+                uncond
+                + scales("cfg_image") * (image_only - uncond)
+                + scales("cfg_text") * (cond - image_only)
             )
-        guided = e_none + s_img * (e_img - e_none) + s_txt * (e_both - e_img)
-        return rescale_guidance(guided, e_both, rescale)
+        return rescale_guidance(guided, cond, rescale)
 
-    x, seconds_per_step = ddim_sample(bb, shape, generators, p0.steps, p0.eta, guided_noise)
+    scale = bb.vae_scale
+    shape = (bb.unet.config.out_channels, frames, p0.height // scale, p0.width // scale)
+    x0_scale = (
+        dynamic_rescale_table(p0.dynamic_rescale, p0.rescale_turning_step, bb.num_train_timesteps)
+        if p0.dynamic_rescale
+        else None
+    )
+    x, seconds_per_step = ddim_sample(bb, shape, generators, p0.steps, p0.eta, guided_output, x0_scale)
     return bb.decode_latents(x.to(bb.dtype)).float(), seconds_per_step

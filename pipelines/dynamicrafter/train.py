@@ -10,6 +10,14 @@
 Condition dropout for classifier-free guidance, one draw per sample as the official code: text only
 dropped with probability p, text and image with p, image only with p (p = 0.05). A dropped image is a
 gray image; the concatenated latent is never dropped.
+
+As the official training: the loss is the MSE to the backbone's own target (v for the 512/1024 models),
+the clean latent is scaled by the dynamic-rescale table before noising when the model samples with
+one, and each clip's frame stride is random (1..`max_frame_stride`) unless its row sets one; the fs
+input is that stride, or for fps models (512/1024) the clip's source fps // stride. Stage 1 runs on
+single frames and trains every frame's queries of the context network: each sample takes the context
+tokens of a random frame of `video_length`. A converted official model fine-tunes the same way
+(`--adapter` of `anima convert`).
 """
 
 from __future__ import annotations
@@ -21,20 +29,30 @@ import pyarrow as pa
 import torch
 
 from pipelines import media, training
-from pipelines.dynamicrafter.model import DynamiCrafter, load_dynamicrafter
+from pipelines.ddim import dynamic_rescale_table
+from pipelines.dynamicrafter.model import DynamiCrafter, load_dynamicrafter, place_condition
+
+STAGE_ONE_LR = 1e-4  # the paper's stage-1 learning rate
 
 
 @dataclass(frozen=True)
 class DynamiCrafterTrainConfig(training.TrainConfig):
-    """Defaults: the paper's stage 2/3 learning rate (1e-4 in stage 1), the official clipping and dropout."""
+    """Defaults: the paper's learning rates (1e-4 in stage 1, `lr` after), official clipping and dropout."""
 
     stage: int = 3
-    frame_stride: int = 3
+    max_frame_stride: int = 6  # official `frame_stride` with `random_fs`: strides 1..6
+    random_fs: bool = True
 
     @property
     def frames(self) -> int:
         """Stage 1 trains on single frames."""
         return 1 if self.stage == 1 else self.num_frames
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DynamiCrafterTrainConfig:
+        if values.get("stage") == 1 and values.get("lr") is None:
+            values = {**values, "lr": STAGE_ONE_LR}
+        return super().from_dict(values)
 
 
 def trainable_parameters(model: DynamiCrafter, config: training.TrainConfig) -> dict[str, torch.nn.Parameter]:
@@ -42,7 +60,7 @@ def trainable_parameters(model: DynamiCrafter, config: training.TrainConfig) -> 
     chosen |= {f"processors.{n}": p for n, p in model.processors.named_parameters()}
     if config.stage >= 2:
         chosen |= {
-            f"stride_embedding.{n}": p for n, p in model.time_embedding.stride_embedding.named_parameters()
+            f"stride_embedding.{n}": p for n, p in model.fs_embedding.stride_embedding.named_parameters()
         }
         spatial = training.select(
             dict(model.backbone.unet.named_parameters()),
@@ -53,27 +71,41 @@ def trainable_parameters(model: DynamiCrafter, config: training.TrainConfig) -> 
 
 
 def decode(batch: pa.Table, config: DynamiCrafterTrainConfig, source: str) -> pa.Table:
-    """Rows (id, video or image, prompt, optional frame_stride) -> clips of `frames` frames at a stride."""
+    """Rows (id, video or image, prompt, optional frame_stride) -> clips of `frames` frames at a stride,
+    with the stride used and the source's frame rate (0 for images)."""
     rng = training.augmentation_rng()
     size = (config.height, config.width)
 
     def row_example(row: dict[str, Any]) -> dict[str, Any]:
         if row.get("video"):
-            video = media.read_video(row["video"], size=size)
-            picked, used = training.clip_indices(
-                len(video), config.frames, int(row.get("frame_stride") or config.frame_stride), rng
+            video, rate = media.read_video_and_rate(row["video"], size=size)
+            stride = row.get("frame_stride") or (
+                int(rng.integers(1, config.max_frame_stride + 1)) if config.random_fs else 3
             )
+            picked, used = training.clip_indices(len(video), config.frames, int(stride), rng)
             clip = video[picked]
         elif row.get("image"):
-            clip, used = media.read_image(row["image"], size)[None].repeat(config.frames, 0), 1
+            clip, used, rate = media.read_image(row["image"], size)[None].repeat(config.frames, 0), 1, 0.0
         else:
             raise media.MediaError("row has neither video nor image")
-        return {"frames": clip, "prompt": row.get("prompt") or "", "frame_stride": used}
+        return {"frames": clip, "prompt": row.get("prompt") or "", "frame_stride": used, "fps": rate}
 
-    shape = (config.frames, *size, 3)
-    return training.decode_rows(
-        batch, row_example, {"frames": shape, "prompt": pa.string(), "frame_stride": pa.int64()}
-    )
+    columns = {
+        "frames": (config.frames, *size, 3),
+        "prompt": pa.string(),
+        "frame_stride": pa.int64(),
+        "fps": pa.float64(),
+    }
+    return training.decode_rows(batch, row_example, columns)
+
+
+def fs_values(model: DynamiCrafter, strides: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
+    """The fs input of each clip: its frame stride, or for fps models source fps // stride (official
+    floor division); clips without a rate (images) take the model's default fs."""
+    if model.config.fs_kind == "frame_stride":
+        return strides.float()
+    default = float(model.config.sample_defaults.get("fs", 24))
+    return torch.where(rates > 0, torch.div(rates, strides, rounding_mode="floor"), default).float()
 
 
 def training_loss(
@@ -82,7 +114,8 @@ def training_loss(
     """Diffusion loss of one batch of decoded clips."""
     bb = model.backbone
     frames = training.to_frames(batch["frames"])
-    prompts, strides = list(batch["prompt"]), torch.as_tensor(batch["frame_stride"])
+    prompts = list(batch["prompt"])
+    fs = fs_values(model, torch.as_tensor(batch["frame_stride"]), torch.as_tensor(batch["fps"]).double())
     b, f = frames.shape[:2]
     device = bb.device
     with torch.no_grad():
@@ -98,15 +131,32 @@ def training_loss(
     )
     cond_frames = frames[torch.arange(b), index]  # [B, 3, H, W]
     context_images = torch.where(drop_image.view(-1, 1, 1, 1), torch.zeros_like(cond_frames), cond_frames)
-    context = model.image_context(context_images.to(device), f)
+    if config.stage == 1:
+        # One frame per sample, the context tokens of a random frame: every frame's queries learn.
+        queries = model.config.queries_per_frame
+        full = model.image_context(context_images.to(device), model.config.video_length)
+        which = torch.randint(0, model.config.video_length, (b,), generator=generator).tolist()
+        context = torch.stack([full[i, k * queries : (k + 1) * queries] for i, k in enumerate(which)])
+    else:
+        context = model.image_context(context_images.to(device), f)
     if config.stage == 3:
-        condition = model.condition_latents(cond_frames[:, None], f, [[int(k)] for k in index])
+        # The condition latent is the clip's own (posterior-sampled) latent of that frame, as official.
+        picked = latents[torch.arange(b), :, index].unsqueeze(2)
+        condition = place_condition(
+            picked, f, [[int(k)] for k in index], model.config.sample_defaults.get("repeat_condition", False)
+        )
     else:
         condition = torch.zeros_like(latents)
     text = bb.encode_prompt(["" if d else p for d, p in zip(drop_text.tolist(), prompts, strict=True)])
-    noisy, t, noise = training.noisy_latents(bb, latents, generator)
-    eps = model.predict_noise(noisy, t, text, context, condition, strides.to(device).float())
-    return training.diffusion_loss(bb, eps, noise, t)
+    rescale = float(model.config.sample_defaults.get("dynamic_rescale", 0.0))
+    x0_scale = (
+        dynamic_rescale_table(rescale, int(model.config.sample_defaults.get("rescale_turning_step", 400)))
+        if rescale
+        else None
+    )
+    noisy, t, noise, x0 = training.noisy_latents(bb, latents, generator, x0_scale)
+    output = model.predict(noisy, t, text, context, condition, fs.to(device))
+    return training.diffusion_loss(bb, output, x0, noise, t)
 
 
 RECIPE = training.Recipe(

@@ -163,7 +163,7 @@ class StyleCrafter(adapters.AdapterFiles, nn.Module):
         for i, name in enumerate(self.layers):
             self.processors[name.replace(".", "__")].scale = None if scales is None else scales[:, i]
 
-    def predict_noise(
+    def predict(
         self,
         latents: torch.Tensor,
         t: torch.Tensor,
@@ -171,10 +171,11 @@ class StyleCrafter(adapters.AdapterFiles, nn.Module):
         style: torch.Tensor | None = None,
         scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """ε given text [B, 77, D] and optionally style tokens [B, K, D] with their scales [B, layers]."""
+        """The UNet's raw output (ε or v) given text [B, 77, D] and optionally style tokens [B, K, D] with
+        their scales [B, layers]."""
         tokens = text if style is None else torch.cat([text, style.to(text.dtype)], 1)
         self.set_scales(scales)
-        return self.backbone.predict_noise(latents, t, tokens)
+        return self.backbone.predict(latents, t, tokens)
 
     # -- adapter files --------------------------------------------------------------------------
 

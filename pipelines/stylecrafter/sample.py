@@ -1,9 +1,9 @@
 """StyleCrafter sampling: DDIM with the paper's text and style guidance, several videos per call.
 
-ε = ε(∅) + λ_s·[ε(text, style) − ε(text)] + λ_t·[ε(text) − ε(∅)] (paper Eq. 2; defaults λ_t = 15,
-λ_s = 7.5 as the official video inference). The three conditions run as one UNet call: the branches
-without style carry the style tokens with scale factors 0, which is exactly the model without style.
-One frame gives the style-only image mode.
+ε = ε(∅) + λ_s·[ε(text, style) − ε(text)] + λ_t·[ε(text) − ε(∅)] on the raw UNet output (paper Eq. 2;
+defaults λ_t = 15, λ_s = 7.5 as the official video inference). The three conditions run as one UNet
+call: the branches without style carry the style tokens with scale factors 0, which is exactly the
+model without style. One frame gives the style-only image mode.
 """
 
 from __future__ import annotations
@@ -44,13 +44,17 @@ class Request:
     params: SampleParams
 
 
+# Requests sampled together must agree on these.
+BATCH_KEYS = ("steps", "num_frames", "height", "width", "eta")
+
+
 @torch.no_grad()
 def sample(
     model: StyleCrafter, requests: list[Request], batched_cfg: bool = True
 ) -> tuple[torch.Tensor, float]:
     """Videos [B, F, 3, H, W] in [-1, 1] of requests sharing steps, frames and size; and seconds per step."""
     p0 = requests[0].params
-    for name in ("steps", "num_frames", "height", "width", "eta"):
+    for name in BATCH_KEYS:
         shared_value(requests, name)
     bb, b = model.backbone, len(requests)
     device = bb.device
@@ -62,9 +66,9 @@ def sample(
     s_sty = torch.tensor([r.params.cfg_style for r in requests], device=device).view(-1, 1, 1, 1, 1)
     branches = [(empty, none), (text, none), (text, scales)]
 
-    def guided_noise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def guided_output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if batched_cfg:
-            eps = model.predict_noise(
+            eps = model.predict(
                 torch.cat([x] * 3),
                 torch.cat([t] * 3),
                 torch.cat([c[0] for c in branches]),
@@ -73,11 +77,11 @@ def sample(
             ).float()
             e_none, e_text, e_both = eps.chunk(3)
         else:
-            e_none, e_text, e_both = (model.predict_noise(x, t, txt, style, s).float() for txt, s in branches)
+            e_none, e_text, e_both = (model.predict(x, t, txt, style, s).float() for txt, s in branches)
         return e_none + s_sty * (e_both - e_text) + s_txt * (e_text - e_none)
 
     generators = [torch.Generator().manual_seed(r.params.seed) for r in requests]
     scale = bb.vae_scale
     shape = (bb.unet.config.out_channels, p0.num_frames, p0.height // scale, p0.width // scale)
-    x, seconds_per_step = ddim_sample(bb, shape, generators, p0.steps, p0.eta, guided_noise)
+    x, seconds_per_step = ddim_sample(bb, shape, generators, p0.steps, p0.eta, guided_output)
     return bb.decode_latents(x.to(bb.dtype)).float(), seconds_per_step

@@ -127,9 +127,8 @@ def training_loss(
     prompts = ["" if d else p for d, p in zip(drop_text.tolist(), batch["prompt"], strict=True)]
     text = bb.encode_prompt(prompts)
     style, scales = model.style([s[None].to(device) for s in styles], text)
-    noisy, t, noise = training.noisy_latents(bb, latents, generator)
-    eps = model.predict_noise(noisy, t, text, style, scales)
-    return training.diffusion_loss(bb, eps, noise, t)
+    noisy, t, noise, x0 = training.noisy_latents(bb, latents, generator)
+    return training.diffusion_loss(bb, model.predict(noisy, t, text, style, scales), x0, noise, t)
 
 
 RECIPE = training.Recipe(

@@ -1,0 +1,71 @@
+"""`anima convert`: released checkpoints into anima's backbone and adapter directories, and `check-oracle`.
+
+    anima convert dynamicrafter --checkpoint FILE --output DIR [--variant 256|512|1024|512_interp]
+                                [--config OFFICIAL.yaml] [--tokenizer REF]
+    anima convert check-oracle FILE.safetensors
+
+The conversion itself (`pipelines/checkpoints/`) is the same code the hub-id loading runs; this module
+only parses arguments and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from jobs.runner import JobError
+from pipelines.checkpoints import dynamicrafter, oracle
+from pipelines.checkpoints.keymap import ConversionError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    convert = sub.add_parser(
+        "convert", help="convert a released checkpoint, or check a converter on an oracle"
+    )
+    kinds = convert.add_subparsers(dest="family", required=True)
+    dc = kinds.add_parser("dynamicrafter", help="a DynamiCrafter model.ckpt or safetensors file")
+    dc.add_argument("--checkpoint", required=True, help="model.ckpt (Lightning) or .safetensors")
+    dc.add_argument("--output", required=True, help="writes OUTPUT/backbone and OUTPUT/adapter")
+    dc.add_argument(
+        "--variant", choices=sorted(dynamicrafter.VARIANTS), default=None, help="default: detected"
+    )
+    dc.add_argument("--config", default=None, help="official inference YAML, for non-released architectures")
+    dc.add_argument(
+        "--tokenizer", default=dynamicrafter.OPENCLIP_TOKENIZER, help="CLIP BPE files (hub id or dir)"
+    )
+    check = kinds.add_parser("check-oracle", help="compare anima with the official code's recorded outputs")
+    check.add_argument("file", help="an oracle .safetensors with its .json beside it")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Run `anima convert ...`; returns the exit status (check-oracle: 1 when an output differs)."""
+    try:
+        if args.family == "check-oracle":
+            return _check_oracle(args.file)
+        config = yaml.safe_load(Path(args.config).read_text()) if args.config else None
+        done = dynamicrafter.convert_checkpoint(
+            args.checkpoint, args.output, args.variant, config, args.tokenizer
+        )
+    except (ConversionError, OSError, yaml.YAMLError) as exc:
+        raise JobError(str(exc)) from exc
+    print(
+        f"[anima] converted DynamiCrafter {done['variant']}: "
+        f"--backbone {done['backbone']} --adapter {done['adapter']}"
+    )
+    return 0
+
+
+def _check_oracle(path: str) -> int:
+    results = oracle.check_oracle(path)
+    for r in results:
+        verdict = "ok" if r.ok else "DIFFERS"
+        print(
+            f"  {r.name}: max_abs_diff={r.max_abs_diff:.3g} tolerance={r.tolerance:.3g} {verdict}",
+            file=sys.stderr,
+        )
+    worst = max(results, key=lambda r: r.max_abs_diff / r.tolerance)
+    print(f"max_abs_diff={worst.max_abs_diff:.6g} tolerance={worst.tolerance:.6g}")
+    return 0 if all(r.ok for r in results) else 1
