@@ -129,7 +129,8 @@ def load_model(
     encoder = load_image_encoder(encoder_ref, device, dtype)
     if adapter:
         config, weights = read_adapter(adapter)
-        config = config_type(**config)
+        # The encoder by a path that holds wherever this adapter is saved again (fine-tuning exports).
+        config = config_type(**{**config, "image_encoder": image_encoder_ref(adapter, None)})
     else:
         config, weights = default_config(backbone.unet.config.cross_attention_dim, encoder_ref), None
     with torch.random.fork_rng(devices=[]):

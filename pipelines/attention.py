@@ -34,8 +34,9 @@ class ExtraStreamProcessor(nn.Module):
     """Processor of one `attn2`: text attention plus a weighted attention over the extra tokens.
 
     `tokens_per_frame`: the extra tokens hold that many tokens per frame, frame-major (DynamiCrafter's
-    context: 16 per frame); row r of the (batch·frames) UNet batch attends to frame r mod frames. None:
-    every row attends to all extra tokens (StyleCrafter's style tokens).
+    context: 16 per frame); row r of the (batch·frames) UNet batch attends to frame r mod frames, unless
+    the tokens are for another number of frames than `frames`, when every row attends to all of them.
+    None: every row attends to all extra tokens (StyleCrafter's style tokens).
     `weight(processor, extra_output) -> weighted output` is set by the method: a tanh gate, a predicted
     scale, a normalisation.
     """
@@ -45,6 +46,7 @@ class ExtraStreamProcessor(nn.Module):
         self.to_k_extra = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v_extra = nn.Linear(context_dim, inner_dim, bias=False)
         self.tokens_per_frame = tokens_per_frame
+        self.frames: int | None = None  # the clip length of the current UNet call, when the method knows it
         self.base = AttnProcessor2_0()
 
     def weight(self, extra: torch.Tensor) -> torch.Tensor:
@@ -54,11 +56,13 @@ class ExtraStreamProcessor(nn.Module):
         if self.tokens_per_frame is None:
             return extra
         per = self.tokens_per_frame
-        frames = extra.shape[1] // per
-        if frames * per != extra.shape[1] or rows % frames:
-            raise ValueError(
-                f"{extra.shape[1]} extra tokens do not split into frames of {per} for {rows} rows"
-            )
+        frames = self.frames or extra.shape[1] // per
+        if frames * per != extra.shape[1]:
+            # Tokens for another clip length: every frame attends to all of them, as the official UNet
+            # does with a context that is not 77 + 16·frames long.
+            return extra
+        if rows % frames:
+            raise ValueError(f"{rows} rows are not a whole number of clips of {frames} frames")
         # Row b·F + f holds sample b's whole context; it attends to frame f's tokens.
         index = torch.arange(rows, device=extra.device) % frames
         return extra.view(rows, frames, per, -1)[torch.arange(rows, device=extra.device), index]

@@ -68,7 +68,13 @@ def hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
             local_files_only=offline(),
         )
     except Exception as exc:
-        hint = " (HF_HUB_OFFLINE is set: pre-download it or pass a local directory)" if offline() else ""
+        files = " ".join(p for p in allow_patterns or [] if "*" not in p)
+        hint = (
+            f" (HF_HUB_OFFLINE is set and it is not cached: fetch it with `huggingface-cli download {repo_id}"
+            f"{' ' + files if files else ''}` where the hub is reachable, or pass a local directory)"
+            if offline()
+            else ""
+        )
         raise ModelLoadError(f"cannot fetch model {repo_id!r} from the hub{hint}: {exc}") from exc
     return Path(path)
 

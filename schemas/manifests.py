@@ -60,6 +60,8 @@ MANIFEST_KINDS: dict[str, ManifestKind] = {
                 "mode": STRING,
                 "fps": INT,
                 "frame_index": INT,
+                "fs": INT,
+                "cfg_scale": FLOAT,
                 "cfg_image": FLOAT,
                 "cfg_text": FLOAT,
             },

@@ -95,6 +95,18 @@ def test_each_frame_attends_to_its_own_context_tokens(model):
         torch.testing.assert_close(picked[row], extra[row, 4 * (row % 3) : 4 * (row % 3 + 1)])
 
 
+def test_tokens_for_another_clip_length_reach_every_frame_as_in_the_official_unet(model):
+    processor = next(iter(model.processors.values()))
+    extra = torch.randn(6, 4 * 4, 2)  # 4 frames' tokens, 4 per frame
+    try:
+        processor.frames = 3  # a 3-frame clip: the official UNet gives every frame the whole context
+        assert torch.equal(processor._extra_tokens(extra, rows=6), extra)
+        processor.frames = 4
+        torch.testing.assert_close(processor._extra_tokens(extra[:4], rows=4)[1], extra[1, 4:8])
+    finally:
+        processor.frames = None
+
+
 def test_context_network_serves_any_clip_length(model):
     for frames in (2, 4, 7):
         assert model.image_context(images(1), frames).shape == (1, frames * 4, 32)

@@ -328,3 +328,89 @@ def test_bad_checkpoints_are_refused_with_a_clear_error(official_files, tmp_path
     )
     assert _convert((tmp_path / "x.ckpt", config), tmp_path / "never") == 2
     assert "model.diffusion_model.extra.weight" in capsys.readouterr().err
+
+
+# -- hub ids of the releases ----------------------------------------------------------------------
+
+
+def _hub_snapshot(hub: Path, repo: str, files: dict[str, bytes]) -> None:
+    """A Hugging Face cache entry for `repo` (what `huggingface-cli download` leaves), offline-readable."""
+    revision = "0" * 40
+    root = hub / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(revision)
+    snapshot = root / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+
+
+def test_a_released_hub_id_is_converted_once_per_node_and_loads(official_files, tmp_path, monkeypatch):
+    from pipelines.dynamicrafter.model import load_dynamicrafter
+    from pipelines.model_cache import ModelLoadError
+
+    tokenizer = prepare_backbone("tiny") / "tokenizer"
+    hub = tmp_path / "hub"
+    _hub_snapshot(hub, "Doubiiu/DynamiCrafter_512", {"model.ckpt": official_files["512"][0].read_bytes()})
+    _hub_snapshot(hub, dc.OPENCLIP_TOKENIZER, {p.name: p.read_bytes() for p in tokenizer.iterdir()})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("ANIMA_HF_CACHE", str(hub))
+    monkeypatch.setenv("ANIMA_CACHE", str(tmp_path / "node-cache"))
+    # The small file has the oracles' architecture, not the released sizes.
+    small = small_config()["model"]["params"]
+    monkeypatch.setattr(dc, "RELEASED_UNET", small["unet_config"]["params"])
+    monkeypatch.setattr(dc, "RELEASED_RESAMPLER", small["image_proj_stage_config"]["params"])
+    calls = []
+    convert = dc.convert_checkpoint
+    monkeypatch.setattr(dc, "convert_checkpoint", lambda *a, **k: calls.append(a) or convert(*a, **k))
+
+    model = load_dynamicrafter({"backbone": "Doubiiu/DynamiCrafter_512"}, "cpu", torch.float32)
+    assert model.config.variant == "512" and model.backbone.prediction_type == "v_prediction"
+    assert model.backbone.unet.config.in_channels == 8
+    load_dynamicrafter({"backbone": "Doubiiu/DynamiCrafter_512"}, "cpu", torch.float32)
+    assert len(calls) == 1  # converted once into the node's cache, then loaded from there
+    monkeypatch.setenv("ANIMA_HF_CACHE", str(tmp_path / "empty-hub"))
+    with pytest.raises(ModelLoadError, match="Doubiiu/DynamiCrafter_1024"):
+        load_dynamicrafter({"backbone": "Doubiiu/DynamiCrafter_1024"}, "cpu", torch.float32)
+
+
+def test_generate_without_backbone_runs_the_released_512_model_or_says_how_to_get_it(
+    ray_cluster, tmp_path, data_dir, capsys
+):
+    folder = data_dir / "images" if (data_dir / "images").exists() else data_dir
+    manifest = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"id": ["a"], "image": [str(folder / "dance1.jpeg")], "prompt": ["x"]}), manifest)
+    args = ["generate", "dynamicrafter", "--manifest", str(manifest), "--output", str(tmp_path / "out")]
+    assert main([*args, "--clip", "tiny"]) == 3  # offline, nothing cached: no silent random model
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Doubiiu/DynamiCrafter_512" in err and "HF_HUB_OFFLINE" in err
+    assert not (tmp_path / "out" / "results").exists()
+
+
+def test_a_converted_model_fine_tunes_with_train_adapter(ray_cluster, official_files, tmp_path):
+    from jobs.train import TrainSpec, run_training
+    from pipelines.dynamicrafter.model import load_dynamicrafter
+    from tests.test_dynamicrafter_train import moving_square
+
+    converted = tmp_path / "converted"
+    assert _convert(official_files["512"], converted) == 0
+    rows = []
+    for i in range(4):
+        path = str(tmp_path / f"sq{i}.mp4")
+        media.write_video(moving_square((200, 40 * i, 40), i), path, fps=24)
+        rows.append({"id": f"sq{i}", "video": path, "prompt": "a square moving right"})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "clips.parquet")
+    models = {"backbone": str(converted / "backbone"), "adapter": str(converted / "adapter")}
+    params = {"steps": 4, "batch_size": 2, "num_frames": 4, "height": 32, "width": 32, "checkpoint_every": 2}
+    spec = TrainSpec(
+        "dynamicrafter", 3, str(tmp_path / "clips.parquet"), str(tmp_path / "run"), models, params
+    )
+    summary = run_training(spec)
+    assert summary["step"] == 4 and np.isfinite(summary["loss"])
+    tuned = load_dynamicrafter({**models, "adapter": summary["adapter"]}, "cpu", torch.float32)
+    base = load_dynamicrafter(models, "cpu", torch.float32)
+    assert tuned.config.variant == "512" and tuned.config.gate == "one"
+    changed = [
+        k for k, v in tuned.adapter_state_dict().items() if not torch.equal(v, base.adapter_state_dict()[k])
+    ]
+    assert changed  # the fine-tuned adapter moved and loads back with the converted image encoder

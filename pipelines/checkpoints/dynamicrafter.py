@@ -131,6 +131,7 @@ class Variant:
         return {
             "gate": self.gate,
             "widen_conv_in": False,
+            "frames_mismatch": "share",
             "fs_kind": self.fs_kind,
             "variant": self.name,
             "sample_defaults": self.sample_defaults(),

@@ -63,10 +63,13 @@ class ContextConfig:
     variant: str | None = None  # the official model it was converted from: 256, 512, 1024, 512_interp
     sample_defaults: dict[str, Any] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
+    frames_mismatch: str = "interpolate"  # or "share": see DynamiCrafter.image_context
 
     def __post_init__(self) -> None:
         if self.gate not in GATES or self.fs_kind not in FS_KINDS:
             raise ValueError(f"gate must be one of {GATES} and fs_kind one of {FS_KINDS}")
+        if self.frames_mismatch not in ("interpolate", "share"):
+            raise ValueError(f"frames_mismatch must be interpolate or share, got {self.frames_mismatch!r}")
 
     @classmethod
     def small(cls, image_encoder: str, width: int) -> ContextConfig:
@@ -291,8 +294,13 @@ class DynamiCrafter(adapters.AdapterFiles, nn.Module):
         return adapters.encode_images(self.image_encoder, images).last_hidden_state
 
     def image_context(self, images: torch.Tensor, frames: int) -> torch.Tensor:
-        """Context tokens [B, frames·Q, D] of condition images (gray images stand for "no image")."""
-        return self.context(self.image_tokens(images).to(self.backbone.dtype), frames)
+        """Context tokens [B, frames·Q, D] of condition images (gray images stand for "no image").
+
+        With `frames_mismatch="share"` (converted official models) a clip of another length than
+        `video_length` gets the video_length·Q tokens, which every frame then attends to, as the
+        official UNet does; anima-trained adapters resample the queries to the clip's length."""
+        length = self.config.video_length if self.config.frames_mismatch == "share" else frames
+        return self.context(self.image_tokens(images).to(self.backbone.dtype), length)
 
     @torch.no_grad()
     def condition_latents(
@@ -316,12 +324,17 @@ class DynamiCrafter(adapters.AdapterFiles, nn.Module):
     # -- denoising ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def fs_condition(self, fs: torch.Tensor | None) -> Iterator[None]:
+    def conditioning(self, fs: torch.Tensor | None, frames: int) -> Iterator[None]:
+        """fs and the clip length for the UNet call inside: the fs embedding and the processors read them."""
         self.fs_embedding.fs = fs
+        for p in self.processors.values():
+            p.frames = frames
         try:
             yield
         finally:
             self.fs_embedding.fs = None
+            for p in self.processors.values():
+                p.frames = None
 
     def predict(
         self,
@@ -335,7 +348,7 @@ class DynamiCrafter(adapters.AdapterFiles, nn.Module):
         """The raw UNet output (ε or v) for noisy latents [B, C, F, h, w] given text [B, 77, D], image
         context, condition latents and fs (frame stride or fps, as the adapter's `fs_kind`)."""
         tokens = text if context is None else torch.cat([text, context.to(text.dtype)], 1)
-        with self.fs_condition(fs):
+        with self.conditioning(fs, latents.shape[2]):
             return self.backbone.predict(latents, t, tokens, extra_channels=condition)
 
     # -- adapter files --------------------------------------------------------------------------
