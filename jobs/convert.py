@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from jobs.runner import JobError
-from pipelines.checkpoints import dynamicrafter, oracle
+from pipelines.checkpoints import dynamicrafter, ldm_parts, oracle
 from pipelines.checkpoints.keymap import ConversionError
 
 
@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     dc.add_argument("--config", default=None, help="official inference YAML, for non-released architectures")
     dc.add_argument(
-        "--tokenizer", default=dynamicrafter.OPENCLIP_TOKENIZER, help="CLIP BPE files (hub id or dir)"
+        "--tokenizer", default=ldm_parts.OPENCLIP_TOKENIZER, help="CLIP BPE files (hub id or dir)"
     )
     check = kinds.add_parser("check-oracle", help="compare anima with the official code's recorded outputs")
     check.add_argument("file", help="an oracle .safetensors with its .json beside it")

@@ -47,6 +47,7 @@ class ExtraStreamProcessor(nn.Module):
         self.to_v_extra = nn.Linear(context_dim, inner_dim, bias=False)
         self.tokens_per_frame = tokens_per_frame
         self.frames: int | None = None  # the clip length of the current UNet call, when the method knows it
+        self.logit_scale: float | None = None  # of the extra attention's logits; None: 1/√d
         self.base = AttnProcessor2_0()
 
     def weight(self, extra: torch.Tensor) -> torch.Tensor:
@@ -89,7 +90,9 @@ class ExtraStreamProcessor(nn.Module):
         def split(x: torch.Tensor) -> torch.Tensor:
             return x.view(b, -1, heads, head_dim).transpose(1, 2)
 
-        attended = F.scaled_dot_product_attention(split(query), split(key), split(value))
+        attended = F.scaled_dot_product_attention(
+            split(query), split(key), split(value), scale=self.logit_scale
+        )
         attended = attended.transpose(1, 2).reshape(b, -1, heads * head_dim).to(query.dtype)
         # to_out is linear: to_out(a + w·e) = to_out(a) + W_out·(w·e); dropout is identity in eval.
         return out + F.linear(self.weight(attended), attn.to_out[0].weight)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines import model_cache, tiny
+from pipelines import model_cache, temporal, tiny
 from pipelines.checkpoints import released
 
 # Files a backbone needs from a hub repository (skips duplicated .bin or fp16 copies).
@@ -180,15 +180,33 @@ class Backbone:
         return self.to_eps(out, latents, t)
 
 
+def _load_unet(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """A UNet3D directory; one whose config names VideoCrafter1's temporal layers (`temporal.CONFIG_KEY`)
+    is built with them first and then takes its weights strictly."""
+    from diffusers import UNet3DConditionModel
+    from safetensors.torch import load_file
+
+    config = UNet3DConditionModel.load_config(path)
+    variant = config.get(temporal.CONFIG_KEY)
+    if not variant:
+        return UNet3DConditionModel.from_pretrained(path, torch_dtype=dtype)
+    unet = temporal.apply_variant(UNet3DConditionModel.from_config(config), variant)
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state |= load_file(str(file))
+    unet.load_state_dict(state, strict=True)
+    return unet.to(dtype)
+
+
 def load_backbone_uncached(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Backbone:
     """A backbone of its own, for methods that modify the UNet (adapters); `load_backbone` shares one."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = prepare_backbone(ref)
     try:
         parts = {
-            "unet": UNet3DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype),
+            "unet": _load_unet(path / "unet", dtype),
             "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
             "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype),
         }

@@ -24,6 +24,7 @@ from pipelines import media
 from pipelines.backbone import prepare_backbone
 from pipelines.checkpoints import dynamicrafter as dc
 from pipelines.checkpoints.keymap import ConversionError, Rule, meta_tensors, remap
+from pipelines.checkpoints.ldm_parts import OPENCLIP_TOKENIZER
 from pipelines.checkpoints.oracle import check_oracle
 from pipelines.checkpoints.reader import read_checkpoint
 from pipelines.ddim import ddim_sample, ddim_schedule, dynamic_rescale_table
@@ -352,7 +353,7 @@ def test_a_released_hub_id_is_converted_once_per_node_and_loads(official_files, 
     tokenizer = prepare_backbone("tiny") / "tokenizer"
     hub = tmp_path / "hub"
     _hub_snapshot(hub, "Doubiiu/DynamiCrafter_512", {"model.ckpt": official_files["512"][0].read_bytes()})
-    _hub_snapshot(hub, dc.OPENCLIP_TOKENIZER, {p.name: p.read_bytes() for p in tokenizer.iterdir()})
+    _hub_snapshot(hub, OPENCLIP_TOKENIZER, {p.name: p.read_bytes() for p in tokenizer.iterdir()})
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("ANIMA_HF_CACHE", str(hub))
     monkeypatch.setenv("ANIMA_CACHE", str(tmp_path / "node-cache"))

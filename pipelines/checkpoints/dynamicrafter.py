@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pipelines import adapters
-from pipelines.checkpoints import lvdm
+from pipelines.checkpoints import ldm_parts, lvdm
 from pipelines.checkpoints.keymap import ConversionError, Rule, prefixed, remap
 from pipelines.ddim import dynamic_rescale_table
 from pipelines.dynamicrafter.model import AdapterModules, ContextConfig, adapter_modules, install
@@ -242,10 +242,8 @@ def build_parts(
     unet_config: dict[str, Any], context: ContextConfig, image_width: int, device: str = "cpu"
 ) -> Parts:
     """anima's modules for an official UNet config (on `device`, e.g. "meta" for shapes only)."""
-    from diffusers import UNet3DConditionModel
-
+    unet = lvdm.build_unet(unet_config, device)
     with torch.device(device):
-        unet = UNet3DConditionModel(**lvdm.unet3d_config(unet_config)).eval()
         modules = adapter_modules(unet, context, image_width)
     return Parts(unet, modules, context)
 
@@ -271,21 +269,12 @@ def convert(
 
 # -- whole checkpoints ----------------------------------------------------------------------------
 
-TEXT_PREFIX = "cond_stage_model.model."
 EMBEDDER_PREFIX = "embedder.model."
 VISION_PREFIX = f"{EMBEDDER_PREFIX}visual."
-# The official tokenizer is OpenCLIP's, the CLIP BPE that pads with id 0 ("!"); these files hold it.
-OPENCLIP_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 # adapter.json names the image encoder converted into the adapter directory relative to it.
 ADAPTER_IMAGE_ENCODER = "./image_encoder"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# The DDPM module's persistent schedule buffers (ddpm3d.py register_schedule).
-SCHEDULE_BUFFERS = (
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-)  # fmt: skip
 # What the image embedder keeps of its CLIP's text side, which it deletes the transformer of.
 _EMBEDDER_TEXT = ("positional_embedding", "text_projection", "logit_scale", "token_embedding.", "ln_final.")
 
@@ -370,25 +359,11 @@ def _checked_schedule(state: dict[str, torch.Tensor], variant: Variant) -> Varia
 
 
 def _drops() -> list[Rule]:
-    buffer = "a schedule buffer; checked against the scheduler config written"
     text_side = "the image embedder's unused text side"
     return [
-        Rule("first_stage_model.", None, reason="converted by diffusers' LDM VAE helper (convert_vae)"),
+        *ldm_parts.frozen_drops(("scale_arr",)),
         *(Rule(f"{EMBEDDER_PREFIX}{name}", None, reason=text_side) for name in _EMBEDDER_TEXT),
-        *(Rule(name, None, reason=buffer) for name in (*SCHEDULE_BUFFERS, "scale_arr")),
     ]
-
-
-def _tokenizer(ref: str) -> Any:
-    """OpenCLIP's tokenizer as a transformers CLIPTokenizer: padded with "!" (id 0), as OpenCLIP pads."""
-    from transformers import CLIPTokenizer
-
-    from pipelines import model_cache
-    from pipelines.backbone import PRESETS
-
-    path = model_cache.resolve(ref, PRESETS, ["*.json", "*.txt"])
-    sub = path / "tokenizer" if (path / "tokenizer").is_dir() else path
-    return CLIPTokenizer.from_pretrained(sub, pad_token="!", model_max_length=77)
 
 
 def convert_checkpoint(
@@ -396,72 +371,46 @@ def convert_checkpoint(
     output: str,
     variant: str | None = None,
     config: dict[str, Any] | None = None,
-    tokenizer: str = OPENCLIP_TOKENIZER,
+    tokenizer: str = ldm_parts.OPENCLIP_TOKENIZER,
 ) -> dict[str, str]:
     """A released DynamiCrafter checkpoint as `OUTPUT/backbone` (diffusers layout: unet with 8 input
     channels, vae, text_encoder, tokenizer, scheduler) and `OUTPUT/adapter` (adapter.json,
     adapter.safetensors, image_encoder/). Every tensor is used once or refused; nothing is written
     until the whole checkpoint converted."""
-    from diffusers import AutoencoderKL, DDIMScheduler
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPVisionConfig,
-        CLIPVisionModel,
-    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    from pipelines.checkpoints import ldm_parts
     from pipelines.checkpoints.reader import read_checkpoint
 
     state = read_checkpoint(checkpoint)
     chosen = _checked_schedule(state, detect_variant(state, variant))
     unet_config, resampler = _architecture(chosen, config)
-    words = _tokenizer(tokenizer)
-    ids = {
-        "bos_token_id": words.bos_token_id,
-        "eos_token_id": words.eos_token_id,
-        "pad_token_id": words.pad_token_id,
-    }
-    text_cfg = CLIPTextConfig(**ldm_parts.text_config(state, TEXT_PREFIX, ids))
+    frozen = ldm_parts.FrozenParts(state, tokenizer)
     vision_cfg = CLIPVisionConfig(**ldm_parts.vision_config(state, VISION_PREFIX))
-    vae_cfg = ldm_parts.vae_config(state)
     context = context_config_of(resampler, image_encoder=ADAPTER_IMAGE_ENCODER, **chosen.context_fields())
     with torch.device("meta"):
-        text, vision, vae = CLIPTextModel(text_cfg), CLIPVisionModel(vision_cfg), AutoencoderKL(**vae_cfg)
+        vision = CLIPVisionModel(vision_cfg)
     parts = build_parts(unet_config, context, vision_cfg.hidden_size, device="meta")
-    vae_state = ldm_parts.convert_vae(state, vae.state_dict())
     rules = [
         *unet_rules(unet_config),
         *resampler_rules(resampler["depth"]),
-        *ldm_parts.text_rules(state, TEXT_PREFIX, f"text_encoder.{ldm_parts.model_prefix(text)}"),
+        *frozen.text_rules,
         *ldm_parts.vision_rules(state, VISION_PREFIX, f"image_encoder.{ldm_parts.model_prefix(vision)}"),
         *_drops(),
     ]
-    expected = parts.expected() | {f"text_encoder.{k}": v for k, v in text.state_dict().items()}
+    expected = parts.expected() | frozen.expected()
     expected |= {f"image_encoder.{k}": v for k, v in vision.state_dict().items()}
     converted = remap(state, rules, expected, f"DynamiCrafter {chosen.name} checkpoint {checkpoint}")
 
-    def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix) :]: v.contiguous() for k, v in converted.items() if k.startswith(prefix)}
-
     backbone, adapter = f"{output}/backbone", f"{output}/adapter"
-    for module, weights, where in (
-        (parts.unet, part("unet."), f"{backbone}/unet"),
-        (vae, vae_state, f"{backbone}/vae"),
-        (text, part("text_encoder."), f"{backbone}/text_encoder"),
-        (vision, part("image_encoder."), f"{adapter}/{ADAPTER_IMAGE_ENCODER[2:]}"),
-    ):
-        module.load_state_dict(weights, assign=True, strict=True)
-        module.save_pretrained(where)
-    words.save_pretrained(f"{backbone}/tokenizer")
-    DDIMScheduler.from_config(chosen.scheduler_config()).save_pretrained(f"{backbone}/scheduler")
+    frozen.save(backbone, parts.unet, converted, chosen.scheduler_config())
+    encoder_dir = f"{adapter}/{ADAPTER_IMAGE_ENCODER[2:]}"
+    ldm_parts.save_module(vision, ldm_parts.part(converted, "image_encoder."), encoder_dir)
     size = vision_cfg.image_size
     CLIPImageProcessor(
         image_mean=list(OPENAI_CLIP_MEAN),
         image_std=list(OPENAI_CLIP_STD),
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
-    ).save_pretrained(f"{adapter}/{ADAPTER_IMAGE_ENCODER[2:]}")
-    adapters.save_adapter(adapter, dataclasses.asdict(context), part("adapter."))
+    ).save_pretrained(encoder_dir)
+    adapters.save_adapter(adapter, dataclasses.asdict(context), ldm_parts.part(converted, "adapter."))
     return {"backbone": backbone, "adapter": adapter, "variant": chosen.name}

@@ -22,6 +22,15 @@ import torch
 from pipelines.checkpoints.keymap import ConversionError, Rule, remap
 
 VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.model."
+# The official tokenizer is OpenCLIP's, the CLIP BPE that pads with id 0 ("!"); these files hold it.
+OPENCLIP_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+# The DDPM module's persistent schedule buffers (ddpm3d.py register_schedule).
+SCHEDULE_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+)  # fmt: skip
 LDM_SCALE_FACTOR = 0.18215  # the `scale_factor` of the released configs (a constant, not a buffer)
 _OPENCLIP_HEAD_WIDTH = 64
 # OpenCLIP's large image towers use 16 heads of width/16 (ViT-H-14: 1280 = 16 x 80), the others 64-wide heads.
@@ -186,3 +195,76 @@ def vision_rules(state: Mapping[str, torch.Tensor], prefix: str, target: str) ->
     for i in range(layers):
         rules += _block_rules(f"{prefix}transformer.resblocks.{i}.", f"{v}encoder.layers.{i}.")
     return rules
+
+
+# -- a whole LVDM backbone ------------------------------------------------------------------------
+
+
+def tokenizer(ref: str) -> Any:
+    """OpenCLIP's tokenizer as a transformers CLIPTokenizer: padded with "!" (id 0), as OpenCLIP pads."""
+    from transformers import CLIPTokenizer
+
+    from pipelines import model_cache
+    from pipelines.backbone import PRESETS
+
+    path = model_cache.resolve(ref, PRESETS, ["*.json", "*.txt"])
+    sub = path / "tokenizer" if (path / "tokenizer").is_dir() else path
+    return CLIPTokenizer.from_pretrained(sub, pad_token="!", model_max_length=77)
+
+
+def frozen_drops(extra: tuple[str, ...] = ()) -> list[Rule]:
+    """Rules that account for what `FrozenParts` converts elsewhere or checks: the VAE and the buffers."""
+    buffer = "a schedule buffer; checked against the scheduler config written"
+    return [
+        Rule(VAE_PREFIX, None, reason="converted by diffusers' LDM VAE helper (convert_vae)"),
+        *(Rule(name, None, reason=buffer) for name in (*SCHEDULE_BUFFERS, *extra)),
+    ]
+
+
+class FrozenParts:
+    """An LVDM checkpoint's VAE, OpenCLIP text encoder and tokenizer as the backbone directory holds them.
+
+    The modules are built on the meta device and take the checkpoint's tensors as they are
+    (`load_state_dict(assign=True)`), so a full-size conversion needs no second copy in memory.
+    """
+
+    def __init__(self, state: Mapping[str, torch.Tensor], tokenizer_ref: str):
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        self.tokenizer = tokenizer(tokenizer_ref)
+        t = self.tokenizer
+        ids = {"bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id}
+        with torch.device("meta"):
+            self.text = CLIPTextModel(CLIPTextConfig(**text_config(state, TEXT_PREFIX, ids)))
+            self.vae = AutoencoderKL(**vae_config(state))
+        self.vae_state = convert_vae(state, self.vae.state_dict())
+        self.text_rules = text_rules(state, TEXT_PREFIX, f"text_encoder.{model_prefix(self.text)}")
+
+    def expected(self) -> dict[str, torch.Tensor]:
+        return {f"text_encoder.{k}": v for k, v in self.text.state_dict().items()}
+
+    def save(
+        self, backbone: str, unet: torch.nn.Module, converted: dict[str, torch.Tensor], scheduler: dict
+    ) -> None:
+        """`backbone/` in diffusers layout, `unet.*` and `text_encoder.*` of `converted` in their modules."""
+        from diffusers import DDIMScheduler
+
+        for module, weights, where in (
+            (unet, part(converted, "unet."), "unet"),
+            (self.vae, self.vae_state, "vae"),
+            (self.text, part(converted, "text_encoder."), "text_encoder"),
+        ):
+            save_module(module, weights, f"{backbone}/{where}")
+        self.tokenizer.save_pretrained(f"{backbone}/tokenizer")
+        DDIMScheduler.from_config(scheduler).save_pretrained(f"{backbone}/scheduler")
+
+
+def part(converted: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The converted tensors under `prefix`, without it (contiguous, for saving)."""
+    return {k[len(prefix) :]: v.contiguous() for k, v in converted.items() if k.startswith(prefix)}
+
+
+def save_module(module: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    module.load_state_dict(weights, assign=True, strict=True)
+    module.save_pretrained(where)

@@ -6,7 +6,8 @@ was ported from the same code): LVDM `input_blocks` / `middle_block` / `output_b
 diffusers has `resnets`, `temp_convs`, `attentions`, `temp_attentions` and `up/downsamplers` per block;
 inside a transformer the names are the same. This module turns an official config into the matching
 diffusers config and lists the key rules between the two (`keymap.Rule`); the methods add their own
-rules for what they put into `attn2` (image or style keys and values).
+rules for what they put into `attn2` (image or style keys and values). VideoCrafter1's variant has no
+temporal convolutions and relative-position tables in its temporal attentions (`pipelines/temporal.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
+from pipelines import temporal
 from pipelines.checkpoints.keymap import ConversionError, Rule
 
 # diffusers' UNet3D builds one transformer layer per block and the LVDM GroupNorm has 32 groups.
@@ -70,6 +73,23 @@ def unet3d_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def build_unet(config: dict[str, Any], device: str = "cpu") -> nn.Module:
+    """The diffusers UNet3D of an official config, with VideoCrafter1's temporal layers when it has
+    them (on `device`; "meta" for shapes only)."""
+    from diffusers import UNet3DConditionModel
+
+    variant = temporal.variant_of(config.get("temporal_conv", True), _relative(config))
+    with torch.device(device):
+        unet = UNet3DConditionModel(**unet3d_config(config))
+        if variant:
+            unet.register_to_config(**{temporal.CONFIG_KEY: variant})
+        return temporal.apply_variant(unet, variant).eval()
+
+
+def _relative(config: dict[str, Any]) -> int | None:
+    return config.get("temporal_length", 16) if config.get("use_relative_position") else None
+
+
 @dataclass(frozen=True)
 class Block:
     """One LVDM block position and where diffusers keeps it."""
@@ -102,9 +122,45 @@ def blocks(config: dict[str, Any]) -> Iterator[Block]:
             n += 1
 
 
-def _resblock(source: str, target: str, j: int) -> list[Rule]:
+def _resblock(source: str, target: str, j: int, temporal_conv: bool) -> list[Rule]:
     rules = [Rule(f"{source}{a}", f"{target}resnets.{j}.{b}") for a, b in _RESBLOCK.items()]
-    return [*rules, Rule(f"{source}temopral_conv.", f"{target}temp_convs.{j}.")]
+    return [*rules, Rule(f"{source}temopral_conv.", f"{target}temp_convs.{j}.")] if temporal_conv else rules
+
+
+def _relative_tables(source: str, target: str) -> list[Rule]:
+    """VideoCrafter1's relative-position tables of a temporal transformer's two attentions, onto
+    `temporal.RelativePositionProcessor`."""
+    return [
+        Rule(
+            f"{source}transformer_blocks.0.{attn}.relative_position_{kind}.embeddings_table",
+            f"{target}transformer_blocks.0.{attn}.processor.relative_{kind}",
+        )
+        for attn in ("attn1", "attn2")
+        for kind in ("k", "v")
+    ]
+
+
+def spatial_cross_attentions(config: dict[str, Any]) -> dict[str, str]:
+    """Official path of every spatial `attn2` -> its diffusers module name, in the official order
+    (input blocks, middle, output blocks: the order of StyleCrafter's `layer_idx`)."""
+    attn2 = "transformer_blocks.0.attn2"
+    found = {}
+    for b in blocks(config):
+        if b.kind != "down" and b.attention:
+            found[f"{b.source}.1.{attn2}"] = f"{b.target}.attentions.{b.index}.{attn2}"
+    middle = {f"middle_block.1.{attn2}": f"mid_block.attentions.0.{attn2}"}
+    inputs = {k: v for k, v in found.items() if k.startswith("input_blocks")}
+    return inputs | middle | {k: v for k, v in found.items() if k.startswith("output_blocks")}
+
+
+def temporal_transformers(config: dict[str, Any]) -> dict[str, str]:
+    """Official path of every TemporalTransformer -> its diffusers module name (17 in the released UNets)."""
+    found = {"init_attn.0": "transformer_in"} if config.get("addition_attention") else {}
+    for b in blocks(config):
+        if b.kind != "down" and b.attention:
+            found[f"{b.source}.2"] = f"{b.target}.temp_attentions.{b.index}"
+    found["middle_block.2"] = "mid_block.temp_attentions.0"
+    return found
 
 
 def unet_rules(
@@ -118,7 +174,7 @@ def unet_rules(
     spatial cross-attention (e.g. DynamiCrafter's `to_k_ip`). Targets get `target` in front.
     """
     check_supported(config)
-    t = target
+    t, conv = target, config.get("temporal_conv", True)
     rules = [
         Rule("time_embed.0.", f"{t}time_embedding.linear_1."),
         Rule("time_embed.2.", f"{t}time_embedding.linear_2."),
@@ -147,12 +203,17 @@ def unet_rules(
         if b.kind == "down":
             rules.append(Rule(f"{b.source}.0.op.", f"{t}{dest}downsamplers.0.conv."))
             continue
-        rules += _resblock(f"{b.source}.0.", f"{t}{dest}", b.index)
+        rules += _resblock(f"{b.source}.0.", f"{t}{dest}", b.index, conv)
         if b.attention:
             rules += transformers(b.source, dest, b.index)
         if b.upsample:
             rules.append(Rule(f"{b.source}.{3 if b.attention else 1}.conv.", f"{t}{dest}upsamplers.0.conv."))
     mid = "mid_block."
-    rules += _resblock("middle_block.0.", f"{t}{mid}", 0) + _resblock("middle_block.3.", f"{t}{mid}", 1)
+    rules += _resblock("middle_block.0.", f"{t}{mid}", 0, conv) + _resblock(
+        "middle_block.3.", f"{t}{mid}", 1, conv
+    )
     rules += transformers("middle_block", mid, 0)
+    if config.get("use_relative_position"):
+        for source, dest in temporal_transformers(config).items():
+            rules += _relative_tables(f"{source}.", f"{t}{dest}.")
     return rules

@@ -19,10 +19,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from pipelines import adapters
 from pipelines.checkpoints import dynamicrafter as dc
-from pipelines.checkpoints import lvdm
-from pipelines.checkpoints.keymap import ConversionError, remap
+from pipelines.checkpoints import ldm_parts, lvdm
+from pipelines.checkpoints import stylecrafter as sc
+from pipelines.checkpoints.keymap import ConversionError, prefixed, remap
 from pipelines.dynamicrafter.model import ContextConfig, ContextNetwork
+from pipelines.stylecrafter.model import install as install_style
 
 RELATIVE_TOLERANCE = 1e-4
 # The official UNet splits its context at 77 text tokens + 16 image tokens per frame (hard-coded).
@@ -140,9 +143,72 @@ def _dynamicrafter_resampler(spec: dict[str, Any], tensors: dict[str, torch.Tens
     return [compare("output.image_tokens", out, tensors["output.image_tokens"])]
 
 
-FAMILIES: dict[str, Callable[[dict[str, Any], dict[str, torch.Tensor]], list[Comparison]]] = {
-    "lvdm.modules.networks.openaimodel3d.UNetModel (DynamiCrafter)": _dynamicrafter_unet,
-    "lvdm.modules.encoders.resampler.Resampler": _dynamicrafter_resampler,
+def _stylecrafter(spec: dict[str, Any], tensors: dict[str, torch.Tensor], file: Path) -> list[Comparison]:
+    """VideoCrafter1 with StyleCrafter: base weights, then the adapter, then the temporal override (the
+    official order). The styled outputs are compared with the xformers-path twin when it lies beside
+    `file`, anima's default attention scaling; otherwise with the official CPU path's, unscaled."""
+    config = spec["unet_config"]
+    adapter_params = spec["adapter_config"]["params"]
+    image_width = adapter_params["image_context_config"]["params"]["in_dim"]
+    style = sc.style_config_of(adapter_params, "oracle")
+    parts = sc.build_adapter_parts(config, style, image_width)
+    base = _weights(tensors, sc.UNET_PREFIX)
+    unet_rules = prefixed(lvdm.unet_rules(config, target="unet."), source=sc.UNET_PREFIX)
+    expected = {f"unet.{k}": v for k, v in parts.unet.state_dict().items()}
+    parts.unet.load_state_dict(
+        ldm_parts.part(remap(base, unet_rules, expected, "VideoCrafter1 oracle"), "unet.")
+    )
+    x, t, text = tensors["input.x"], tensors["input.timesteps"], tensors["input.context_text"]
+    with torch.no_grad():
+        results = [
+            compare(
+                "output.unet_out_vc1_base", parts.unet(x, t, text).sample, tensors["output.unet_out_vc1_base"]
+            )
+        ]
+
+    adapter = {k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")}
+    temporal = {
+        k.removeprefix("temporal/").replace("/", "."): v
+        for k, v in tensors.items()
+        if k.startswith("temporal/")
+    }
+    converted = sc.convert_adapter(adapter, temporal, parts, style, "StyleCrafter oracle")
+    parts.unet.load_state_dict(ldm_parts.part(converted, "unet."), strict=False)
+    adapters.load_parts(ldm_parts.part(converted, "adapter."), parts.modules.parts(), parts.unet)
+    install_style(parts.unet, parts.modules)
+    twin = file.with_name(f"{file.stem}_xformers_path{file.suffix}")
+    styled = load_file(str(twin)) if twin.exists() else tensors
+    for processor in parts.modules.processors.values():
+        processor.logit_scale = None if twin.exists() else 1.0
+    m = parts.modules
+    with torch.no_grad():
+        tokens = m.qformer(tensors["input.clip_style_tokens"])
+        scales = m.scales(tokens, text)
+        m.set_scales(scales)
+        outputs = {
+            "output.style_tokens": tokens,
+            "output.style_tokens_multiref": m.qformer(tensors["input.clip_style_tokens_multiref"]),
+            "output.scale_scalar": (scales - 1)[..., None],  # the official tanh output; layer i uses 1 + it
+            "output.unet_out_nostyle": parts.unet(x, t, text).sample,
+            "output.unet_out_style": parts.unet(x, t, torch.cat([text, tokens], 1)).sample,
+        }
+    for name, got in outputs.items():
+        results.append(compare(name, got, (styled if name == "output.unet_out_style" else tensors)[name]))
+    return results
+
+
+def _family(spec: dict[str, Any]) -> str:
+    classes = spec.get("official_classes") or {}
+    return spec.get("official_class") or classes.get("unet", "")
+
+
+FAMILIES: dict[str, Callable[[dict[str, Any], dict[str, torch.Tensor], Path], list[Comparison]]] = {
+    "lvdm.modules.networks.openaimodel3d.UNetModel (DynamiCrafter)": lambda s, t, _: _dynamicrafter_unet(
+        s, t
+    ),
+    "lvdm.modules.encoders.resampler.Resampler": lambda s, t, _: _dynamicrafter_resampler(s, t),
+    "lvdm.modules.networks.openaimodel3d.UNetModel (StyleCrafter repo; VideoCrafter1 architecture, "
+    "relative-position temporal attention)": _stylecrafter,
 }
 
 
@@ -153,11 +219,11 @@ def check_oracle(path: str) -> list[Comparison]:
     if not spec_path.exists():
         raise ConversionError(f"no oracle description {spec_path} beside {file}")
     spec = json.loads(spec_path.read_text())
-    family = FAMILIES.get(spec.get("official_class", ""))
+    family = FAMILIES.get(_family(spec))
     if family is None:
         raise ConversionError(
-            f"oracle {file.name}: official class {spec.get('official_class')!r} is not one anima converts; "
+            f"oracle {file.name}: official class {_family(spec)!r} is not one anima converts; "
             f"known: {', '.join(FAMILIES)}"
         )
     torch.manual_seed(0)
-    return family(spec, load_file(str(file)))
+    return family(spec, load_file(str(file)), file)

@@ -52,13 +52,7 @@ def _tensors(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a `.ckpt`/`.pt`/`.pth` or `.safetensors` file, by key (memory-mapped where possible).
-
-    Raises ConversionError naming the file for a missing, corrupt or truncated file, and for one that
-    holds Python objects other than tensors (a pickle with code).
-    """
-    path = Path(path)
+def _load(path: Path) -> object:
     if not path.is_file():
         raise ConversionError(f"checkpoint {path} does not exist")
     kind = _kind(path)
@@ -67,7 +61,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL (\S+)|Unsupported operand \d+", str(exc))
         what = found.group(1) or found.group(0) if found else "refused by torch.load(weights_only=True)"
@@ -77,4 +71,25 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, SafetensorError) as exc:
         raise ConversionError(f"{path} is corrupt or truncated: {str(exc).splitlines()[0]}") from exc
+
+
+def read_nested(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A file of {name: {key: tensor}} (StyleCrafter's temporal weights), tensors only."""
+    path = Path(path)
+    obj = _load(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
+        raise ConversionError(f"{path} is not a dict of state dicts")
+    return {name: _tensors(inner, path) for name, inner in obj.items()}
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a `.ckpt`/`.pt`/`.pth` or `.safetensors` file, by key (memory-mapped where possible).
+
+    Raises ConversionError naming the file for a missing, corrupt or truncated file, and for one that
+    holds Python objects other than tensors (a pickle with code).
+    """
+    path = Path(path)
+    state = _load(path)
     return _tensors(state, path)

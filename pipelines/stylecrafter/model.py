@@ -15,7 +15,8 @@ A context of text only skips the style branch, so without style the model is the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +40,11 @@ def paper_order(names: list[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class StyleConfig:
-    """Defaults are the official adapter's (`image_context_config`, `scale_predictor_config`)."""
+    """Defaults are the official adapter's (`image_context_config`, `scale_predictor_config`).
+
+    A converted official adapter also records `sample_defaults`, its official inference settings,
+    and `variant` ("official"). `style_weight` is the official `--style_weight` (the adapter's `scale`).
+    """
 
     image_encoder: str = OFFICIAL_IMAGE_ENCODER
     style_tokens: int = 8
@@ -47,6 +52,9 @@ class StyleConfig:
     qformer_heads: int = 8
     scale_layers: int = 2
     scale_heads: int = 8
+    style_weight: float = 1.0
+    variant: str | None = None
+    sample_defaults: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def small(cls, image_encoder: str) -> StyleConfig:
@@ -100,15 +108,20 @@ class ScalePredictor(nn.Module):
 
 
 class StyleProcessor(attention.ExtraStreamProcessor):
-    """One layer's style cross-attention: text + s · LayerNorm(style attention)."""
+    """One layer's style cross-attention: text + w · s · LayerNorm(style attention), w the style weight.
 
-    def __init__(self, attn: nn.Module):
+    The style logits are scaled by 1/√d, as the official code computes them where it runs on GPUs (its
+    xformers path); `scaled=False` is its CPU fallback, which leaves them unscaled.
+    """
+
+    def __init__(self, attn: nn.Module, style_weight: float = 1.0):
         inner, context = attn.to_k.out_features, attn.to_k.in_features
         super().__init__(inner, context, tokens_per_frame=None)
         with torch.no_grad():  # the official adapter starts its style K/V from the text ones
             self.to_k_extra.weight.copy_(attn.to_k.weight)
             self.to_v_extra.weight.copy_(attn.to_v.weight)
         self.norm = nn.LayerNorm(inner)
+        self.style_weight = style_weight
         self.scale: torch.Tensor | None = None  # [B], set by StyleCrafter.set_scales before each UNet call
 
     def weight(self, extra: torch.Tensor) -> torch.Tensor:
@@ -118,41 +131,20 @@ class StyleProcessor(attention.ExtraStreamProcessor):
         scale = self.scale.to(extra.dtype).repeat_interleave(
             rows // len(self.scale)
         )  # per (sample, frame) row
-        return scale.view(-1, 1, 1) * self.norm(extra)
+        return (self.style_weight * scale).view(-1, 1, 1) * self.norm(extra)
 
 
-class StyleCrafter(adapters.AdapterFiles, nn.Module):
-    """A backbone with StyleCrafter's style adapter; it takes over (modifies) the backbone's UNet."""
+@dataclass(eq=False)
+class StyleModules:
+    """What StyleCrafter adds to a UNet, before or after `install` puts it there."""
 
-    def __init__(self, backbone: Backbone, image_encoder: nn.Module, config: StyleConfig):
-        super().__init__()
-        self.backbone, self.config = backbone, config
-        unet = backbone.unet
-        width = unet.config.cross_attention_dim
-        self.image_encoder = image_encoder.requires_grad_(False).eval()
-        self.layers = paper_order(attention.spatial_cross_attention_names(unet))
-        modules = dict(unet.named_modules())
-        self.processors = nn.ModuleDict(
-            {n.replace(".", "__"): StyleProcessor(modules[n]) for n in self.layers}
-        )
-        attention.install(unet, lambda name, _: self.processors[name.replace(".", "__")])
-        self.qformer = StyleQFormer(config, image_encoder.config.hidden_size, width)
-        self.scales = ScalePredictor(config, width, len(self.layers))
-        self.to(backbone.device)
-        for module in (self.processors, self.qformer, self.scales):
-            module.to(backbone.dtype)
+    layers: list[str]  # spatial attn2 names in the paper's order: scale factor i is layer i's
+    qformer: StyleQFormer
+    scales: ScalePredictor
+    processors: nn.ModuleDict
 
-    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """References [R, 3, H, W] in [-1, 1] -> [1, R·(1 + patches), E]: CLS (post-LN) and patch tokens."""
-        out = adapters.encode_images(self.image_encoder, images)
-        tokens = torch.cat([out.pooler_output[:, None], out.last_hidden_state[:, 1:]], 1)
-        return tokens.reshape(1, -1, tokens.shape[-1])
-
-    def style(self, references: list[torch.Tensor], text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Style tokens [B, K, D] and scale factors [B, layers] of each sample's references and prompt."""
-        tokens = [self.qformer(self.image_tokens(r).to(self.backbone.dtype)) for r in references]
-        style = torch.cat(tokens)
-        return style, self.scales(style, text)
+    def parts(self) -> dict[str, nn.Module]:
+        return {"qformer.": self.qformer, "scales.": self.scales, "processors.": self.processors}
 
     def set_scales(self, scales: torch.Tensor | None) -> None:
         """The scale factors the processors use until the next call sets others.
@@ -162,6 +154,58 @@ class StyleCrafter(adapters.AdapterFiles, nn.Module):
         """
         for i, name in enumerate(self.layers):
             self.processors[name.replace(".", "__")].scale = None if scales is None else scales[:, i]
+
+
+def style_modules(unet: nn.Module, config: StyleConfig, image_width: int) -> StyleModules:
+    """StyleCrafter's new modules sized for `unet` (converters and check-oracle read their keys)."""
+    width = unet.config.cross_attention_dim
+    layers = paper_order(attention.spatial_cross_attention_names(unet))
+    modules = dict(unet.named_modules())
+    processors = nn.ModuleDict(
+        {n.replace(".", "__"): StyleProcessor(modules[n], config.style_weight) for n in layers}
+    )
+    qformer = StyleQFormer(config, image_width, width)
+    return StyleModules(layers, qformer, ScalePredictor(config, width, len(layers)), processors)
+
+
+def install(unet: nn.Module, modules: StyleModules) -> None:
+    attention.install(unet, lambda name, _: modules.processors[name.replace(".", "__")])
+
+
+class StyleCrafter(adapters.AdapterFiles, nn.Module):
+    """A backbone with StyleCrafter's style adapter; it takes over (modifies) the backbone's UNet."""
+
+    def __init__(self, backbone: Backbone, image_encoder: nn.Module, config: StyleConfig):
+        super().__init__()
+        self.backbone, self.config = backbone, config
+        self.image_encoder = image_encoder.requires_grad_(False).eval()
+        self.parts = style_modules(backbone.unet, config, image_encoder.config.hidden_size)
+        install(backbone.unet, self.parts)
+        self.layers, self.qformer, self.scales, self.processors = (
+            self.parts.layers,
+            self.parts.qformer,
+            self.parts.scales,
+            self.parts.processors,
+        )
+        self.to(backbone.device)
+        for module in (self.processors, self.qformer, self.scales):
+            module.to(backbone.dtype)
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """References [R, 3, H, W] in [-1, 1] -> [1, R·(1 + patches), E]: CLS (post-LN) and patch tokens,
+        rounded to fp16 as the official embedder returns them, references concatenated on the token axis."""
+        out = adapters.encode_images(self.image_encoder, images)
+        tokens = torch.cat([out.pooler_output[:, None], out.last_hidden_state[:, 1:]], 1)
+        return tokens.to(torch.float16).to(tokens.dtype).reshape(1, -1, tokens.shape[-1])
+
+    def style(self, references: list[torch.Tensor], text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Style tokens [B, K, D] and scale factors [B, layers] of each sample's references and prompt."""
+        tokens = [self.qformer(self.image_tokens(r).to(self.backbone.dtype)) for r in references]
+        style = torch.cat(tokens)
+        return style, self.scales(style, text)
+
+    def set_scales(self, scales: torch.Tensor | None) -> None:
+        self.parts.set_scales(scales)
 
     def predict(
         self,
@@ -180,7 +224,7 @@ class StyleCrafter(adapters.AdapterFiles, nn.Module):
     # -- adapter files --------------------------------------------------------------------------
 
     def _parts(self) -> dict[str, nn.Module]:
-        return {"qformer.": self.qformer, "scales.": self.scales, "processors.": self.processors}
+        return self.parts.parts()
 
 
 def read_adapter(directory: str) -> tuple[StyleConfig, dict[str, torch.Tensor]]:
