@@ -33,8 +33,8 @@ class DynamiCrafterActor(AdapterActor):
             raise RowError("mode interpolate needs an end_image")
         size = (p.height, p.width)
 
-        def load(uri: str) -> torch.Tensor:
-            return to_signed(media.read_image(uri, size)[None])[0]
+        def load(uri: str) -> torch.Tensor:  # bilinear cover + centre crop, as the official script
+            return to_signed(media.read_image(uri, size, resample="bilinear")[None])[0]
 
         end = load(row["end_image"]) if p.mode == "interpolate" else None
         return Request(image=load(row["image"]), prompt=prompt, params=p, end_image=end)

@@ -39,7 +39,8 @@ class StyleCrafterActor(AdapterActor):
             raise RowError("no style images: give one or more URIs in the style column")
         p = row_params(SampleParams.from_dict, params)
         size = int(params["style_size"])
-        styles = np.stack([media.read_image(uri, (size, size)) for uri in uris])
+        # As the official loader: the short side resized to style_size (bilinear), the centre cropped.
+        styles = np.stack([media.read_image(uri, (size, size), resample="bilinear") for uri in uris])
         return Request(prompt=prompt, styles=to_signed(styles), params=p)
 
     def _write(

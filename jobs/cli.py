@@ -19,7 +19,12 @@ from schemas import ManifestError
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 # What `generate METHOD` runs without --backbone: the released weights the method is published with
 # (converted once per node). `tiny` random models are only used when asked for by name.
-DEFAULT_BACKBONES = {"dynamicrafter": "Doubiiu/DynamiCrafter_512"}
+DEFAULT_BACKBONES = {
+    "dynamicrafter": "Doubiiu/DynamiCrafter_512",
+    "stylecrafter": "VideoCrafter/Text2Video-512",
+}
+# The adapter a default backbone runs with, when --adapter is not given either.
+DEFAULT_ADAPTERS = {"stylecrafter": "liuhuohuo/StyleCrafter"}
 
 
 def parse_value(text: str) -> Any:
@@ -115,6 +120,8 @@ def spec_from_args(args: argparse.Namespace, method: str) -> JobSpec:
             models[name] = getattr(args, name)
     if args.command == "generate" and models.get("backbone") is None:
         models["backbone"] = DEFAULT_BACKBONES.get(method, "tiny")
+        if models.get("adapter") is None and method in DEFAULT_ADAPTERS:
+            models["adapter"] = DEFAULT_ADAPTERS[method]
     return JobSpec(
         method=method,
         manifest=args.manifest,

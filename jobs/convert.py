@@ -2,6 +2,9 @@
 
     anima convert dynamicrafter --checkpoint FILE --output DIR [--variant 256|512|1024|512_interp]
                                 [--config OFFICIAL.yaml] [--tokenizer REF]
+    anima convert videocrafter1 --checkpoint FILE --output DIR [--config OFFICIAL.yaml] [--tokenizer REF]
+    anima convert stylecrafter --adapter adapter_v1.pth --temporal temporal_v1_1.pth --output DIR
+                               [--config OFFICIAL.yaml] [--image-encoder REF]
     anima convert check-oracle FILE.safetensors
 
 The conversion itself (`pipelines/checkpoints/`) is the same code the hub-id loading runs; this module
@@ -17,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from jobs.runner import JobError
-from pipelines.checkpoints import dynamicrafter, ldm_parts, oracle
+from pipelines.checkpoints import dynamicrafter, ldm_parts, oracle, stylecrafter
 from pipelines.checkpoints.keymap import ConversionError
 
 
@@ -36,6 +39,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     dc.add_argument(
         "--tokenizer", default=ldm_parts.OPENCLIP_TOKENIZER, help="CLIP BPE files (hub id or dir)"
     )
+    vc1 = kinds.add_parser("videocrafter1", help="VideoCrafter1 T2V model.ckpt (StyleCrafter's base)")
+    vc1.add_argument("--checkpoint", required=True, help="model.ckpt (Lightning) or .safetensors")
+    vc1.add_argument("--output", required=True, help="writes OUTPUT/backbone")
+    vc1.add_argument("--config", default=None, help="official inference YAML, for non-released architectures")
+    vc1.add_argument(
+        "--tokenizer", default=ldm_parts.OPENCLIP_TOKENIZER, help="CLIP BPE files (hub id or dir)"
+    )
+    sc = kinds.add_parser("stylecrafter", help="StyleCrafter adapter_v1.pth + temporal_v1_1.pth")
+    sc.add_argument("--adapter", required=True, help="adapter_v1.pth")
+    sc.add_argument("--temporal", required=True, help="temporal_v1_1.pth")
+    sc.add_argument("--output", required=True, help="writes OUTPUT/adapter")
+    sc.add_argument("--config", default=None, help="official inference YAML, for non-released architectures")
+    sc.add_argument("--image-encoder", default=stylecrafter.STYLE_IMAGE_ENCODER, help="CLIP image tower")
     check = kinds.add_parser("check-oracle", help="compare anima with the official code's recorded outputs")
     check.add_argument("file", help="an oracle .safetensors with its .json beside it")
 
@@ -46,15 +62,20 @@ def run_convert(args: argparse.Namespace) -> int:
         if args.family == "check-oracle":
             return _check_oracle(args.file)
         config = yaml.safe_load(Path(args.config).read_text()) if args.config else None
-        done = dynamicrafter.convert_checkpoint(
-            args.checkpoint, args.output, args.variant, config, args.tokenizer
-        )
+        if args.family == "dynamicrafter":
+            done = dynamicrafter.convert_checkpoint(
+                args.checkpoint, args.output, args.variant, config, args.tokenizer
+            )
+        elif args.family == "videocrafter1":
+            done = stylecrafter.convert_videocrafter1(args.checkpoint, args.output, config, args.tokenizer)
+        else:
+            done = stylecrafter.convert_stylecrafter(
+                args.adapter, args.temporal, args.output, config, args.image_encoder
+            )
     except (ConversionError, OSError, yaml.YAMLError) as exc:
         raise JobError(str(exc)) from exc
-    print(
-        f"[anima] converted DynamiCrafter {done['variant']}: "
-        f"--backbone {done['backbone']} --adapter {done['adapter']}"
-    )
+    where = " ".join(f"--{k} {v}" for k, v in done.items() if k in ("backbone", "adapter"))
+    print(f"[anima] converted {args.family}: {where}")
     return 0
 
 

@@ -89,13 +89,14 @@ def part_state(parts: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 
 
 def adapter_of(models: dict[str, str | None]) -> str | None:
-    """The adapter to load: the one asked for, else the one a released backbone's conversion wrote."""
+    """The adapter directory to load: the one asked for (a released adapter's hub id is converted once
+    per node), else the one a released DynamiCrafter backbone's conversion wrote."""
     from pipelines.checkpoints import released
 
-    backbone = models.get("backbone")
-    if models.get("adapter") or not released.is_release(backbone):
-        return models.get("adapter")
-    return str(released.adapter_dir(backbone))
+    adapter, backbone = models.get("adapter"), models.get("backbone")
+    if adapter:
+        return str(released.adapter_dir(adapter)) if released.is_release(adapter) else adapter
+    return str(released.adapter_dir(backbone)) if released.bundles_adapter(backbone) else None
 
 
 def image_encoder_ref(adapter: str | None, backbone: str | None) -> str:

@@ -167,10 +167,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def fit_frame(frame: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDArray[np.uint8]:
-    """Scale to cover `size` (h, w) and crop the centre, so content is never stretched."""
+_RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def fit_frame(
+    frame: npt.NDArray[np.uint8], size: tuple[int, int], resample: str = "bicubic"
+) -> npt.NDArray[np.uint8]:
+    """Scale to cover `size` (h, w) and crop the centre, so content is never stretched; `resample`
+    "bilinear" is torchvision's Resize + CenterCrop of PIL images, as official inference scripts use."""
     h, w = size
-    fitted = ImageOps.fit(Image.fromarray(frame), (w, h), method=Image.Resampling.BICUBIC)
+    fitted = ImageOps.fit(Image.fromarray(frame), (w, h), method=_RESAMPLING[resample])
     return np.asarray(fitted)
 
 
@@ -200,10 +206,13 @@ def _read_still(uri: str, what: str) -> npt.NDArray[np.uint8]:
     return frames[0]
 
 
-def read_image(uri: str, size: tuple[int, int] | None = None) -> npt.NDArray[np.uint8]:
-    """(H,W,3) RGB (an animation's first frame); the format is sniffed from the bytes, not the name."""
+def read_image(
+    uri: str, size: tuple[int, int] | None = None, resample: str = "bicubic"
+) -> npt.NDArray[np.uint8]:
+    """(H,W,3) RGB (an animation's first frame); the format is sniffed from the bytes, not the name.
+    `size` (h, w) covers and crops (`fit_frame`)."""
     frame = _read_still(uri, "image")
-    return frame if size is None or frame.shape[:2] == tuple(size) else fit_frame(frame, size)
+    return frame if size is None or frame.shape[:2] == tuple(size) else fit_frame(frame, size, resample)
 
 
 def _to_pil(frame: npt.NDArray[Any]) -> Image.Image:

@@ -179,3 +179,44 @@ def small_config(gated: bool = False) -> dict:
             }
         }
     }
+
+
+# -- VideoCrafter1 and StyleCrafter ---------------------------------------------------------------
+
+
+def _vc1_oracle() -> dict[str, torch.Tensor]:
+    return load_file(str(FIXTURES / "vc1_small_unet.safetensors"))
+
+
+def small_videocrafter1(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small VideoCrafter1 `model.ckpt` state dict: the oracle's base UNet, a VAE, the text tower."""
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v for k, v in _vc1_oracle().items() if k.startswith("model.diffusion_model.")}
+    shapes = ldm_vae_shapes() | openclip_text_shapes("cond_stage_model.model.", vocab)
+    state |= {k: _random(s, g) for k, s in shapes.items()}
+    return state | schedule_buffers(False, "epsilon", None)
+
+
+def small_stylecrafter_files() -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """The oracle's `adapter_v1.pth` (flat) and `temporal_v1_1.pth` (nested) contents."""
+    oracle = _vc1_oracle()
+    adapter = {k.removeprefix("adapter."): v for k, v in oracle.items() if k.startswith("adapter.")}
+    temporal: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in oracle.items():
+        if key.startswith("temporal/"):
+            _, outer, inner = key.split("/")
+            temporal.setdefault(outer, {})[inner] = tensor
+    return adapter, temporal
+
+
+def small_vc1_config() -> dict:
+    """An official-style StyleCrafter inference YAML for the oracle's small VideoCrafter1 and adapter."""
+    spec = yaml.safe_load((FIXTURES / "vc1_small_unet.json").read_text())
+    return {
+        "model": {
+            "params": {
+                "unet_config": {"params": spec["unet_config"]},
+                "adapter_config": {"params": spec["adapter_config"]["params"]},
+            }
+        }
+    }

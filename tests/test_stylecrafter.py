@@ -73,18 +73,22 @@ def test_scales_lie_in_zero_two_and_several_references_pool_into_the_same_tokens
 PARAMS = SampleParams(steps=3, num_frames=3, height=32, width=32, seed=4)
 
 
-def test_style_guidance_zero_is_text_only_guidance(model):
-    params = SampleParams(**{**PARAMS.__dict__, "cfg_style": 0.0, "cfg_text": 5.0})
-    got, _ = sample(model, [Request("a house", refs(1), params)])
-    base = load_backbone("tiny")
-    text, empty = base.encode_prompt(["a house", ""]).split(1)
+def test_guidance_is_the_official_formula_and_its_empty_branch_has_no_style(model):
+    params = SampleParams(**{**PARAMS.__dict__, "cfg_style": 2.0, "cfg_text": 5.0})
+    references = refs(1)
+    got, _ = sample(model, [Request("a house", references, params)])
+    bb = model.backbone
+    text, empty = bb.encode_prompt(["a house", ""]).split(1)
+    style, scales = model.style([references], text)
 
-    def text_only(x, t):
-        e_none, e_text = base.predict(torch.cat([x, x]), torch.cat([t, t]), torch.cat([empty, text])).chunk(2)
-        return e_none + 5.0 * (e_text - e_none)
+    def official(x, t):
+        styled = model.predict(x, t, text, style, scales)
+        text_only = model.predict(x, t, text)
+        uncond = model.predict(x, t, empty)  # no style tokens at all
+        return styled + 2.0 * (styled - text_only) + 5.0 * (text_only - uncond)
 
-    x, _ = ddim_sample(base, (4, 3, 4, 4), [torch.Generator().manual_seed(4)], 3, 1.0, text_only)
-    torch.testing.assert_close(got, base.decode_latents(x), atol=1e-4, rtol=0)
+    x, _ = ddim_sample(bb, (4, 3, 4, 4), [torch.Generator().manual_seed(4)], 3, 1.0, official)
+    torch.testing.assert_close(got, bb.decode_latents(x), atol=1e-4, rtol=0)
 
 
 def test_sampler_batches_guidance_and_videos_and_has_an_image_mode(model):
@@ -95,10 +99,26 @@ def test_sampler_batches_guidance_and_videos_and_has_an_image_mode(model):
     assert batched.shape == (2, 3, 3, 32, 32)
     torch.testing.assert_close(batched, separate, atol=1e-4, rtol=0)
     torch.testing.assert_close(batched[1], alone[0], atol=1e-4, rtol=0)
-    image, _ = sample(
-        model, [Request("a house", refs(1), SampleParams(**{**PARAMS.__dict__, "num_frames": 1}))]
-    )
-    assert image.shape == (1, 1, 3, 32, 32)
+    image_params = SampleParams(**{**PARAMS.__dict__, "num_frames": 1, "image_size": 40})
+    image, _ = sample(model, [Request("a house", refs(1), image_params)])
+    assert image.shape == (1, 1, 3, 40, 40)
+
+
+def test_image_mode_skips_every_temporal_layer(model):
+    unet = model.backbone.unet
+    temporal = [m for n, m in unet.named_modules() if n.endswith(("temp_attentions.0", "temp_convs.0"))]
+    temporal.append(unet.transformer_in)
+    fired = []
+    hooks = [m.register_forward_hook(lambda *_: fired.append(1)) for m in temporal]
+    try:
+        image_params = SampleParams(**{**PARAMS.__dict__, "num_frames": 1, "image_size": 32})
+        sample(model, [Request("a house", refs(1), image_params)])
+        assert fired == []  # not one temporal layer ran
+        sample(model, [Request("a house", refs(1), PARAMS)])
+        assert fired  # and video sampling runs them again
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def test_adapter_round_trips_through_files(model, tmp_path):

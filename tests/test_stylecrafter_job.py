@@ -37,6 +37,7 @@ def test_generate_stylecrafter_with_one_and_two_references_and_bad_rows(ray_clus
     pq.write_table(table, manifest)
     out = tmp_path / "out"
     args = ["generate", "stylecrafter", "--manifest", str(manifest), "--output", str(out), "--clip", "tiny"]
+    args += ["--backbone", "tiny"]
     args += [a for s in SETS for a in ("--set", s)] + ["--batch-size", "3", "--actors", "2"]
     assert main(args) == 0
 

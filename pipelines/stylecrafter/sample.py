@@ -1,13 +1,19 @@
-"""StyleCrafter sampling: DDIM with the paper's text and style guidance, several videos per call.
+"""StyleCrafter sampling: DDIM with the official text and style guidance, several videos per call.
 
-ε = ε(∅) + λ_s·[ε(text, style) − ε(text)] + λ_t·[ε(text) − ε(∅)] on the raw UNet output (paper Eq. 2;
-defaults λ_t = 15, λ_s = 7.5 as the official video inference). The three conditions run as one UNet
-call: the branches without style carry the style tokens with scale factors 0, which is exactly the
-model without style. One frame gives the style-only image mode.
+Video (the official `DDIMStyleSampler`), on the raw UNet output:
+    e = e(text, style) + s_style·[e(text, style) − e(text)] + s_text·[e(text) − e(∅)]
+with s_text 15 and s_style 7.5; the empty-prompt branch never has style, and the scale factors come
+from the prompt's tokens and the style tokens once per sample. The three branches run as one UNet
+call: those without style carry scale factors 0, which is exactly the model without style.
+
+Image (`num_frames` 1), as the official image model: the UNet runs with every temporal layer skipped
+(`temporal.temporal_layers_skipped`), and guidance is e(∅) + image_cfg·[e(text, style) − e(∅)]
+(`image_cfg` 6.0) at `image_size`² (512).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +22,7 @@ import torch
 from pipelines.ddim import ddim_sample
 from pipelines.params import from_values, shared_value
 from pipelines.stylecrafter.model import StyleCrafter
+from pipelines.temporal import temporal_layers_skipped
 
 
 @dataclass(frozen=True)
@@ -24,17 +31,27 @@ class SampleParams:
     eta: float = 1.0
     cfg_text: float = 15.0
     cfg_style: float = 7.5
+    image_cfg: float = 6.0  # the image model's single guidance scale
     num_frames: int = 16  # 1: a stylized image
     height: int = 320
     width: int = 512
+    image_size: int = 512  # of a stylized image (num_frames 1)
     seed: int = 123
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SampleParams:
         p = from_values(cls, values)
-        if p.height % 8 or p.width % 8 or p.steps < 1 or p.num_frames < 1:
-            raise ValueError("height and width must be multiples of 8, steps and num_frames >= 1")
+        if p.height % 8 or p.width % 8 or p.image_size % 8 or p.steps < 1 or p.num_frames < 1:
+            raise ValueError("height, width and image_size must be multiples of 8, steps and num_frames >= 1")
         return p
+
+    @property
+    def image(self) -> bool:
+        return self.num_frames == 1
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.image_size, self.image_size) if self.image else (self.height, self.width)
 
 
 @dataclass
@@ -45,14 +62,14 @@ class Request:
 
 
 # Requests sampled together must agree on these.
-BATCH_KEYS = ("steps", "num_frames", "height", "width", "eta")
+BATCH_KEYS = ("steps", "num_frames", "height", "width", "image_size", "eta")
 
 
 @torch.no_grad()
 def sample(
     model: StyleCrafter, requests: list[Request], batched_cfg: bool = True
 ) -> tuple[torch.Tensor, float]:
-    """Videos [B, F, 3, H, W] in [-1, 1] of requests sharing steps, frames and size; and seconds per step."""
+    """Videos [B, F, 3, H, W] in [-1, 1] of requests sharing `BATCH_KEYS`, and seconds per step."""
     p0 = requests[0].params
     for name in BATCH_KEYS:
         shared_value(requests, name)
@@ -62,26 +79,36 @@ def sample(
     text, empty = embeds[:b], embeds[b:].expand(b, -1, -1)
     style, scales = model.style([r.styles for r in requests], text)
     none = torch.zeros_like(scales)
-    s_txt = torch.tensor([r.params.cfg_text for r in requests], device=device).view(-1, 1, 1, 1, 1)
-    s_sty = torch.tensor([r.params.cfg_style for r in requests], device=device).view(-1, 1, 1, 1, 1)
-    branches = [(empty, none), (text, none), (text, scales)]
+
+    def scale(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(r.params, name) for r in requests], device=device).view(-1, 1, 1, 1, 1)
+
+    # (text, scale factors) per branch; scale factors 0 are the model without style.
+    branches = [(empty, none), (text, scales)] if p0.image else [(empty, none), (text, none), (text, scales)]
 
     def guided_output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = len(branches)
         if batched_cfg:
-            eps = model.predict(
-                torch.cat([x] * 3),
-                torch.cat([t] * 3),
+            out = model.predict(
+                torch.cat([x] * n),
+                torch.cat([t] * n),
                 torch.cat([c[0] for c in branches]),
-                torch.cat([style] * 3),
+                torch.cat([style] * n),
                 torch.cat([c[1] for c in branches]),
             ).float()
-            e_none, e_text, e_both = eps.chunk(3)
+            outs = out.chunk(n)
         else:
-            e_none, e_text, e_both = (model.predict(x, t, txt, style, s).float() for txt, s in branches)
-        return e_none + s_sty * (e_both - e_text) + s_txt * (e_text - e_none)
+            outs = [model.predict(x, t, txt, style, s).float() for txt, s in branches]
+        if p0.image:
+            uncond, styled = outs
+            return uncond + scale("image_cfg") * (styled - uncond)
+        uncond, text_only, styled = outs
+        return styled + scale("cfg_style") * (styled - text_only) + scale("cfg_text") * (text_only - uncond)
 
     generators = [torch.Generator().manual_seed(r.params.seed) for r in requests]
-    scale = bb.vae_scale
-    shape = (bb.unet.config.out_channels, p0.num_frames, p0.height // scale, p0.width // scale)
-    x, seconds_per_step = ddim_sample(bb, shape, generators, p0.steps, p0.eta, guided_output)
+    f, (h, w) = bb.vae_scale, p0.size
+    shape = (bb.unet.config.out_channels, p0.num_frames, h // f, w // f)
+    skipping = temporal_layers_skipped(bb.unet) if p0.image else contextlib.nullcontext()
+    with skipping:
+        x, seconds_per_step = ddim_sample(bb, shape, generators, p0.steps, p0.eta, guided_output)
     return bb.decode_latents(x.to(bb.dtype)).float(), seconds_per_step

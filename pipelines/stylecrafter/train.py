@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from PIL import Image
 from pipelines import media, training
 from pipelines.metrics import to_signed
 from pipelines.stylecrafter.model import StyleCrafter, load_stylecrafter
+from pipelines.temporal import temporal_layers_skipped
 
 # Phrases that name a style rather than content ("a painting of", "in the style of ...", "watercolor").
 DEFAULT_STYLE_WORDS = (
@@ -128,7 +130,12 @@ def training_loss(
     text = bb.encode_prompt(prompts)
     style, scales = model.style([s[None].to(device) for s in styles], text)
     noisy, t, noise, x0 = training.noisy_latents(bb, latents, generator)
-    return training.diffusion_loss(bb, model.predict(noisy, t, text, style, scales), x0, noise, t)
+    # Stage 1 trains the image model's path: every temporal layer skipped. (Stage 2's image steps keep
+    # them, on single frames: they are what stage 2 trains.)
+    images = temporal_layers_skipped(bb.unet) if config.stage == 1 else contextlib.nullcontext()
+    with images:
+        output = model.predict(noisy, t, text, style, scales)
+    return training.diffusion_loss(bb, output, x0, noise, t)
 
 
 RECIPE = training.Recipe(
