@@ -29,23 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "convert", help="convert a released checkpoint, or check a converter on an oracle"
     )
     kinds = convert.add_subparsers(dest="family", required=True)
-    dc = kinds.add_parser("dynamicrafter", help="a DynamiCrafter model.ckpt or safetensors file")
-    dc.add_argument("--checkpoint", required=True, help="model.ckpt (Lightning) or .safetensors")
-    dc.add_argument("--output", required=True, help="writes OUTPUT/backbone and OUTPUT/adapter")
+    dc = _checkpoint_parser(kinds, "dynamicrafter", "a DynamiCrafter model.ckpt or safetensors file")
     dc.add_argument(
         "--variant", choices=sorted(dynamicrafter.VARIANTS), default=None, help="default: detected"
     )
-    dc.add_argument("--config", default=None, help="official inference YAML, for non-released architectures")
-    dc.add_argument(
-        "--tokenizer", default=ldm_parts.OPENCLIP_TOKENIZER, help="CLIP BPE files (hub id or dir)"
-    )
-    vc1 = kinds.add_parser("videocrafter1", help="VideoCrafter1 T2V model.ckpt (StyleCrafter's base)")
-    vc1.add_argument("--checkpoint", required=True, help="model.ckpt (Lightning) or .safetensors")
-    vc1.add_argument("--output", required=True, help="writes OUTPUT/backbone")
-    vc1.add_argument("--config", default=None, help="official inference YAML, for non-released architectures")
-    vc1.add_argument(
-        "--tokenizer", default=ldm_parts.OPENCLIP_TOKENIZER, help="CLIP BPE files (hub id or dir)"
-    )
+    _checkpoint_parser(kinds, "videocrafter1", "VideoCrafter1 T2V model.ckpt (StyleCrafter's base)")
     sc = kinds.add_parser("stylecrafter", help="StyleCrafter adapter_v1.pth + temporal_v1_1.pth")
     sc.add_argument("--adapter", required=True, help="adapter_v1.pth")
     sc.add_argument("--temporal", required=True, help="temporal_v1_1.pth")
@@ -54,6 +42,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--image-encoder", default=stylecrafter.STYLE_IMAGE_ENCODER, help="CLIP image tower")
     check = kinds.add_parser("check-oracle", help="compare anima with the official code's recorded outputs")
     check.add_argument("file", help="an oracle .safetensors with its .json beside it")
+
+
+def _checkpoint_parser(kinds: argparse._SubParsersAction, name: str, about: str) -> argparse.ArgumentParser:
+    parser = kinds.add_parser(name, help=about)
+    parser.add_argument("--checkpoint", required=True, help="model.ckpt (Lightning) or .safetensors")
+    parser.add_argument("--output", required=True, help="writes OUTPUT/backbone (and OUTPUT/adapter)")
+    parser.add_argument(
+        "--config", default=None, help="official inference YAML, for non-released architectures"
+    )
+    parser.add_argument(
+        "--tokenizer", default=ldm_parts.OPENCLIP_TOKENIZER, help="CLIP BPE files (hub id or dir)"
+    )
+    return parser
 
 
 def run_convert(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -211,3 +212,83 @@ def test_videocrafter1_temporal_layers_load_back_strictly(official_files, tmp_pa
     assert all(type(c).__name__ == "NoTemporalConv" for c in bb.unet.down_blocks[0].temp_convs)
     fresh = lvdm.build_unet(small_vc1_config()["model"]["params"]["unet_config"]["params"])
     assert set(bb.unet.state_dict()) == set(fresh.state_dict())
+
+
+def test_both_training_stages_run_on_a_converted_videocrafter1(ray_cluster, official_files, tmp_path):
+    from jobs.train import TrainSpec, run_training
+    from pipelines.stylecrafter.model import load_stylecrafter
+    from tests.test_stylecrafter_train import PALETTES, palette_image
+
+    out = tmp_path / "converted"
+    assert _convert(official_files, out) == (0, 0)
+    rows = []
+    for i in range(4):
+        image = str(tmp_path / f"p{i}.png")
+        media.write_image(palette_image(PALETTES[i % 3], i), image)
+        video = str(tmp_path / f"v{i}.gif")
+        media.write_video(np.stack([palette_image(PALETTES[i % 3], 10 + f) for f in range(6)]), video)
+        rows += [{"id": f"p{i}", "image": image, "video": None, "prompt": "an oil painting of a pattern"}]
+        rows += [{"id": f"v{i}", "image": None, "video": video, "prompt": "a changing pattern"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    models = {"backbone": str(out / "backbone"), "adapter": str(out / "adapter")}
+    params = {"height": 32, "width": 32, "batch_size": 2, "lr": 1e-2, "steps": 3, "num_frames": 4}
+    first = run_training(
+        TrainSpec("stylecrafter", 1, str(tmp_path / "train.parquet"), str(tmp_path / "s1"), models, params)
+    )
+    second = run_training(
+        TrainSpec("stylecrafter", 2, str(tmp_path / "train.parquet"), str(tmp_path / "s2"),
+                  {**models, "adapter": first["adapter"]}, {**params, "image_ratio": 0.5})
+    )  # fmt: skip
+    assert first["step"] == second["step"] == 3 and np.isfinite(second["loss"])
+    converted = load_stylecrafter(models, "cpu", torch.float32)
+    tuned = load_stylecrafter({**models, "adapter": second["adapter"]}, "cpu", torch.float32)
+    before = dict(converted.backbone.unet.named_parameters())
+    moved = [n for n, p in tuned.backbone.unet.named_parameters() if not torch.equal(p, before[n])]
+    assert any("relative_k" in n for n in moved)  # stage 2 trains the relative-position tables too
+    unet_layers = [n for n in moved if ".attn2.processor." not in n]  # the style processors: stage 1
+    assert unet_layers and all("temp_attentions" in n or n.startswith("transformer_in") for n in unet_layers)
+
+
+def test_released_hub_ids_convert_once_and_are_the_defaults(official_files, tmp_path, monkeypatch, capsys):
+    from pipelines.checkpoints.ldm_parts import OPENCLIP_TOKENIZER
+    from pipelines.stylecrafter.model import load_stylecrafter
+    from tests.test_dynamicrafter_checkpoints import _hub_snapshot
+
+    hub = tmp_path / "hub"
+    root = official_files
+    _hub_snapshot(hub, "VideoCrafter/Text2Video-512", {"model.ckpt": (root / "model.ckpt").read_bytes()})
+    files = {n: (root / n).read_bytes() for n in ("adapter_v1.pth", "temporal_v1_1.pth")}
+    _hub_snapshot(hub, "liuhuohuo/StyleCrafter", files)
+    # The public ViT-H-14 repository holds both the tokenizer and the image tower; here the small ones.
+    _hub_snapshot(hub, OPENCLIP_TOKENIZER, {p.name: p.read_bytes() for p in (root / "clip-80").iterdir()})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("ANIMA_HF_CACHE", str(hub))
+    monkeypatch.setenv("ANIMA_CACHE", str(tmp_path / "node-cache"))
+    small = small_vc1_config()["model"]["params"]
+    monkeypatch.setattr(sc, "RELEASED_UNET", small["unet_config"]["params"])
+    monkeypatch.setattr(sc, "RELEASED_ADAPTER", small["adapter_config"]["params"])
+
+    models = {"backbone": "VideoCrafter/Text2Video-512", "adapter": "liuhuohuo/StyleCrafter"}
+    model = load_stylecrafter(models, "cpu", torch.float32)
+    assert model.config.variant == "official" and model.backbone.prediction_type == "epsilon"
+    kinds = {type(p).__name__ for n, p in model.backbone.unet.attn_processors.items() if "temp_" in n}
+    assert kinds == {"RelativePositionProcessor"}
+    converted = sorted(p.name for p in (tmp_path / "node-cache").glob("converted-*") if p.is_dir())
+    assert converted == ["converted-VideoCrafter--Text2Video-512-v1", "converted-liuhuohuo--StyleCrafter-v1"]
+
+
+def test_generate_stylecrafter_defaults_to_the_released_models(ray_cluster, tmp_path, data_dir, capsys):
+    styles = data_dir / "styles" if (data_dir / "styles").exists() else data_dir
+    ink = str(sorted(styles.glob("*.jp*g"))[0])
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["a bird"], "style": [[ink]]}), tmp_path / "s.parquet")
+    args = [
+        "generate",
+        "stylecrafter",
+        "--manifest",
+        str(tmp_path / "s.parquet"),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert main([*args, "--clip", "tiny"]) == 3  # offline, nothing cached: no silent random model
+    err = " ".join(capsys.readouterr().err.split())
+    assert "VideoCrafter/Text2Video-512" in err and "huggingface-cli download" in err

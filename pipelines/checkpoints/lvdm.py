@@ -22,6 +22,23 @@ from torch import nn
 from pipelines import temporal
 from pipelines.checkpoints.keymap import ConversionError, Rule
 
+# What the released DynamiCrafter and VideoCrafter1 UNet configs share (their `unet_config.params`).
+RELEASED_COMMON: dict[str, Any] = {
+    "out_channels": 4,
+    "model_channels": 320,
+    "attention_resolutions": [4, 2, 1],
+    "num_res_blocks": 2,
+    "channel_mult": [1, 2, 4, 4],
+    "num_head_channels": 64,
+    "transformer_depth": 1,
+    "context_dim": 1024,
+    "use_linear": True,
+    "temporal_attention": True,
+    "temporal_selfatt_only": True,
+    "use_causal_attention": False,
+    "temporal_length": 16,
+    "addition_attention": True,
+}
 # diffusers' UNet3D builds one transformer layer per block and the LVDM GroupNorm has 32 groups.
 _SUPPORTED = {"transformer_depth": 1, "use_linear": True, "temporal_selfatt_only": True}
 _RESBLOCK = {

@@ -28,23 +28,10 @@ from pipelines.stylecrafter.model import StyleConfig, StyleModules, style_module
 
 UNET_PREFIX = "model.diffusion_model."
 RELEASED_UNET: dict[str, Any] = {
+    **lvdm.RELEASED_COMMON,
     "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 320,
-    "attention_resolutions": [4, 2, 1],
-    "num_res_blocks": 2,
-    "channel_mult": [1, 2, 4, 4],
-    "num_head_channels": 64,
-    "transformer_depth": 1,
-    "context_dim": 1024,
-    "use_linear": True,
     "temporal_conv": False,
-    "temporal_attention": True,
-    "temporal_selfatt_only": True,
     "use_relative_position": True,
-    "use_causal_attention": False,
-    "temporal_length": 16,
-    "addition_attention": True,
 }
 # `adapter_config.params` of the released adapter.
 RELEASED_ADAPTER: dict[str, Any] = {
@@ -282,7 +269,6 @@ def convert_stylecrafter(
     output: str,
     config: dict[str, Any] | None = None,
     image_encoder: str = STYLE_IMAGE_ENCODER,
-    image_width: int = 1280,
 ) -> dict[str, str]:
     """The released adapter and temporal weights as an adapter directory (OUTPUT/adapter) for a converted
     VideoCrafter1 backbone. `config` is an official inference YAML for other architectures."""
@@ -293,8 +279,9 @@ def convert_stylecrafter(
     style = style_config_of(
         official, image_encoder, variant="official", sample_defaults=dict(SAMPLE_DEFAULTS)
     )
-    width = official["image_context_config"]["params"]["in_dim"] if adapter_config else image_width
-    parts = build_adapter_parts(unet_config, style, width, "meta")
+    parts = build_adapter_parts(
+        unet_config, style, official["image_context_config"]["params"]["in_dim"], "meta"
+    )
     converted = convert_adapter(
         adapter, temporal, parts, style, f"StyleCrafter files {adapter_file}, {temporal_file}"
     )
