@@ -415,3 +415,16 @@ def test_a_converted_model_fine_tunes_with_train_adapter(ray_cluster, official_f
         k for k, v in tuned.adapter_state_dict().items() if not torch.equal(v, base.adapter_state_dict()[k])
     ]
     assert changed  # the fine-tuned adapter moved and loads back with the converted image encoder
+
+
+def test_a_checkpoint_uri_is_fetched_into_the_cache_first(official_files, monkeypatch, tmp_path):
+    import fsspec
+
+    monkeypatch.setenv("ANIMA_CACHE", str(tmp_path / "cache"))
+    with fsspec.open("memory://bucket/dc/model.ckpt", "wb") as f:
+        f.write(official_files["512"][0].read_bytes())
+    state = read_checkpoint("memory://bucket/dc/model.ckpt")
+    assert dc.detect_variant(state).name == "512"
+    assert list((tmp_path / "cache" / "downloads").glob("*/model.ckpt"))
+    with pytest.raises(ConversionError, match="does not exist"):
+        read_checkpoint("memory://bucket/dc/absent.ckpt")

@@ -52,6 +52,30 @@ def _tensors(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _local(uri: str | Path) -> Path:
+    """A local path for a checkpoint URI: fsspec URIs (s3://, gs://, ...) are copied into the node's
+    model cache first, since torch.load and safetensors memory-map local files."""
+    text = str(uri)
+    if "://" not in text or text.startswith("file://"):
+        return Path(text.removeprefix("file://"))
+    import hashlib
+
+    import fsspec
+
+    from pipelines.model_cache import cache_dir
+
+    local = cache_dir() / "downloads" / hashlib.sha256(text.encode()).hexdigest()[:16] / Path(text).name
+    if not local.exists():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f".{local.name}.partial")
+        try:
+            fsspec.core.url_to_fs(text)[0].get_file(text, str(partial))
+        except FileNotFoundError:
+            raise ConversionError(f"checkpoint {text} does not exist") from None
+        partial.rename(local)
+    return local
+
+
 def _load(path: Path) -> object:
     if not path.is_file():
         raise ConversionError(f"checkpoint {path} does not exist")
@@ -75,7 +99,7 @@ def _load(path: Path) -> object:
 
 def read_nested(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """A file of {name: {key: tensor}} (StyleCrafter's temporal weights), tensors only."""
-    path = Path(path)
+    path = _local(path)
     obj = _load(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -85,11 +109,11 @@ def read_nested(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a `.ckpt`/`.pt`/`.pth` or `.safetensors` file, by key (memory-mapped where possible).
+    """Every tensor of a `.ckpt`/`.pt`/`.pth` or `.safetensors` file (a local path or any fsspec URI), by
+    key (memory-mapped where possible).
 
     Raises ConversionError naming the file for a missing, corrupt or truncated file, and for one that
     holds Python objects other than tensors (a pickle with code).
     """
-    path = Path(path)
-    state = _load(path)
-    return _tensors(state, path)
+    path = _local(path)
+    return _tensors(_load(path), path)
