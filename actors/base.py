@@ -10,6 +10,7 @@ after `max_row_crashes` tries instead of looping forever.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import resource
@@ -93,6 +94,10 @@ class RowActor:
     kind: ClassVar[str]  # manifest kind, a key of schemas.MANIFEST_KINDS
     # Parameter defaults of the method; `--set` and same-named manifest columns override them.
     defaults: ClassVar[dict[str, Any]] = {"seed": 0}
+    # Rows per actor call without --batch-size, and rows per Ray task (at least one batch): what a failed
+    # task costs; see runner.task_rows.
+    default_batch_size: ClassVar[int] = 1
+    rows_per_task: ClassVar[int] = 1
     # Defaults the loaded model brings (a converted official model's inference settings), over `defaults`.
     model_defaults: dict[str, Any]
 
@@ -165,26 +170,30 @@ class RowActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         results: dict[int, ResultRow] = {}
-        crashes: dict[int, int] = {}
         for i, row in enumerate(rows):
             reason = unsafe_id_reason(row["id"])
-            if reason:  # its marker and artifact paths would lie outside OUTPUT: touch nothing
+            if reason:  # its artifact paths would lie outside OUTPUT: touch nothing
                 message = f"id cannot name an artifact folder ({reason}); nothing was written"
                 results[i] = self._error_row(row, {}, message, retryable=False, seconds=0.0)
-                continue
-            crashes[i] = self._note_start(row)
-            if crashes[i] >= self.config.max_row_crashes:
-                message = (
-                    f"the worker process died {crashes[i]} times while processing this row (killed, out of "
-                    "host memory, or a fatal GPU error); giving up on it"
-                )
-                results[i] = self._error_row(row, {}, message, retryable=True, seconds=0.0)
         runnable = [i for i in range(len(rows)) if i not in results]
-        if runnable:
+        if not runnable:
+            return result_table([results[i] for i in range(len(rows))])
+        marker = self._marker([rows[i]["id"] for i in runnable])
+        crashes = self._note_start(marker, [rows[i]["id"] for i in runnable])
+        if crashes >= self.config.max_row_crashes:
+            message = (
+                f"the worker process died {crashes} times while processing this row's batch (killed, out "
+                "of host memory, or a fatal GPU error); giving up on it"
+            )
+            results |= {
+                i: self._error_row(rows[i], {}, message, retryable=True, seconds=0.0) for i in runnable
+            }
+        else:
             results.update(self._run(rows, runnable))
-        for i in runnable:
-            if crashes[i]:
-                results[i].notes.append(f"the worker process died {crashes[i]} time(s) on this row before")
+            if crashes:
+                for i in runnable:
+                    results[i].notes.append(f"the worker process died {crashes} time(s) on this row before")
+        media.remove(marker)
         return result_table([results[i] for i in range(len(rows))])
 
     def _run(self, rows: list[dict[str, Any]], indices: list[int]) -> dict[int, ResultRow]:
@@ -234,7 +243,6 @@ class RowActor:
     # -- result rows ------------------------------------------------------------------------
 
     def _base_row(self, row: dict[str, Any], params: dict[str, Any], seconds: float) -> ResultRow:
-        self._note_done(row)
         return ResultRow(
             id=row["id"],
             method=self.config.method,
@@ -269,31 +277,28 @@ class RowActor:
 
     # -- crash accounting -------------------------------------------------------------------
 
-    def _marker(self, row: dict[str, Any]) -> str | None:
-        """The row's in-flight marker; None for an id that cannot name a folder (it never gets one)."""
-        if unsafe_id_reason(row["id"]):
-            return None
-        return media.join(self.config.artifacts_dir(row["id"]), "_inflight.json")
+    def _marker(self, ids: list[str]) -> str:
+        """The in-flight marker of a batch: OUTPUT/_inflight/<digest of its ids>.json.
 
-    def _note_start(self, row: dict[str, Any]) -> int:
-        """Record that work on the row began; return how many processes died on it before.
-
-        The marker outlives a killed process, so its count says how many processes died on this row.
+        Ray retries a failed task with the same block, so the same batch finds its marker again.
         """
-        marker = self._marker(row)
-        assert marker is not None, "callers skip rows whose id cannot name a folder"
+        digest = hashlib.sha1("\n".join(ids).encode("utf-8")).hexdigest()
+        return media.join_under(self.config.output, "_inflight", f"{digest}.json")
+
+    def _note_start(self, marker: str, ids: list[str]) -> int:
+        """Record that work on a batch began; return how many processes died on it before.
+
+        The marker outlives a killed process, so its count says how many processes died on this batch
+        (a row that kills its process kills its batch, so every row of it counts the same).
+        """
         starts = json.loads(media.read_bytes(marker))["starts"] if media.exists(marker) else 0
         if starts < self.config.max_row_crashes:
             media.write_text(json.dumps({"starts": starts + 1, "run_id": self.config.run_id}), marker)
-        if starts == 0 and os.environ.get(CHAOS_KILL_ENV) == row["id"]:
-            print(f"[anima] chaos: killing worker process on row {row['id']!r}", file=sys.stderr, flush=True)
+        victim = os.environ.get(CHAOS_KILL_ENV)
+        if starts == 0 and victim in ids:
+            print(f"[anima] chaos: killing worker process on row {victim!r}", file=sys.stderr, flush=True)
             os._exit(1)
         return starts
-
-    def _note_done(self, row: dict[str, Any]) -> None:
-        marker = self._marker(row)
-        if marker is not None and media.exists(marker):
-            media.remove(marker)
 
 
 def model_dtype(device: str, precision: str) -> torch.dtype:

@@ -17,6 +17,9 @@ class EvaluateActor(RowActor):
     kind = "eval"
     # num_frames: sample exactly this many frames (None = every frame, up to max_frames, sampled evenly).
     defaults: ClassVar[dict[str, Any]] = {"seed": 0, "num_frames": None, "max_frames": 64}
+    # Rows take a second or less: calls of 32 rows amortise the per-call cost, tasks of 256 a few minutes.
+    default_batch_size: ClassVar[int] = 32
+    rows_per_task: ClassVar[int] = 256
 
     @classmethod
     def prepare(cls, config: JobConfig) -> None:

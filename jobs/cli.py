@@ -51,7 +51,9 @@ def _pool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, default=1, help="actor pool size (one model copy each)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (0: CPU)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor")
-    p.add_argument("--batch-size", type=int, default=1, help="rows per actor call")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="rows per actor call (default: 1; evaluate: 32)"
+    )
     p.add_argument("--seed", type=int, default=None, help="default seed of rows without a seed column")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hyperparameter override")
     p.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP for metrics: hub id, local dir, tiny, or none")

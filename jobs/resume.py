@@ -3,20 +3,31 @@
 A rerun skips ids whose latest row is ok and retries the rest, so a preempted or killed job is
 resumed by submitting it again with the same output. Rows that failed on their own input (missing or
 corrupt file, empty prompt) would fail again the same way, so they are retried only when asked.
+
+Everything here works column-wise with Arrow compute over only the columns it needs (a million result
+rows resolve in seconds), and every run ends by compacting its own result files (`compact`), so that
+an output holds O(rows / 10⁴) files whatever its batch size.
 """
 
 from __future__ import annotations
 
 import sys
+import uuid
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from schemas import OK
+from pipelines import media
+from schemas import OK, RESULT_SCHEMA
 
-HISTORY_COLUMNS = ["id", "status", "retryable", "finished_at"]
+HISTORY_COLUMNS = ["id", "status", "retryable", "finished_at", "run_id"]
+# A run's result files are rewritten into files of this many rows when it ends.
+ROWS_PER_FILE = 50_000
+COMPACTED = "part"
 
 
 def result_files(results_uri: str, prefix: str = "") -> tuple[fsspec.AbstractFileSystem, list[str]]:
@@ -30,43 +41,75 @@ def result_files(results_uri: str, prefix: str = "") -> tuple[fsspec.AbstractFil
 
 
 def read_results(results_uri: str, columns: list[str] | None = None, prefix: str = "") -> pa.Table | None:
-    """All result rows under `results_uri` (files named `prefix*`); None when there are none.
+    """Result rows under `results_uri` (files named `prefix*`), only `columns`; None when there are none.
 
-    A file that cannot be read (a writer killed mid-file) is skipped with a warning: its rows simply
-    count as not done and are redone.
+    One dataset scan over all files. A file that cannot be read (a writer killed mid-file) is left out
+    with a warning: its rows simply count as not done and are redone.
     """
     fs, files = result_files(results_uri, prefix)
-    tables = []
-    for path in files:
-        try:
-            tables.append(pq.read_table(path, filesystem=fs, columns=columns))
-        except (OSError, pa.ArrowInvalid) as exc:
-            print(f"[anima] skipping unreadable result file {path}: {exc}", file=sys.stderr)
-    return pa.concat_tables(tables, promote_options="default") if tables else None
+    if not files:
+        return None
+    filesystem = PyFileSystem(FSSpecHandler(fs))
+    dataset = ds.dataset(files, schema=RESULT_SCHEMA, format="parquet", filesystem=filesystem,
+                         exclude_invalid_files=True)  # fmt: skip
+    unreadable = sorted(set(files) - set(dataset.files))
+    for path in unreadable:
+        print(f"[anima] skipping unreadable result file {path}", file=sys.stderr)
+    return dataset.to_table(columns=columns) if dataset.files else None
 
 
 def latest(results: pa.Table) -> pa.Table:
-    """One row per id: the one that finished last, with `attempts` = how many rows the id has in all."""
+    """One row per id: the one that finished last, with `attempts` = how many runs gave the id a row.
+
+    A run gives each id one row; a row seen twice (a compaction interrupted before it removed the files
+    it merged) counts once.
+    """
     ordered = results.sort_by([("id", "ascending"), ("finished_at", "ascending")])
-    ids = ordered.column("id")
-    # The last row of each run of equal ids is the latest one.
-    following = pa.concat_arrays([ids.combine_chunks()[1:], pa.array([None], pa.string())])
-    is_last = pc.fill_null(pc.not_equal(ids.combine_chunks(), following), True)
-    agg = ordered.group_by("id").aggregate([("id", "count")])
-    counts = dict(zip(agg["id"].to_pylist(), agg["id_count"].to_pylist(), strict=True))
-    last = ordered.filter(is_last)
-    attempts = pa.array([counts[i] for i in last.column("id").to_pylist()], pa.int64())
+    ids = ordered.column("id").combine_chunks()
+    following = pa.concat_arrays([ids[1:], pa.array([None], ids.type)])
+    last = ordered.filter(pc.fill_null(pc.not_equal(ids, following), True))
+    counted = "run_id" if "run_id" in results.column_names else "id"
+    counts = results.group_by("id").aggregate([(counted, "count_distinct")])
+    where = pc.index_in(last.column("id"), value_set=counts.column("id"))
+    attempts = pc.take(counts.column(f"{counted}_count_distinct"), where).cast(pa.int64())
     return last.append_column("attempts", attempts)
 
 
-def settled_and_attempts(results_uri: str, retry_errors: bool = False) -> tuple[set[str], dict[str, int]]:
-    """Ids a rerun skips (latest row ok, or failed on bad input unless `retry_errors`), and how many
-    result rows every id seen so far has."""
+def settled_and_attempts(results_uri: str, retry_errors: bool = False) -> tuple[pa.Array, pa.Table]:
+    """Ids a rerun skips (latest row ok, or failed on bad input unless `retry_errors`), and a table of
+    (id, attempts): how many runs gave every id seen so far a row."""
     results = read_results(results_uri, HISTORY_COLUMNS)
     if results is None or results.num_rows == 0:
-        return set(), {}
+        return pa.array([], pa.string()), pa.table(
+            {"id": pa.array([], pa.string()), "attempts": pa.array([], pa.int64())}
+        )
     last = latest(results)
-    ids = last.column("id").to_pylist()
-    rows = zip(ids, last.column("status").to_pylist(), last.column("retryable").to_pylist(), strict=True)
-    settled = {i for i, status, retryable in rows if status == OK or not (retry_errors or retryable)}
-    return settled, dict(zip(ids, last.column("attempts").to_pylist(), strict=True))
+    ok = pc.equal(last.column("status"), OK)
+    keep_failed = pc.invert(pc.fill_null(last.column("retryable"), True)) if not retry_errors else None
+    settled = ok if keep_failed is None else pc.or_(ok, keep_failed)
+    return last.filter(settled).column("id").combine_chunks(), last.select(["id", "attempts"])
+
+
+def compact(results_uri: str, run_id: str, rows_per_file: int = ROWS_PER_FILE) -> int:
+    """Rewrite the run's result files as files of `rows_per_file` rows; returns how many it wrote.
+
+    Each new file is written whole (atomically) before any old one is removed, so a kill in between
+    leaves rows twice, which `latest` counts once, and never loses one.
+    """
+    fs, files = result_files(results_uri, run_id)
+    small = [f for f in files if not f.rsplit("/", 1)[-1].startswith(f"{run_id}_{COMPACTED}-")]
+    if len(small) <= 1:
+        return 0
+    table = read_results(results_uri, prefix=run_id)
+    if table is None:
+        return 0
+    written = 0
+    token = uuid.uuid4().hex[:8]
+    for start in range(0, table.num_rows, rows_per_file):
+        name = f"{run_id}_{COMPACTED}-{token}-{written:05d}.parquet"
+        with media.atomic_write(media.join(results_uri, name)) as f:
+            pq.write_table(table.slice(start, rows_per_file), f)
+        written += 1
+    for path in small:
+        fs.rm_file(path)
+    return written

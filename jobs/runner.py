@@ -1,6 +1,6 @@
 """The one Ray Data graph every job runs: manifest in, one result row per input row out.
 
-    read manifest + validate (driver) -> drop settled ids -> from_arrow(blocks of batch_size rows)
+    read manifest + validate (driver) -> drop settled ids -> from_arrow(blocks of `task_rows` rows)
     -> map_batches(actor pool) -> write_parquet(OUTPUT/results/) -> backfill rows lost to failed tasks
     -> summary
 
@@ -9,7 +9,9 @@ The driver only moves URIs and short strings; actors read inputs and write artif
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import glob
 import importlib
 import os
 import time
@@ -19,8 +21,11 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import ray
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.data import ActorPoolStrategy, DataContext
 from ray.data.datasource.filename_provider import FilenameProvider
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -56,10 +61,11 @@ class JobSpec:
     actors: int = 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
-    batch_size: int = 1
+    batch_size: int | None = None  # None: the method's `RowActor.default_batch_size`
     max_row_crashes: int = 2
     retry_errors: bool = False
     no_progress_timeout_s: float = 3600.0
+    rows_per_task: int | None = None  # None: the method's choice (see `task_rows`)
     runtime_env: dict[str, Any] | None = None
 
 
@@ -79,19 +85,24 @@ def ensure_ray() -> None:
 
 
 def read_manifest(uri: str) -> pa.Table:
-    """The whole manifest, read on the driver: validation and resume need every row before any actor starts.
+    """The manifest, read on the driver: validation and resume need every row before any actor starts.
 
-    Manifests hold URIs and short strings (a million rows is a few hundred MB), and pyarrow reads them
-    in milliseconds where a `ray.data.read_parquet` round trip costs seconds of task start-up per job.
+    A file, a folder of Parquet files or a glob (`s3://bucket/manifests/part-*.parquet`), read as one
+    Arrow dataset scan. Manifests hold URIs and short strings (a million rows is a few hundred MB), and
+    pyarrow reads them in seconds where a `ray.data.read_parquet` round trip costs task start-ups.
     """
     fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.exists(path):
+    files = sorted(fs.glob(path)) if glob.has_magic(path) else [path]
+    if not files or not all(fs.exists(f) for f in files):
         raise JobError(f"manifest {uri} does not exist")
+    if len(files) == 1 and fs.isdir(files[0]):
+        files = sorted(f for f in fs.find(files[0]) if f.endswith(".parquet"))
+        if not files:
+            raise JobError(f"manifest folder {uri} holds no .parquet files")
     try:
-        table = pq.read_table(path, filesystem=fs)
+        return ds.dataset(files, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs))).to_table()
     except Exception as exc:
         raise JobError(f"cannot read manifest {uri} as Parquet: {exc}") from exc
-    return table
 
 
 def check_output_writable(output: str) -> None:
@@ -134,15 +145,18 @@ def prepare_on_nodes(config: JobConfig, spec: JobSpec) -> None:
 
 
 def pending_rows(table: pa.Table, results_uri: str, retry_errors: bool) -> tuple[pa.Table, int]:
-    """Rows to run, each with the attempt number this run will be; and how many were skipped."""
+    """Rows to run, each with the attempt number this run will be; and how many were skipped.
+
+    Column-wise (Arrow compute), so a million settled ids resolve in seconds, in manifest order.
+    """
     settled, attempts = resume.settled_and_attempts(results_uri, retry_errors)
-    ids = table.column("id").to_pylist()
-    keep = [i not in settled for i in ids]
-    todo = table.filter(pa.array(keep))
-    numbers = [attempts.get(i, 0) + 1 for i in todo.column("id").to_pylist()]
-    if ATTEMPT_COLUMN in todo.column_names:
-        todo = todo.drop_columns([ATTEMPT_COLUMN])
-    return todo.append_column(ATTEMPT_COLUMN, pa.array(numbers, pa.int64())), len(ids) - len(todo)
+    if ATTEMPT_COLUMN in table.column_names:
+        table = table.drop_columns([ATTEMPT_COLUMN])
+    todo = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=settled)))
+    where = pc.index_in(todo.column("id"), value_set=attempts.column("id"))
+    earlier = pc.fill_null(pc.take(attempts.column("attempts"), where), 0)
+    numbers = pc.add(earlier.cast(pa.int64()), 1)
+    return todo.append_column(ATTEMPT_COLUMN, numbers), table.num_rows - todo.num_rows
 
 
 def _new_run_id() -> str:
@@ -156,6 +170,8 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     if unknown:
         known = ", ".join(sorted(actor.defaults))
         raise JobError(f"unknown parameter(s) {', '.join(unknown)} for {spec.method}; known: {known}")
+    if spec.batch_size is None:
+        spec = dataclasses.replace(spec, batch_size=actor.default_batch_size)
     if spec.batch_size < 1 or spec.actors < 1:
         raise JobError("--batch-size and --actors must be at least 1")
     started = time.time()
@@ -180,8 +196,8 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         ctx = DataContext.get_current()
         ctx.max_errored_blocks = -1  # a failed task's rows are backfilled as error rows below
         ctx.execution_no_progress_timeout_s = spec.no_progress_timeout_s
-        # Blocks of `batch_size` rows made here, so one failed task cannot take more rows with it.
-        blocks = [todo.slice(i, spec.batch_size) for i in range(0, todo.num_rows, spec.batch_size)]
+        rows = task_rows(spec, actor, todo.num_rows)
+        blocks = [todo.slice(i, rows) for i in range(0, todo.num_rows, rows)]
         (
             ray.data.from_arrow(blocks)
             .map_batches(
@@ -198,22 +214,49 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
                 results_uri,
                 # Files named after the run, so a run's own rows can be told from all runs' files.
                 filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
+                # About a file per task, not per batch; the run's files are compacted when it ends.
+                min_rows_per_file=rows,
                 # Writing a few rows needs no reserved CPU; actors may hold all of them (small clusters).
                 ray_remote_args={"num_cpus": 0},
             )
         )
         backfill_lost(todo, results_uri, config)
+        resume.compact(results_uri, run_id)
+        # Markers of batches whose process died: stale once the run has given every row a result.
+        media.remove_tree(media.join(spec.output, "_inflight"))
 
     report = summary.build(table, spec, run_id, skipped, todo.num_rows, time.time() - started)
     summary.save(report, spec.output)
     return report
 
 
+# Above this many blocks Ray Data's start-up grows with the count (1e5 blocks took minutes and GBs).
+MAX_BLOCKS = 2_000
+
+
+def task_rows(spec: JobSpec, actor: type[RowActor], rows: int) -> int:
+    """Rows per Ray task (one block): what a failed task can lose, and the unit of load balancing.
+
+    At least a batch, the method's preference (`RowActor.rows_per_task`: one batch for minutes-long
+    generation rows, hundreds for evaluation) but no more than gives every actor four tasks, and
+    enough that the job has at most MAX_BLOCKS blocks, so that start-up does not depend on the batch
+    size.
+    """
+    balanced = -(-rows // (4 * spec.actors))
+    wanted = spec.rows_per_task or min(actor.rows_per_task, balanced)
+    fewest = -(-rows // MAX_BLOCKS)
+    per_task = max(wanted, fewest, spec.batch_size)
+    return -(-per_task // spec.batch_size) * spec.batch_size  # whole batches
+
+
 def backfill_lost(todo: pa.Table, results_uri: str, config: JobConfig) -> None:
     """Give every row this run should have processed a result row, even if its task failed for good."""
     written = resume.read_results(results_uri, ["id"], prefix=config.run_id)
-    seen = set(written.column("id").to_pylist()) if written is not None else set()
-    lost = [
+    seen = written.column("id") if written is not None else pa.array([], pa.string())
+    lost = todo.filter(pc.invert(pc.is_in(todo.column("id"), value_set=seen)))
+    if not lost.num_rows:
+        return
+    rows = [
         ResultRow(
             id=row_id,
             method=config.method,
@@ -225,11 +268,9 @@ def backfill_lost(todo: pa.Table, results_uri: str, config: JobConfig) -> None:
             run_id=config.run_id,
         )
         for row_id, attempt in zip(
-            todo.column("id").to_pylist(), todo.column(ATTEMPT_COLUMN).to_pylist(), strict=True
+            lost.column("id").to_pylist(), lost.column(ATTEMPT_COLUMN).to_pylist(), strict=True
         )
-        if row_id not in seen
     ]
-    if lost:
-        print(f"[anima] {len(lost)} row(s) lost by failed tasks; recording them as errors")
-        with media.atomic_write(media.join(results_uri, f"{config.run_id}_lost.parquet")) as f:
-            pq.write_table(result_table(lost), f)
+    print(f"[anima] {len(rows)} row(s) lost by failed tasks; recording them as errors")
+    with media.atomic_write(media.join(results_uri, f"{config.run_id}_lost.parquet")) as f:
+        pq.write_table(result_table(rows), f)

@@ -43,14 +43,14 @@ def build(
     manifest: pa.Table, spec: JobSpec, run_id: str, skipped: int, processed: int, wall_s: float
 ) -> dict[str, Any]:
     results_uri = media.join(spec.output, "results")
-    everything = resume.read_results(results_uri)
-    run = everything.filter(pc.equal(everything.column("run_id"), run_id)) if everything else None
-    ids = set(manifest.column("id").to_pylist())
+    columns = [*resume.HISTORY_COLUMNS, "error", "seconds", *METRIC_COLUMNS]
+    everything = resume.read_results(results_uri, columns)
     latest = (
-        resume.latest(everything.filter(pc.is_in(everything.column("id"), pa.array(ids))))
+        resume.latest(everything.filter(pc.is_in(everything.column("id"), value_set=manifest.column("id"))))
         if everything
         else None
     )
+    run = latest.filter(pc.equal(latest.column("run_id"), run_id)) if latest is not None else None
 
     statuses = Counter(run.column("status").to_pylist()) if run is not None else Counter()
     seconds = [s for s in run.column("seconds").to_pylist() if s is not None] if run is not None else []

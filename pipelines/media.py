@@ -38,6 +38,11 @@ _SVG_NAMESPACE = "http://www.w3.org/2000/svg"
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _JPEG_QUALITY = 95
 _X264_CRF = "18"
+# Inputs that pretend to be media: refused with a clear error before they can take an actor's memory.
+MAX_INPUT_BYTES = 2 * 2**30  # one input file, fetched whole
+MAX_IMAGE_PIXELS = 64 * 2**20  # per frame (8192²); PIL's own bomb check allows 89M and warns only
+MAX_DECODED_BYTES = 4 * 2**30  # the RGB frames one read may return
+MAX_SVG_BYTES = 10 * 2**20
 
 
 class MediaError(Exception):
@@ -75,10 +80,23 @@ def remove(uri: str) -> None:
         fs.rm_file(path)
 
 
-def _read(uri: str, what: str) -> bytes:
+def remove_tree(uri: str) -> None:
+    """Delete a folder and what it holds; a folder that is not there is fine."""
+    fs, path = url_to_fs(uri)
+    if fs.exists(path):
+        with suppress(FileNotFoundError):
+            fs.rm(path, recursive=True)
+
+
+def _read(uri: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
     # Only errors that retrying cannot fix become MediaError; network faults propagate so the task retries.
     fs, path = url_to_fs(uri)
     try:
+        size = fs.size(path)
+        if size is not None and size > limit:
+            raise MediaError(
+                f"{what} {uri} is {size / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB limit"
+            )
         return fs.cat_file(path)
     except FileNotFoundError:
         raise MediaError(f"{what} not found: {uri}") from None
@@ -186,15 +204,37 @@ def _stack(uri: str, frames: list[npt.NDArray[np.uint8]]) -> npt.NDArray[np.uint
     return np.stack(frames)
 
 
+def _check_decoded(uri: str, frames: int, height: int, width: int) -> None:
+    """Refuse sizes that would take the actor's memory (decompression bombs, endless animations)."""
+    if height * width > MAX_IMAGE_PIXELS:
+        raise MediaError(
+            f"{uri} has {width}x{height}-pixel frames, over the {MAX_IMAGE_PIXELS:,}-pixel limit"
+        )
+    if frames * height * width * 3 > MAX_DECODED_BYTES:
+        raise MediaError(
+            f"{uri}: {frames} frames of {width}x{height} would decode to over "
+            f"{MAX_DECODED_BYTES / 2**30:.0f} GiB"
+        )
+
+
 def _decode_images(uri: str, data: bytes, what: str, all_frames: bool) -> npt.NDArray[np.uint8] | None:
-    """(F,H,W,3) RGB of a file PIL recognises by its content; None when it is no image at all."""
+    """(F,H,W,3) RGB of a file PIL recognises by its content; None when it is no image at all.
+
+    The header's size is checked before any pixel is decoded.
+    """
     try:
         with Image.open(io.BytesIO(data)) as image:
+            count = getattr(image, "n_frames", 1) if all_frames else 1
+            _check_decoded(uri, count, image.height, image.width)
             sequence = ImageSequence.Iterator(image) if all_frames else [image]
             frames = [np.asarray(_to_rgb(ImageOps.exif_transpose(frame))) for frame in sequence]
     except UnidentifiedImageError:
         return None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise MediaError(
+            f"cannot decode {what} {uri}: over the pixel limit (a decompression bomb?): {exc}"
+        ) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise MediaError(f"cannot decode {what} {uri}: {exc}") from exc
     return _stack(uri, frames)
 
@@ -282,14 +322,28 @@ def _av_reason(exc: Exception) -> str:
 
 
 def _decode_pyav(uri: str, data: bytes, num_frames: int | None) -> npt.NDArray[np.uint8]:
+    """The picked frames only: the stream is decoded in order and every other frame is dropped, so a
+    clip of 10⁵ frames read for 16 keeps 16 in memory."""
+    info = _info(uri, data)
+    indices = _pick(uri, info.num_frames, num_frames) if info.num_frames else None
+    _check_decoded(uri, len(indices) if indices is not None else 1, info.height, info.width)
+    wanted = set(indices) if indices is not None else None
+    frames = []
     try:
         with av.open(io.BytesIO(data)) as container:
-            frames = list(container.decode(_video_stream(uri, container)))
+            for n, frame in enumerate(container.decode(_video_stream(uri, container))):
+                if wanted is None or n in wanted:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                    _check_decoded(uri, len(frames), info.height, info.width)
+                if indices is not None and n >= indices[-1]:
+                    break
     except av.FFmpegError as exc:
         raise MediaError(f"cannot decode video {uri}: {_av_reason(exc)}") from exc
     if not frames:
         raise MediaError(f"cannot decode video {uri}: no frames")
-    return np.stack([frames[i].to_ndarray(format="rgb24") for i in _pick(uri, len(frames), num_frames)])
+    if indices is None and num_frames is not None:  # the container did not say how many frames it has
+        frames = [frames[i] for i in _pick(uri, len(frames), num_frames)]
+    return np.stack(frames)
 
 
 def _decode_video(uri: str, data: bytes, num_frames: int | None) -> npt.NDArray[np.uint8]:
@@ -297,6 +351,8 @@ def _decode_video(uri: str, data: bytes, num_frames: int | None) -> npt.NDArray[
     reader = _decord_reader(data)
     if reader is not None:
         indices = _pick(uri, len(reader), num_frames)
+        height, width, _ = reader[0].shape
+        _check_decoded(uri, len(indices), height, width)
         try:
             return reader.get_batch(indices).asnumpy()
         except Exception:  # a damaged stream; PyAV decides whether anything is readable
@@ -462,7 +518,9 @@ def fit_masks(masks: npt.NDArray[np.bool_], size: tuple[int, int]) -> npt.NDArra
 
 def read_svg(uri: str) -> str:
     """The document's text, after checking it is SVG, so renderers fail here with a clear message."""
-    data = _read(uri, "SVG")
+    data = _read(uri, "SVG", MAX_SVG_BYTES)
+    if b"<!ENTITY" in data:
+        raise MediaError(f"not accepted as SVG: {uri} declares XML entities (an entity bomb?)")
     try:
         text = data.decode("utf-8-sig")
         root = ElementTree.fromstring(data)

@@ -381,3 +381,28 @@ def test_join_under_refuses_paths_that_leave_the_base(tmp_path):
             media.join_under(base, *parts)
     with pytest.raises(ValueError, match="leads outside"):
         media.join_under("s3://bucket/out", "artifacts", "../../other")
+
+
+def test_svg_bombs_and_oversized_inputs_are_refused(tmp_path):
+    entities = tmp_path / "lol.svg"
+    entities.write_text(
+        '<?xml version="1.0"?><!DOCTYPE s [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;">]>'
+        '<svg xmlns="http://www.w3.org/2000/svg"><text>&b;</text></svg>'
+    )
+    with pytest.raises(media.MediaError, match="entities"):
+        media.read_svg(str(entities))
+    huge = tmp_path / "huge.svg"
+    with huge.open("w") as f:
+        f.write('<svg xmlns="http://www.w3.org/2000/svg">')
+        f.write(" " * (50 * 2**20))
+        f.write("</svg>")
+    with pytest.raises(media.MediaError, match="MiB limit"):
+        media.read_svg(str(huge))
+
+
+def test_a_decompression_bomb_is_refused_before_its_pixels_are_decoded(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20_000, 20_000)).save(bomb)
+    assert bomb.stat().st_size < 10**6
+    with pytest.raises(media.MediaError, match="pixel limit"):
+        media.read_image(str(bomb))

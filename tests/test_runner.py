@@ -251,3 +251,122 @@ def test_an_actor_given_a_hostile_id_anyway_writes_nothing_outside_output(tmp_pa
     assert {p for p in _tree(tmp_path) - before if not p.startswith("a/out")} == set()
     with pytest.raises(RowError):
         actor.config.artifacts_dir("../x")
+
+
+def test_twenty_thousand_rows_leave_a_handful_of_files_and_a_rerun_skips_them_all(ray_cluster, tmp_path):
+    rows = 20_000
+    missing = [str(tmp_path / f"missing-{i}.mp4") for i in range(rows)]
+    manifest = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"id": [f"row-{i:05d}" for i in range(rows)], "video": missing}), manifest)
+    output = tmp_path / "out"
+    spec = JobSpec(method="evaluate", manifest=str(manifest), output=str(output), models={})
+    first = run_job(spec)
+    assert (first["processed"], first["error"]) == (rows, rows)
+    files = list((output / "results").glob("*.parquet"))
+    assert 1 <= len(files) <= 3, files  # compacted at the end of the run
+    table = pq.read_table(output / "results")
+    assert table.num_rows == rows and set(table.column("status").to_pylist()) == {"error"}
+    assert pc.all(pc.match_substring(table.column("error"), "not found")).as_py()
+    second = run_job(spec)  # bad-input errors are settled: nothing to do
+    assert (second["processed"], second["skipped"]) == (0, rows)
+
+
+def test_media_bombs_become_error_rows_and_the_other_rows_finish(ray_cluster, data_dir, tmp_path):
+    import av
+    import numpy as np
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20_000, 20_000)).save(bomb)  # 400 Mpixel in a few kB
+    long_video = tmp_path / "long.mp4"
+    with av.open(str(long_video), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width = stream.height = 32
+        stream.pix_fmt, stream.options = "yuv420p", {"preset": "ultrafast", "g": "100000"}
+        frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 100, np.uint8), format="rgb24")
+        for _ in range(100_000):
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    videos = sorted((data_dir / "videos").glob("*.mp4")) or sorted(data_dir.glob("*.mp4"))
+    records = [
+        {"id": "bomb_image", "video": str(videos[0]), "image": str(bomb), "num_frames": 4},
+        {"id": "long_video", "video": str(long_video), "image": None, "num_frames": 16},
+        {"id": "fine", "video": str(videos[0]), "image": None, "num_frames": 4},
+    ]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "bombs.parquet")
+    output = tmp_path / "out"
+    run_job(
+        JobSpec(method="evaluate", manifest=str(tmp_path / "bombs.parquet"), output=str(output), models={})
+    )
+    rows = _latest(output)
+    assert "pixel limit" in rows["bomb_image"]["error"]
+    assert rows["long_video"]["status"] == "ok" and rows["fine"]["status"] == "ok"
+    assert rows["long_video"]["peak_memory_mb"] < 2000  # 16 of its 10^5 frames were decoded
+
+
+def test_unreadable_and_duplicated_result_files_do_not_break_resume(tmp_path):
+    """A writer killed mid-file leaves a broken file; a compaction killed midway leaves rows twice."""
+    from schemas import ResultRow, result_table
+
+    results = tmp_path / "results"
+    results.mkdir()
+    rows = [ResultRow(id=f"r{i}", method="evaluate", run_id="run1") for i in range(3)]
+    pq.write_table(result_table(rows), results / "run1_a.parquet")
+    pq.write_table(result_table(rows[:2]), results / "run1_part-x-00000.parquet")  # the same rows again
+    (results / "run1_b.parquet").write_bytes(b"PAR1 half a file")
+    last = resume.latest(resume.read_results(str(results)))
+    assert sorted(last.column("id").to_pylist()) == ["r0", "r1", "r2"]
+    assert set(last.column("attempts").to_pylist()) == {1}  # one run, whatever its duplicates
+    settled, _ = resume.settled_and_attempts(str(results))
+    assert sorted(settled.to_pylist()) == ["r0", "r1", "r2"]
+
+
+def test_a_driver_killed_halfway_resumes_to_every_id_ok_once(ray_cluster, data_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    videos = sorted((data_dir / "videos").glob("*.mp4")) or sorted(data_dir.glob("*.mp4"))
+    rows = 160
+    records = [
+        {"id": f"row-{i:03d}", "video": str(videos[i % len(videos)]), "prompt": "a clip"} for i in range(rows)
+    ]
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist(records), manifest)
+    output = tmp_path / "out"
+    args = ["evaluate", "--manifest", str(manifest), "--output", str(output), "--clip", "tiny"]
+    args += ["--batch-size", "1", "--set", "num_frames=4"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    driver = subprocess.Popen([sys.executable, "-m", "jobs", *args], env=env, cwd=Path(__file__).parents[1])
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((output / "results").glob("*.parquet")):
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)  # as a preempted head node would lose it
+    driver.wait()
+    written = pq.read_table(output / "results").num_rows
+    assert 0 < written < rows, written  # killed halfway
+
+    report = run_job(JobSpec(method="evaluate", manifest=str(manifest), output=str(output),
+                             models={"clip": "tiny"}, params={"num_frames": 4}))  # fmt: skip
+    assert report["skipped"] >= written and report["processed"] == rows - report["skipped"]
+    table = pq.read_table(output / "results")
+    latest = resume.latest(table)
+    assert latest.num_rows == rows and set(latest.column("status").to_pylist()) == {"ok"}
+    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    assert ok.num_rows == rows and len(set(ok.column("id").to_pylist())) == rows  # none ran twice
+
+
+def test_a_manifest_may_be_a_folder_or_a_glob_of_parquet_files(tmp_path):
+    from jobs.runner import JobError, read_manifest
+
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    for part in range(3):
+        ids = [f"p{part}-{i}" for i in range(4)]
+        pq.write_table(pa.table({"id": ids, "video": ["v.mp4"] * 4}), folder / f"part-{part}.parquet")
+    assert read_manifest(str(folder)).num_rows == 12
+    assert read_manifest(str(folder / "part-[01].parquet")).num_rows == 8
+    with pytest.raises(JobError, match="does not exist"):
+        read_manifest(str(tmp_path / "none-*.parquet"))

@@ -38,6 +38,7 @@ from pipelines.stylecrafter.train import (
     trainable_parameters,
     training_loss,
 )
+from pipelines.temporal import temporal_layers_skipped
 
 H, W = 32, 48
 PALETTES = [((220, 40, 40), (250, 200, 60)), ((30, 60, 200), (60, 200, 220)), ((40, 160, 60), (20, 40, 20))]
@@ -141,7 +142,8 @@ def palette_backbone(tmp_path_factory) -> str:
         text = texts[(torch.rand(16, generator=g) < 0.1).long()]  # 10% unconditional, for CFG
         return training.diffusion_loss(bb, bb.predict(noisy, t, text), x0, noise, t)
 
-    _train(unet.parameters(), 300, 1e-3, denoising)
+    with temporal_layers_skipped(unet):  # a base that paints images as the image model: no temporal layers
+        _train(unet.parameters(), 300, 1e-3, denoising)
     unet.save_pretrained(path / "unet")
     return str(path)
 
@@ -177,9 +179,7 @@ def _palette_transfer(model, seeds: int = 6) -> float:
         ]
     )
     requests = [
-        Request(
-            "a pattern", references[k], SampleParams(steps=20, num_frames=1, height=H, width=W, seed=seed)
-        )
+        Request("a pattern", references[k], SampleParams(steps=20, num_frames=1, image_size=H, seed=seed))
         for seed in range(seeds)
         for k in range(len(PALETTES))
     ]

@@ -1,0 +1,131 @@
+"""The runner at scale: cheap rows (every video missing), so the runner itself is measured.
+
+For each size, in a fresh driver process on a local Ray instance: time to the first result file,
+total wall time, driver peak RSS, result files left, and the time of a resume with nothing to do. Then
+the evaluation job vs a plain loop over the same real-clip rows (`--clip none`, the default batch size).
+
+    python bench/runner_scale.py [--rows 10000 100000 1000000] [--loop-rows 2000]
+
+Targets on a 2-core machine: 10^6 rows start within 60 s with driver RSS <= 2 GB; a resume of 10^6
+settled rows within 30 s; the job <= 1.2x the plain loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def one_size(rows: int) -> dict:
+    """Run in its own process: the measurements of one manifest size."""
+    import ray
+
+    from jobs.runner import JobSpec, run_job
+
+    directory = Path(tempfile.mkdtemp(prefix="runner-scale-"))
+    manifest = directory / "manifest.parquet"
+    ids = pa.array([f"row-{i:07d}" for i in range(rows)])
+    videos = pa.array([f"{directory}/missing-{i}.mp4" for i in range(rows)])
+    pq.write_table(pa.table({"id": ids, "video": videos}), manifest)
+    output = directory / "out"
+    ray.init(log_to_driver=False)
+    first: list[float] = []
+    start = time.perf_counter()
+
+    def watch() -> None:
+        while not first:
+            if list((output / "results").glob("*.parquet")):
+                first.append(time.perf_counter() - start)
+            time.sleep(0.1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    spec = JobSpec(method="evaluate", manifest=str(manifest), output=str(output), models={})
+    run_job(spec)
+    wall = time.perf_counter() - start
+    first.append(wall)
+    files = len(list((output / "results").glob("*.parquet")))
+    start = time.perf_counter()
+    again = run_job(spec)
+    resume_s = time.perf_counter() - start
+    assert again["processed"] == 0
+    return {
+        "rows": rows,
+        "first_result_s": first[0],
+        "wall_s": wall,
+        "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "result_files": files,
+        "resume_s": resume_s,
+    }
+
+
+def loop_vs_job(rows: int) -> tuple[float, float]:
+    """Seconds of the evaluation job and of a plain loop doing the same per-row work (no CLIP)."""
+    import ray
+
+    from actors.base import JobConfig
+    from actors.evaluate import EvaluateActor
+    from jobs.runner import JobSpec, run_job
+
+    clips = sorted((REPO / "jobs" / "demo_data").glob("*.mp4"))
+    directory = Path(tempfile.mkdtemp(prefix="runner-loop-"))
+    table = pa.table(
+        {"id": [f"r{i}" for i in range(rows)], "video": [str(clips[i % len(clips)]) for i in range(rows)]}
+    )
+    pq.write_table(table, directory / "m.parquet")
+    actor = EvaluateActor(
+        JobConfig(method="evaluate", output=str(directory / "loop"), run_id="loop", models={})
+    )
+    start = time.perf_counter()
+    for row in table.to_pylist():
+        actor.process_row(row, actor.effective_params(row))
+    loop = time.perf_counter() - start
+    ray.init(log_to_driver=False, ignore_reinit_error=True)
+    start = time.perf_counter()
+    run_job(
+        JobSpec(
+            method="evaluate", manifest=str(directory / "m.parquet"), output=str(directory / "job"), models={}
+        )
+    )
+    return time.perf_counter() - start, loop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, nargs="*", default=[10_000, 100_000])
+    parser.add_argument("--loop-rows", type=int, default=2000)
+    parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_size(args.one)))
+        return
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    print("rows       first result  wall      driver RSS  result files  resume")
+    for rows in args.rows:
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", str(rows)], env=env, capture_output=True, text=True
+        )
+        m = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{m['rows']:<10} {m['first_result_s']:>8.1f} s  {m['wall_s']:>6.1f} s  {m['driver_peak_rss_mb']:>7.0f} MB"
+              f"  {m['result_files']:>12}  {m['resume_s']:>5.1f} s")  # fmt: skip
+    job, loop = loop_vs_job(args.loop_rows)
+    print(
+        f"{args.loop_rows} real-clip rows: job {job:.1f} s, plain loop {loop:.1f} s, job / loop {job / loop:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
