@@ -178,23 +178,42 @@ class RowActor:
         runnable = [i for i in range(len(rows)) if i not in results]
         if not runnable:
             return result_table([results[i] for i in range(len(rows))])
-        marker = self._marker([rows[i]["id"] for i in runnable])
-        crashes = self._note_start(marker, [rows[i]["id"] for i in runnable])
-        if crashes >= self.config.max_row_crashes:
-            message = (
-                f"the worker process died {crashes} times while processing this row's batch (killed, out "
-                "of host memory, or a fatal GPU error); giving up on it"
-            )
-            results |= {
-                i: self._error_row(rows[i], {}, message, retryable=True, seconds=0.0) for i in runnable
-            }
+        ids = [rows[i]["id"] for i in runnable]
+        marker = self._marker(ids)
+        crashes = self._note_start(marker, ids)
+        if crashes and len(runnable) > 1:
+            # A process died on this batch before: run its rows one at a time, each with its own
+            # marker, so that only a row that kills its process is given up.
+            for i in runnable:
+                results |= self._guarded(rows, [i])
         else:
-            results.update(self._run(rows, runnable))
-            if crashes:
-                for i in runnable:
-                    results[i].notes.append(f"the worker process died {crashes} time(s) on this row before")
+            results |= self._guarded(rows, runnable, marker, crashes)
         media.remove(marker)
         return result_table([results[i] for i in range(len(rows))])
+
+    def _guarded(
+        self, rows: list[dict[str, Any]], indices: list[int], marker: str | None = None, crashes: int = 0
+    ) -> dict[int, ResultRow]:
+        """Run rows under an in-flight marker (their own unless given); give up after too many deaths."""
+        own = marker is None
+        if own:
+            ids = [rows[i]["id"] for i in indices]
+            marker = self._marker(ids)
+            crashes = self._note_start(marker, ids)
+        if crashes >= self.config.max_row_crashes:
+            message = (
+                f"the worker process died {crashes} times while processing this row (killed, out of host "
+                "memory, or a fatal GPU error); giving up on it"
+            )
+            results = {i: self._error_row(rows[i], {}, message, retryable=True, seconds=0.0) for i in indices}
+        else:
+            results = self._run(rows, indices)
+            if crashes:
+                for i in indices:
+                    results[i].notes.append(f"the worker process died {crashes} time(s) on this row before")
+        if own:
+            media.remove(marker)
+        return results
 
     def _run(self, rows: list[dict[str, Any]], indices: list[int]) -> dict[int, ResultRow]:
         """Run rows together; if the batch as a whole fails, run them one by one to isolate the culprit."""

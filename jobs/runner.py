@@ -170,15 +170,16 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     if unknown:
         known = ", ".join(sorted(actor.defaults))
         raise JobError(f"unknown parameter(s) {', '.join(unknown)} for {spec.method}; known: {known}")
-    if spec.batch_size is None:
-        spec = dataclasses.replace(spec, batch_size=actor.default_batch_size)
-    if spec.batch_size < 1 or spec.actors < 1:
+    if (spec.batch_size or 1) < 1 or spec.actors < 1:
         raise JobError("--batch-size and --actors must be at least 1")
     started = time.time()
     table = check(read_manifest(spec.manifest), actor.kind, spec.manifest)
     check_output_writable(spec.output)
     results_uri = media.join(spec.output, "results")
     todo, skipped = pending_rows(table, results_uri, spec.retry_errors)
+    if spec.batch_size is None:  # the method's batch, smaller when a few rows would leave actors idle
+        balanced = max(1, -(-todo.num_rows // (4 * spec.actors)))
+        spec = dataclasses.replace(spec, batch_size=min(actor.default_batch_size, balanced))
     run_id = _new_run_id()
     config = JobConfig(
         method=spec.method,
