@@ -321,10 +321,9 @@ def _av_reason(exc: Exception) -> str:
     return getattr(exc, "strerror", None) or str(exc)
 
 
-def _decode_pyav(uri: str, data: bytes, num_frames: int | None) -> npt.NDArray[np.uint8]:
+def _decode_pyav(uri: str, data: bytes, num_frames: int | None, info: VideoInfo) -> npt.NDArray[np.uint8]:
     """The picked frames only: the stream is decoded in order and every other frame is dropped, so a
     clip of 10⁵ frames read for 16 keeps 16 in memory."""
-    info = _info(uri, data)
     indices = _pick(uri, info.num_frames, num_frames) if info.num_frames else None
     _check_decoded(uri, len(indices) if indices is not None else 1, info.height, info.width)
     wanted = set(indices) if indices is not None else None
@@ -346,7 +345,8 @@ def _decode_pyav(uri: str, data: bytes, num_frames: int | None) -> npt.NDArray[n
     return np.stack(frames)
 
 
-def _decode_video(uri: str, data: bytes, num_frames: int | None) -> npt.NDArray[np.uint8]:
+def _decode_video(uri: str, data: bytes, num_frames: int | None) -> tuple[npt.NDArray[np.uint8], float]:
+    """The sampled frames and the clip's frame rate, each decoder opened once."""
     # decord seeks to the sampled frames instead of decoding the whole clip.
     reader = _decord_reader(data)
     if reader is not None:
@@ -354,10 +354,11 @@ def _decode_video(uri: str, data: bytes, num_frames: int | None) -> npt.NDArray[
         height, width, _ = reader[0].shape
         _check_decoded(uri, len(indices), height, width)
         try:
-            return reader.get_batch(indices).asnumpy()
+            return reader.get_batch(indices).asnumpy(), float(reader.get_avg_fps())
         except Exception:  # a damaged stream; PyAV decides whether anything is readable
             pass
-    return _decode_pyav(uri, data, num_frames)
+    info = _pyav_info(uri, data)
+    return _decode_pyav(uri, data, num_frames, info), info.fps
 
 
 def _fitted(frames: npt.NDArray[np.uint8], size: tuple[int, int] | None) -> npt.NDArray[np.uint8]:
@@ -370,13 +371,13 @@ def read_video(
     uri: str, num_frames: int | None = None, size: tuple[int, int] | None = None
 ) -> npt.NDArray[np.uint8]:
     """(F,H,W,3) RGB frames; `num_frames` samples evenly over the clip, `size` (h, w) covers and crops."""
-    return _fitted(_decode_video(uri, _read(uri, "video"), num_frames), size)
+    return _fitted(_decode_video(uri, _read(uri, "video"), num_frames)[0], size)
 
 
 def read_video_and_rate(uri: str, size: tuple[int, int] | None = None) -> tuple[npt.NDArray[np.uint8], float]:
     """Every frame (as `read_video`) and the clip's frame rate, from one fetch of the file."""
-    data = _read(uri, "video")
-    return _fitted(_decode_video(uri, data, None), size), _info(uri, data).fps
+    frames, rate = _decode_video(uri, _read(uri, "video"), None)
+    return _fitted(frames, size), rate
 
 
 def video_info(uri: str) -> VideoInfo:
@@ -392,6 +393,10 @@ def _info(uri: str, data: bytes) -> VideoInfo:
             return VideoInfo(len(reader), height, width, float(reader.get_avg_fps()))
         except Exception:  # as in _decode_video: let PyAV judge a stream decord stumbles on
             pass
+    return _pyav_info(uri, data)
+
+
+def _pyav_info(uri: str, data: bytes) -> VideoInfo:
     try:
         with av.open(io.BytesIO(data)) as container:
             stream = _video_stream(uri, container)
@@ -484,7 +489,7 @@ def _mask_frames(uri: str) -> npt.NDArray[np.uint8]:
     data = _read(uri, "mask")
     # Still and animated images go through PIL, everything else through the video decoders.
     images = _decode_images(uri, data, "mask", all_frames=True)
-    return images if images is not None else _decode_video(uri, data, None)
+    return images if images is not None else _decode_video(uri, data, None)[0]
 
 
 def read_mask(uri: str, size: tuple[int, int] | None = None) -> npt.NDArray[np.bool_]:

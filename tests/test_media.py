@@ -186,7 +186,8 @@ def test_example_videos(name, frames, height, width):
 def test_pyav_fallback_matches_decord():
     data = (DATA / "videos" / "locomotive.mp4").read_bytes()
     uri = "locomotive.mp4"
-    assert np.array_equal(media._decode_pyav(uri, data, 5), media._decode_video(uri, data, 5))
+    pyav = media._decode_pyav(uri, data, 5, media._pyav_info(uri, data))
+    assert np.array_equal(pyav, media._decode_video(uri, data, 5)[0])
 
 
 def test_reads_without_decord(monkeypatch):
