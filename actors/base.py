@@ -176,31 +176,22 @@ class RowActor:
                 message = f"id cannot name an artifact folder ({reason}); nothing was written"
                 results[i] = self._error_row(row, {}, message, retryable=False, seconds=0.0)
         runnable = [i for i in range(len(rows)) if i not in results]
-        if not runnable:
-            return result_table([results[i] for i in range(len(rows))])
-        ids = [rows[i]["id"] for i in runnable]
-        marker = self._marker(ids)
-        crashes = self._note_start(marker, ids)
-        if crashes and len(runnable) > 1:
-            # A process died on this batch before: run its rows one at a time, each with its own
-            # marker, so that only a row that kills its process is given up.
-            for i in runnable:
-                results |= self._guarded(rows, [i])
-        else:
-            results |= self._guarded(rows, runnable, marker, crashes)
-        media.remove(marker)
+        if runnable:
+            results |= self._guarded(rows, runnable)
         return result_table([results[i] for i in range(len(rows))])
 
-    def _guarded(
-        self, rows: list[dict[str, Any]], indices: list[int], marker: str | None = None, crashes: int = 0
-    ) -> dict[int, ResultRow]:
-        """Run rows under an in-flight marker (their own unless given); give up after too many deaths."""
-        own = marker is None
-        if own:
-            ids = [rows[i]["id"] for i in indices]
-            marker = self._marker(ids)
-            crashes = self._note_start(marker, ids)
-        if crashes >= self.config.max_row_crashes:
+    def _guarded(self, rows: list[dict[str, Any]], indices: list[int]) -> dict[int, ResultRow]:
+        """Run rows under their in-flight marker. If a process died on them before, a batch is split
+        into its rows, each under its own marker, so that only a row that kills its process is given up
+        (after `max_row_crashes` deaths)."""
+        ids = [rows[i]["id"] for i in indices]
+        marker = self._marker(ids)
+        crashes = self._note_start(marker, ids)
+        if crashes and len(indices) > 1:
+            results = {}
+            for i in indices:
+                results |= self._guarded(rows, [i])
+        elif crashes >= self.config.max_row_crashes:
             message = (
                 f"the worker process died {crashes} times while processing this row (killed, out of host "
                 "memory, or a fatal GPU error); giving up on it"
@@ -211,8 +202,7 @@ class RowActor:
             if crashes:
                 for i in indices:
                     results[i].notes.append(f"the worker process died {crashes} time(s) on this row before")
-        if own:
-            media.remove(marker)
+        media.remove(marker)
         return results
 
     def _run(self, rows: list[dict[str, Any]], indices: list[int]) -> dict[int, ResultRow]:

@@ -46,7 +46,10 @@ def read_results(results_uri: str, columns: list[str] | None = None, prefix: str
     One dataset scan over all files. A file that cannot be read (a writer killed mid-file) is left out
     with a warning: its rows simply count as not done and are redone.
     """
-    fs, files = result_files(results_uri, prefix)
+    return _scan(*result_files(results_uri, prefix), columns)
+
+
+def _scan(fs: fsspec.AbstractFileSystem, files: list[str], columns: list[str] | None) -> pa.Table | None:
     if not files:
         return None
     filesystem = PyFileSystem(FSSpecHandler(fs))
@@ -68,10 +71,9 @@ def latest(results: pa.Table) -> pa.Table:
     ids = ordered.column("id").combine_chunks()
     following = pa.concat_arrays([ids[1:], pa.array([None], ids.type)])
     last = ordered.filter(pc.fill_null(pc.not_equal(ids, following), True))
-    counted = "run_id" if "run_id" in results.column_names else "id"
-    counts = results.group_by("id").aggregate([(counted, "count_distinct")])
+    counts = results.group_by("id").aggregate([("run_id", "count_distinct")])
     where = pc.index_in(last.column("id"), value_set=counts.column("id"))
-    attempts = pc.take(counts.column(f"{counted}_count_distinct"), where).cast(pa.int64())
+    attempts = pc.take(counts.column("run_id_count_distinct"), where).cast(pa.int64())
     return last.append_column("attempts", attempts)
 
 
@@ -85,7 +87,8 @@ def settled_and_attempts(results_uri: str, retry_errors: bool = False) -> tuple[
         )
     last = latest(results)
     ok = pc.equal(last.column("status"), OK)
-    keep_failed = pc.invert(pc.fill_null(last.column("retryable"), True)) if not retry_errors else None
+    # As before this module went column-wise: an error row without `retryable` counts as bad input.
+    keep_failed = pc.invert(pc.fill_null(last.column("retryable"), False)) if not retry_errors else None
     settled = ok if keep_failed is None else pc.or_(ok, keep_failed)
     return last.filter(settled).column("id").combine_chunks(), last.select(["id", "attempts"])
 
@@ -100,7 +103,7 @@ def compact(results_uri: str, run_id: str, rows_per_file: int = ROWS_PER_FILE) -
     small = [f for f in files if not f.rsplit("/", 1)[-1].startswith(f"{run_id}_{COMPACTED}-")]
     if len(small) <= 1:
         return 0
-    table = read_results(results_uri, prefix=run_id)
+    table = _scan(fs, files, None)
     if table is None:
         return 0
     written = 0

@@ -178,8 +178,9 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     results_uri = media.join(spec.output, "results")
     todo, skipped = pending_rows(table, results_uri, spec.retry_errors)
     if spec.batch_size is None:  # the method's batch, smaller when a few rows would leave actors idle
-        balanced = max(1, -(-todo.num_rows // (4 * spec.actors)))
-        spec = dataclasses.replace(spec, batch_size=min(actor.default_batch_size, balanced))
+        spec = dataclasses.replace(
+            spec, batch_size=min(actor.default_batch_size, _share(spec, todo.num_rows))
+        )
     run_id = _new_run_id()
     config = JobConfig(
         method=spec.method,
@@ -235,6 +236,11 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
 MAX_BLOCKS = 2_000
 
 
+def _share(spec: JobSpec, rows: int) -> int:
+    """Rows that give every actor four pieces of work (at least 1)."""
+    return max(1, -(-rows // (4 * spec.actors)))
+
+
 def task_rows(spec: JobSpec, actor: type[RowActor], rows: int) -> int:
     """Rows per Ray task (one block): what a failed task can lose, and the unit of load balancing.
 
@@ -243,8 +249,7 @@ def task_rows(spec: JobSpec, actor: type[RowActor], rows: int) -> int:
     enough that the job has at most MAX_BLOCKS blocks, so that start-up does not depend on the batch
     size.
     """
-    balanced = -(-rows // (4 * spec.actors))
-    wanted = spec.rows_per_task or min(actor.rows_per_task, balanced)
+    wanted = spec.rows_per_task or min(actor.rows_per_task, _share(spec, rows))
     fewest = -(-rows // MAX_BLOCKS)
     per_task = max(wanted, fewest, spec.batch_size)
     return -(-per_task // spec.batch_size) * spec.batch_size  # whole batches
