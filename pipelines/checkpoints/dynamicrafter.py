@@ -215,8 +215,8 @@ class Parts:
 
     def load(self, converted: dict[str, torch.Tensor]) -> None:
         """Load `convert`'s output into the plain UNet and the adapter modules (before `install`)."""
-        self.unet.load_state_dict({k[5:]: v for k, v in converted.items() if k.startswith("unet.")})
-        adapter = {k[8:]: v for k, v in converted.items() if k.startswith("adapter.")}
+        self.unet.load_state_dict(ldm_parts.part(converted, "unet."))
+        adapter = ldm_parts.part(converted, "adapter.")
         adapters.load_parts(adapter, self._parts(any(k.startswith("context.") for k in adapter)), self.unet)
 
     def install(self) -> nn.Module:
@@ -316,15 +316,12 @@ def _checked_schedule(state: dict[str, torch.Tensor], variant: Variant) -> Varia
     """The variant with the schedule its buffers hold; official inference samples with the checkpoint's
     buffers, so they decide. A schedule that is neither the LDM one with nor without zero terminal SNR
     is refused."""
-    from diffusers import DDIMScheduler
-
     if "alphas_cumprod" not in state:
         return variant
-    stored = state["alphas_cumprod"].double()
     for zero_snr in (variant.zero_snr, not variant.zero_snr):
-        config = {**variant.scheduler_config(), "rescale_betas_zero_snr": zero_snr}
-        expected = DDIMScheduler.from_config(config).alphas_cumprod.double()
-        if stored.shape == expected.shape and torch.allclose(stored, expected, atol=1e-5, rtol=0):
+        if ldm_parts.holds_schedule(
+            state, {**variant.scheduler_config(), "rescale_betas_zero_snr": zero_snr}
+        ):
             break
     else:
         raise ConversionError(

@@ -212,6 +212,17 @@ def tokenizer(ref: str) -> Any:
     return CLIPTokenizer.from_pretrained(sub, pad_token="!", model_max_length=77)
 
 
+def holds_schedule(state: Mapping[str, torch.Tensor], scheduler_config: dict[str, Any]) -> bool:
+    """Whether the checkpoint's `alphas_cumprod` buffer is that scheduler's (True when it has none)."""
+    from diffusers import DDIMScheduler
+
+    if "alphas_cumprod" not in state:
+        return True
+    stored = state["alphas_cumprod"].double()
+    expected = DDIMScheduler.from_config(scheduler_config).alphas_cumprod.double()
+    return stored.shape == expected.shape and torch.allclose(stored, expected, atol=1e-5, rtol=0)
+
+
 def frozen_drops(extra: tuple[str, ...] = ()) -> list[Rule]:
     """Rules that account for what `FrozenParts` converts elsewhere or checks: the VAE and the buffers."""
     buffer = "a schedule buffer; checked against the scheduler config written"

@@ -90,18 +90,6 @@ def _check_videocrafter1(state: dict[str, torch.Tensor]) -> None:
         raise ConversionError("not a VideoCrafter1 checkpoint: no relative-position temporal attention")
 
 
-def _checked_schedule(state: dict[str, torch.Tensor]) -> None:
-    from diffusers import DDIMScheduler
-
-    if "alphas_cumprod" in state:
-        expected = DDIMScheduler.from_config(SCHEDULER).alphas_cumprod.double()
-        stored = state["alphas_cumprod"].double()
-        if stored.shape != expected.shape or not torch.allclose(stored, expected, atol=1e-5, rtol=0):
-            raise ConversionError(
-                "the checkpoint's alphas_cumprod is not the LDM schedule VideoCrafter1 uses"
-            )
-
-
 def convert_videocrafter1(
     checkpoint: str,
     output: str,
@@ -113,7 +101,8 @@ def convert_videocrafter1(
 
     state = read_checkpoint(checkpoint)
     _check_videocrafter1(state)
-    _checked_schedule(state)
+    if not ldm_parts.holds_schedule(state, SCHEDULER):
+        raise ConversionError("the checkpoint's alphas_cumprod is not the LDM schedule VideoCrafter1 uses")
     unet_config = unet_config_of(config)
     frozen = ldm_parts.FrozenParts(state, tokenizer)
     unet = lvdm.build_unet(unet_config, "meta")
