@@ -42,6 +42,7 @@ class DynamiCrafterTrainConfig(training.TrainConfig):
     stage: int = 3
     max_frame_stride: int = 6  # official `frame_stride` with `random_fs`: strides 1..6
     random_fs: bool = True
+    frame_stride: int = 3  # the stride of every clip when `random_fs` is off
 
     @property
     def frames(self) -> int:
@@ -80,7 +81,7 @@ def decode(batch: pa.Table, config: DynamiCrafterTrainConfig, source: str) -> pa
         if row.get("video"):
             video, rate = media.read_video_and_rate(row["video"], size=size)
             stride = row.get("frame_stride") or (
-                int(rng.integers(1, config.max_frame_stride + 1)) if config.random_fs else 3
+                int(rng.integers(1, config.max_frame_stride + 1)) if config.random_fs else config.frame_stride
             )
             picked, used = training.clip_indices(len(video), config.frames, int(stride), rng)
             clip = video[picked]

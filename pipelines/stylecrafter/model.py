@@ -111,7 +111,7 @@ class StyleProcessor(attention.ExtraStreamProcessor):
     """One layer's style cross-attention: text + w · s · LayerNorm(style attention), w the style weight.
 
     The style logits are scaled by 1/√d, as the official code computes them where it runs on GPUs (its
-    xformers path); `scaled=False` is its CPU fallback, which leaves them unscaled.
+    xformers path); `logit_scale = 1.0` is its CPU fallback, which leaves them unscaled.
     """
 
     def __init__(self, attn: nn.Module, style_weight: float = 1.0):
