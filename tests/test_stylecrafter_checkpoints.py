@@ -72,6 +72,8 @@ def test_check_oracle_matches_both_official_code_paths(tmp_path, capsys):
     assert {r.name for r in results} == set(spec["outputs"]) and all(r.ok for r in results), results
     assert main(["convert", "check-oracle", str(FIXTURES / "vc1_small_unet.safetensors")]) == 0
     assert capsys.readouterr().out.strip().startswith("max_abs_diff=")
+    # The outputs-only twin checks through the oracle it belongs to.
+    assert main(["convert", "check-oracle", str(FIXTURES / "vc1_small_unet_xformers_path.safetensors")]) == 0
     for name in ("vc1_small_unet.safetensors", "vc1_small_unet.json"):  # alone: the official CPU path
         shutil.copy(FIXTURES / name, tmp_path / name)
     assert all(r.ok for r in check_oracle(str(tmp_path / "vc1_small_unet.safetensors")))

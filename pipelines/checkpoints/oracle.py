@@ -28,6 +28,8 @@ from pipelines.dynamicrafter.model import ContextConfig, ContextNetwork
 from pipelines.stylecrafter.model import install as install_style
 
 RELATIVE_TOLERANCE = 1e-4
+# The name suffix of an oracle's outputs through the official xformers code path (StyleCrafter).
+XFORMERS_TWIN = "_xformers_path"
 # The official UNet splits its context at 77 text tokens + 16 image tokens per frame (hard-coded).
 _IMAGE_TOKENS_PER_FRAME = 16
 
@@ -176,7 +178,7 @@ def _stylecrafter(spec: dict[str, Any], tensors: dict[str, torch.Tensor], file: 
     parts.unet.load_state_dict(ldm_parts.part(converted, "unet."), strict=False)
     adapters.load_parts(ldm_parts.part(converted, "adapter."), parts.modules.parts(), parts.unet)
     install_style(parts.unet, parts.modules)
-    twin = file.with_name(f"{file.stem}_xformers_path{file.suffix}")
+    twin = file.with_name(f"{file.stem}{XFORMERS_TWIN}{file.suffix}")
     styled = load_file(str(twin)) if twin.exists() else tensors
     for processor in parts.modules.processors.values():
         processor.logit_scale = None if twin.exists() else 1.0
@@ -220,6 +222,11 @@ def check_oracle(path: str) -> list[Comparison]:
         raise ConversionError(f"no oracle description {spec_path} beside {file}")
     spec = json.loads(spec_path.read_text())
     family = FAMILIES.get(_family(spec))
+    twin_of = file.with_name(file.name.replace(XFORMERS_TWIN, ""))
+    if family is None and XFORMERS_TWIN in file.stem and twin_of.exists():
+        # An outputs-only twin: the oracle it belongs to holds the weights and inputs, and compares its
+        # styled outputs with this file's.
+        return check_oracle(str(twin_of))
     if family is None:
         raise ConversionError(
             f"oracle {file.name}: official class {_family(spec)!r} is not one anima converts; "
