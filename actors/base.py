@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+import numpy.typing as npt
 import pyarrow as pa
 
 from pipelines import media
@@ -31,8 +32,14 @@ T = TypeVar("T")
 if TYPE_CHECKING:
     import torch
 
-# Columns the driver adds to each row; they are bookkeeping, never method parameters.
+# Columns the driver and the decode stage add to each row; they are bookkeeping, never method parameters.
 ATTEMPT_COLUMN = "_attempt"
+DECODED_COLUMN = "_decoded"  # the row's inputs, read by the decode stage (`decode_rows`), packed arrays
+DECODE_ERROR_COLUMN = "_decode_error"  # or why they could not be read
+DECODE_RETRYABLE_COLUMN = "_decode_retryable"
+BOOKKEEPING_COLUMNS = frozenset(
+    {ATTEMPT_COLUMN, DECODED_COLUMN, DECODE_ERROR_COLUMN, DECODE_RETRYABLE_COLUMN}
+)
 # Kill the worker process on the first attempt at this row id: the chaos test of fault tolerance.
 CHAOS_KILL_ENV = "ANIMA_CHAOS_KILL_ROW"
 _FATAL_CUDA_MARKERS = (
@@ -69,6 +76,14 @@ class RowError(ValueError):
     """A problem with one input row (bad value, unreadable input); becomes that row's error message."""
 
 
+class DecodeError(Exception):
+    """The decode stage could not read a row's inputs; carries its message and whether a rerun may help."""
+
+    def __init__(self, message: str, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
+
+
 def row_params(parse: Callable[[dict[str, Any]], T], values: dict[str, Any]) -> T:
     """A row's typed method parameters (`Params.from_dict`); a bad value becomes that row's error."""
     try:
@@ -98,6 +113,9 @@ class RowActor:
     # task costs; see runner.task_rows.
     default_batch_size: ClassVar[int] = 1
     rows_per_task: ClassVar[int] = 1
+    # True: a CPU stage before the pool reads each row's inputs (`read_inputs`, run by `decode_rows`), so
+    # that the accelerator's actors spend their time in the models; see runner.run_job.
+    decode_stage: ClassVar[bool] = False
     # Defaults the loaded model brings (a converted official model's inference settings), over `defaults`.
     model_defaults: dict[str, Any]
 
@@ -126,6 +144,19 @@ class RowActor:
     def process_row(self, row: dict[str, Any], params: dict[str, Any]) -> RowOutput:
         raise NotImplementedError
 
+    @classmethod
+    def read_inputs(cls, row: dict[str, Any], params: dict[str, Any]) -> dict[str, npt.NDArray[Any]]:
+        """Read and decode a row's inputs (methods with `decode_stage`); runs in the decode stage."""
+        raise NotImplementedError
+
+    def inputs(self, row: dict[str, Any], params: dict[str, Any]) -> dict[str, npt.NDArray[Any]]:
+        """The row's decoded inputs: what the decode stage packed, or read here when no stage ran."""
+        if row.get(DECODE_ERROR_COLUMN) is not None:
+            raise DecodeError(row[DECODE_ERROR_COLUMN], bool(row.get(DECODE_RETRYABLE_COLUMN)))
+        if row.get(DECODED_COLUMN) is not None:
+            return media.unpack_arrays(row[DECODED_COLUMN])
+        return self.read_inputs(row, params)
+
     def process_rows(self, rows: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[RowOutput]:
         """Process several rows; methods override this to batch them through the GPU together."""
         return [self.process_row(row, p) for row, p in zip(rows, params, strict=True)]
@@ -149,9 +180,9 @@ class RowActor:
         for i, (row, p) in enumerate(zip(rows, params, strict=True)):
             try:
                 jobs[i] = build(row, p)
-            except (RowError, media.MediaError, ValueError) as exc:
+            except (RowError, DecodeError, media.MediaError, ValueError) as exc:
                 outs[i] = RowOutput(
-                    error=exc if isinstance(exc, RowError | media.MediaError) else RowError(exc)
+                    error=exc if isinstance(exc, RowError | DecodeError | media.MediaError) else RowError(exc)
                 )
         groups: dict[tuple, list[int]] = {}
         for i, job in jobs.items():
@@ -238,14 +269,25 @@ class RowActor:
         return results
 
     def effective_params(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Method defaults, overridden by the model's own, the job's `--set`, then the row's own columns.
+        """Method defaults, overridden by the model's own, the job's `--set`, then the row's own columns."""
+        return self.merge_params(row, self.config.params, self.model_defaults)
+
+    @classmethod
+    def merge_params(
+        cls, row: dict[str, Any], job_params: dict[str, Any], model_defaults: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """`effective_params` without a loaded model (the decode stage has none).
 
         Columns the manifest kind does not know are per-row parameters too and pass through.
         """
-        params = {**self.defaults, **self.model_defaults, **self.config.params}
-        known = MANIFEST_KINDS[self.kind].columns
+        params = {**cls.defaults, **(model_defaults or {}), **job_params}
+        known = MANIFEST_KINDS[cls.kind].columns
         for name, value in row.items():
-            if value is not None and name != ATTEMPT_COLUMN and (name in params or name not in known):
+            if (
+                value is not None
+                and name not in BOOKKEEPING_COLUMNS
+                and (name in params or name not in known)
+            ):
                 params[name] = value
         return params
 
@@ -310,6 +352,31 @@ class RowActor:
         return starts
 
 
+def decode_rows(batch: pa.Table, actor: type[RowActor], config: JobConfig) -> pa.Table:
+    """The decode stage, run as Ray Data CPU tasks: each row's inputs read and packed, or the reason they
+    could not be, which the actor turns into that row's error row (every row still gets one)."""
+    decoded: list[bytes | None] = []
+    errors: list[str | None] = []
+    retryable: list[bool | None] = []
+    for row in batch.to_pylist():
+        try:
+            arrays = actor.read_inputs(row, actor.merge_params(row, config.params))
+        except Exception as exc:
+            message, again = _describe(exc)
+            decoded.append(None)
+            errors.append(message)
+            retryable.append(again)
+        else:
+            decoded.append(media.pack_arrays(arrays))
+            errors.append(None)
+            retryable.append(None)
+    return (
+        batch.append_column(DECODED_COLUMN, pa.array(decoded, pa.large_binary()))
+        .append_column(DECODE_ERROR_COLUMN, pa.array(errors, pa.string()))
+        .append_column(DECODE_RETRYABLE_COLUMN, pa.array(retryable, pa.bool_()))
+    )
+
+
 def model_dtype(device: str, precision: str) -> torch.dtype:
     """bf16 on GPUs that have it (fp16 otherwise), fp32 on CPU, unless the job sets `precision`."""
     import torch
@@ -349,6 +416,8 @@ def _describe(exc: BaseException) -> tuple[str, bool]:
         return f"CUDA out of memory ({exc}); lower batch size, frames or resolution for this row", True
     if isinstance(exc, RowError | media.MediaError):
         return str(exc), False
+    if isinstance(exc, DecodeError):
+        return str(exc), exc.retryable
     where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     place = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
     return f"{type(exc).__name__}: {exc}{place}", True

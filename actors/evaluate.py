@@ -1,15 +1,22 @@
-"""The evaluation job's actor: metrics of existing videos against their prompts and references."""
+"""The evaluation job's actor: metrics of existing videos against their prompts and references.
+
+Its inputs are read in a CPU stage before the pool (`read_inputs`, see runner.run_job), so the actors
+spend their time in the metric models, and CLIP runs over the frames of a whole batch of rows at once.
+"""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
 import numpy as np
+import numpy.typing as npt
 
 from actors.base import JobConfig, RowActor, RowError, RowOutput
 from pipelines import media
 from pipelines.clip import prepare_clip
-from pipelines.metrics import load_scorer, outside_mask_psnr
+from pipelines.metrics import Sample, load_scorer, outside_mask_psnr
+
+_STYLE = "style."  # packed style images are style.0, style.1, ...
 
 
 class EvaluateActor(RowActor):
@@ -20,6 +27,7 @@ class EvaluateActor(RowActor):
     # Rows take a second or less: calls of 32 rows amortise the per-call cost, tasks of 256 a few minutes.
     default_batch_size: ClassVar[int] = 32
     rows_per_task: ClassVar[int] = 256
+    decode_stage: ClassVar[bool] = True
 
     @classmethod
     def prepare(cls, config: JobConfig) -> None:
@@ -34,31 +42,56 @@ class EvaluateActor(RowActor):
             models.get("clip"), models.get("dreamsim"), models.get("lpips"), self.device
         )
 
-    def process_row(self, row: dict[str, Any], params: dict[str, Any]) -> RowOutput:
+    @classmethod
+    def read_inputs(cls, row: dict[str, Any], params: dict[str, Any]) -> dict[str, npt.NDArray[Any]]:
+        """uint8 frames, the image, source frames and styles, and the mask picked at the same frames."""
         prompt = row.get("prompt")
         if prompt is not None and not prompt.strip():
             raise RowError("empty prompt (leave it null to skip text metrics)")
-        total = media.video_info(row["video"]).num_frames
-        count = params["num_frames"] or min(total, params["max_frames"])
-        frames = media.read_video(row["video"], num_frames=count)
+        frames, total = media.read_sampled_video(row["video"], params["num_frames"], params["max_frames"])
         size = frames.shape[1:3]
-        image = media.read_image(row["image"]) if row.get("image") else None
-        source = (
-            media.read_video(row["source_video"], num_frames=len(frames), size=size)
-            if row.get("source_video")
-            else None
-        )
-        styles = [media.read_image(uri) for uri in row.get("style") or []]
-        metrics, notes = self.scorer.score(frames, prompt=prompt, image=image, source=source, styles=styles)
-
-        if row.get("mask") and source is not None:
+        arrays = {"frames": frames}
+        if row.get("image"):
+            arrays["image"] = media.read_image(row["image"])
+        if row.get("source_video"):
+            arrays["source"] = media.read_video(row["source_video"], num_frames=len(frames), size=size)
+        for n, uri in enumerate(row.get("style") or []):
+            arrays[f"{_STYLE}{n}"] = media.read_image(uri)
+        if row.get("mask") and "source" in arrays:
             mask = media.read_mask(row["mask"], size=size)
             if len(mask) == total:
-                mask = mask[media.frame_indices(total, count)]
+                mask = mask[media.frame_indices(total, len(frames))]
             elif len(mask) != 1:
                 raise RowError(f"mask {row['mask']} has {len(mask)} frames, video has {total}")
+            arrays["mask"] = np.broadcast_to(mask, frames.shape[:3])
+        return arrays
+
+    def process_row(self, row: dict[str, Any], params: dict[str, Any]) -> RowOutput:
+        return self.process_rows([row], [params])[0]
+
+    def process_rows(self, rows: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[RowOutput]:
+        return self.run_in_groups(
+            rows,
+            params,
+            build=lambda row, p: (row, self.inputs(row, p)),
+            key=lambda _: (),  # every row's frames go through CLIP together
+            run=lambda jobs: self.scorer.score_many([self._sample(row, a) for row, a in jobs]),
+            write=self._write,
+        )
+
+    @staticmethod
+    def _sample(row: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]) -> Sample:
+        count = sum(name.startswith(_STYLE) for name in arrays)
+        styles = [arrays[f"{_STYLE}{n}"] for n in range(count)]
+        return Sample(arrays["frames"], row.get("prompt"), arrays.get("image"), arrays.get("source"), styles)
+
+    @staticmethod
+    def _write(row: dict[str, Any], params: dict[str, Any], job: tuple, scored: tuple) -> RowOutput:
+        _, arrays = job
+        metrics, notes = scored
+        if "mask" in arrays:
             metrics["outside_mask_psnr"] = outside_mask_psnr(
-                source, frames, np.broadcast_to(mask, frames.shape[:3])
+                arrays["source"], arrays["frames"], arrays["mask"]
             )
         else:
             notes.append("outside_mask_psnr: needs both mask and source_video")

@@ -2,7 +2,8 @@
 
 For each size, in a fresh driver process on a local Ray instance: time to the first result file,
 total wall time, driver peak RSS, result files left, and the time of a resume with nothing to do. Then
-the evaluation job vs a plain loop over the same real-clip rows (`--clip none`, the default batch size).
+the evaluation job vs a plain loop over the same real-clip rows (`--clip none`, the default batch size),
+and the job's rows/s with its CPU decode stage vs with the actors reading their own inputs (tiny CLIP).
 
     python bench/runner_scale.py [--rows 10000 100000 1000000] [--loop-rows 2000]
 
@@ -72,8 +73,9 @@ def one_size(rows: int) -> dict:
     }
 
 
-def loop_vs_job(rows: int) -> tuple[float, float]:
-    """Seconds of the evaluation job and of a plain loop doing the same per-row work (no CLIP)."""
+def loop_vs_job(rows: int) -> tuple[float, float, float, float]:
+    """Seconds of the evaluation job and of a plain loop doing the same per-row work (no CLIP); then of
+    the job with tiny CLIP with and without its decode stage."""
     import ray
 
     from actors.base import JobConfig
@@ -94,13 +96,17 @@ def loop_vs_job(rows: int) -> tuple[float, float]:
         actor.process_row(row, actor.effective_params(row))
     loop = time.perf_counter() - start
     ray.init(log_to_driver=False, ignore_reinit_error=True)
-    start = time.perf_counter()
-    run_job(
-        JobSpec(
-            method="evaluate", manifest=str(directory / "m.parquet"), output=str(directory / "job"), models={}
-        )
-    )
-    return time.perf_counter() - start, loop
+    seconds = []
+    for name, models, decode in [
+        ("job", {}, True),
+        ("staged", {"clip": "tiny"}, True),
+        ("bare", {"clip": "tiny"}, False),
+    ]:
+        start = time.perf_counter()
+        manifest, output = str(directory / "m.parquet"), str(directory / name)
+        run_job(JobSpec("evaluate", manifest, output, models=models, decode_stage=decode))
+        seconds.append(time.perf_counter() - start)
+    return seconds[0], loop, seconds[1], seconds[2]
 
 
 def main() -> None:
@@ -121,10 +127,14 @@ def main() -> None:
         m = json.loads(out.stdout.strip().splitlines()[-1])
         line = f"{m['rows']:<10} {m['first_result_s']:>8.1f} s  {m['wall_s']:>6.1f} s"
         print(f"{line}  {m['driver_peak_rss_mb']:>7.0f} MB  {m['result_files']:>12}  {m['resume_s']:>5.1f} s")
-    job, loop = loop_vs_job(args.loop_rows)
+    job, loop, staged, bare = loop_vs_job(args.loop_rows)
     print(
         f"{args.loop_rows} real-clip rows: job {job:.1f} s, plain loop {loop:.1f} s, "
         f"job / loop {job / loop:.2f}"
+    )
+    print(
+        f"with tiny CLIP: decode stage {args.loop_rows / staged:.1f} rows/s, actors reading their own inputs "
+        f"{args.loop_rows / bare:.1f} rows/s, ratio {bare / staged:.2f}"
     )
 
 

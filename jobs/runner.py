@@ -1,6 +1,7 @@
 """The one Ray Data graph every job runs: manifest in, one result row per input row out.
 
     read manifest + validate (driver) -> drop settled ids -> from_arrow(blocks of `task_rows` rows)
+    [-> map_batches(decode_rows: CPU tasks read inputs, methods with `decode_stage`)]
     -> map_batches(actor pool) -> write_parquet(OUTPUT/results/) -> backfill rows lost to failed tasks
     -> summary
 
@@ -30,7 +31,7 @@ from ray.data import ActorPoolStrategy, DataContext
 from ray.data.datasource.filename_provider import FilenameProvider
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.base import ATTEMPT_COLUMN, JobConfig, RowActor
+from actors.base import ATTEMPT_COLUMN, JobConfig, RowActor, decode_rows
 from jobs import resume, summary
 from pipelines import media
 from pipelines.model_cache import ModelLoadError
@@ -66,6 +67,7 @@ class JobSpec:
     retry_errors: bool = False
     no_progress_timeout_s: float = 3600.0
     rows_per_task: int | None = None  # None: the method's choice (see `task_rows`)
+    decode_stage: bool = True  # False: the actors read their inputs themselves (for the bench's ratio)
     runtime_env: dict[str, Any] | None = None
 
 
@@ -200,9 +202,19 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         ctx.execution_no_progress_timeout_s = spec.no_progress_timeout_s
         rows = task_rows(spec, actor, todo.num_rows)
         blocks = [todo.slice(i, rows) for i in range(0, todo.num_rows, rows)]
+        data = ray.data.from_arrow(blocks)
+        if actor.decode_stage and spec.decode_stage:
+            # Reading and decoding inputs on CPU tasks, ahead of the pool, keeps its accelerators busy.
+            data = data.map_batches(
+                decode_rows,
+                fn_kwargs={"actor": actor, "config": config},
+                batch_size=spec.batch_size,
+                batch_format="pyarrow",
+                num_cpus=1,
+                runtime_env=spec.runtime_env,
+            )
         (
-            ray.data.from_arrow(blocks)
-            .map_batches(
+            data.map_batches(
                 actor,
                 fn_constructor_kwargs={"config": config},
                 compute=ActorPoolStrategy(size=spec.actors, max_tasks_in_flight_per_actor=1),
@@ -211,8 +223,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
                 batch_size=spec.batch_size,
                 batch_format="pyarrow",
                 runtime_env=spec.runtime_env,
-            )
-            .write_parquet(
+            ).write_parquet(
                 results_uri,
                 # Files named after the run, so a run's own rows can be told from all runs' files.
                 filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),

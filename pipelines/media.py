@@ -374,6 +374,16 @@ def read_video(
     return _fitted(_decode_video(uri, _read(uri, "video"), num_frames)[0], size)
 
 
+def read_sampled_video(
+    uri: str, num_frames: int | None, max_frames: int
+) -> tuple[npt.NDArray[np.uint8], int]:
+    """`num_frames` frames spread evenly over the clip (None: every frame, at most `max_frames`, spread
+    evenly), and the clip's frame count, from one fetch of the file."""
+    data = _read(uri, "video")
+    total = _info(uri, data).num_frames
+    return _decode_video(uri, data, num_frames or min(total, max_frames))[0], total
+
+
 def read_video_and_rate(uri: str, size: tuple[int, int] | None = None) -> tuple[npt.NDArray[np.uint8], float]:
     """Every frame (as `read_video`) and the clip's frame rate, from one fetch of the file."""
     frames, rate = _decode_video(uri, _read(uri, "video"), None)
@@ -536,3 +546,16 @@ def read_svg(uri: str) -> str:
     if root.tag not in ("svg", f"{{{_SVG_NAMESPACE}}}svg"):
         raise MediaError(f"not an SVG document: {uri} (root element is {root.tag!r})")
     return text
+
+
+def pack_arrays(arrays: dict[str, npt.NDArray[Any]]) -> bytes:
+    """Arrays as one uncompressed .npz: how decoded inputs travel between Ray stages as a binary cell."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def unpack_arrays(data: bytes) -> dict[str, npt.NDArray[Any]]:
+    """The inverse of `pack_arrays`; object arrays are refused, so reading never unpickles."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}

@@ -87,6 +87,25 @@ class DreamSimDistance:
 
 
 @dataclass
+class Sample:
+    """One video to score (uint8 [F, H, W, 3]) and whichever references it has."""
+
+    frames: np.ndarray
+    prompt: str | None = None
+    image: np.ndarray | None = None
+    source: np.ndarray | None = None
+    styles: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class _ClipEmbeddings:
+    frames: torch.Tensor
+    text: torch.Tensor | None
+    image: torch.Tensor | None
+    styles: torch.Tensor
+
+
+@dataclass
 class Scorer:
     """The metric models a job loaded, and why the others are absent."""
 
@@ -105,6 +124,37 @@ class Scorer:
         styles: list[np.ndarray] | None = None,
     ) -> tuple[dict[str, float | None], list[str]]:
         """Metrics of `frames` (uint8 [F, H, W, 3]) against whichever references are given, and notes."""
+        return self.score_many([Sample(frames, prompt, image, source, list(styles or []))])[0]
+
+    def score_many(self, samples: list[Sample]) -> list[tuple[dict[str, float | None], list[str]]]:
+        """Metrics and notes of several videos. CLIP embeds every video's frames, references and prompts
+        in shared forward passes, so a batch of short rows still fills the accelerator's batches."""
+        embeddings = self._clip_embeddings(samples) if self.clip is not None else [None] * len(samples)
+        return [self._score(s, e) for s, e in zip(samples, embeddings, strict=True)]
+
+    def _clip_embeddings(self, samples: list[Sample]) -> list[_ClipEmbeddings]:
+        assert self.clip is not None
+        images: list[np.ndarray] = []
+        spans = []
+        for s in samples:
+            refs = ([] if s.image is None else [s.image]) + list(s.styles)
+            spans.append((len(images), len(s.frames), len(refs)))
+            images += [*s.frames, *refs]
+        embedded = self.clip.embed_images(images)
+        prompts = sorted({s.prompt for s in samples if s.prompt})
+        texts = dict(zip(prompts, self.clip.embed_text(prompts), strict=True)) if prompts else {}
+        out = []
+        for s, (start, count, refs) in zip(samples, spans, strict=True):
+            frames, references = (
+                embedded[start : start + count],
+                embedded[start + count : start + count + refs],
+            )
+            image = None if s.image is None else references[0]
+            styles = references if s.image is None else references[1:]
+            out.append(_ClipEmbeddings(frames, texts.get(s.prompt or ""), image, styles))
+        return out
+
+    def _score(self, s: Sample, emb: _ClipEmbeddings | None) -> tuple[dict[str, float | None], list[str]]:
         metrics: dict[str, float | None] = {}
         notes: list[str] = []
 
@@ -112,48 +162,47 @@ class Scorer:
             metrics[name] = None
             notes.append(f"{name}: {reason or self.absent.get(backend, f'no {backend} model loaded')}")
 
-        if self.clip is None:
+        if emb is None:
             for name in ("clip_text", "clip_temporal", "clip_image", "clip_style"):
                 unavailable(name, "clip", None)
         else:
-            emb = self.clip.embed_images(frames)
-            if prompt:
-                metrics["clip_text"] = clip_text(emb, self.clip.embed_text([prompt])[0])
+            if emb.text is not None:
+                metrics["clip_text"] = clip_text(emb.frames, emb.text)
             else:
                 unavailable("clip_text", "clip", "no prompt")
-            if len(frames) >= 2:
-                metrics["clip_temporal"] = clip_temporal(emb)
+            if len(s.frames) >= 2:
+                metrics["clip_temporal"] = clip_temporal(emb.frames)
             else:
                 unavailable("clip_temporal", "clip", "fewer than 2 frames")
-            if image is not None:
-                metrics["clip_image"] = clip_image(emb, self.clip.embed_images(image[None])[0])
+            if emb.image is not None:
+                metrics["clip_image"] = clip_image(emb.frames, emb.image)
             else:
                 unavailable("clip_image", "clip", "no image")
-            if styles:
-                metrics["clip_style"] = clip_style(emb, self.clip.embed_images(styles))
+            if len(emb.styles):
+                metrics["clip_style"] = clip_style(emb.frames, emb.styles)
             else:
                 unavailable("clip_style", "clip", "no style images")
 
         if self.xclip is None:
             unavailable("xclip_text", "xclip", None)
-        elif prompt:
-            metrics["xclip_text"] = self.xclip.score(frames, prompt)
+        elif s.prompt:
+            metrics["xclip_text"] = self.xclip.score(s.frames, s.prompt)
         else:
             unavailable("xclip_text", "xclip", "no prompt")
 
-        if image is None:
+        if s.image is None:
             unavailable("pic", "dreamsim", "no image")
         elif self.dreamsim is None:
             unavailable("pic", "dreamsim", None)
         else:
-            metrics["pic"] = pic(image, frames, self.dreamsim)
+            metrics["pic"] = pic(s.image, s.frames, self.dreamsim)
 
-        if source is None:
+        if s.source is None:
             unavailable("lpips", "lpips", "no source video")
         elif self.lpips is None:
             unavailable("lpips", "lpips", None)
         else:
-            metrics["lpips"] = lpips_video(self.lpips, source, frames)
+            metrics["lpips"] = lpips_video(self.lpips, s.source, s.frames)
         return metrics, notes
 
 

@@ -157,3 +157,26 @@ def test_asking_for_an_absent_dreamsim_backend_fails_loudly(tmp_path):
         Exception if installed else ImportError, match=None if installed else r"anima\[metrics\]"
     ):
         metrics.load_scorer(None, dreamsim=str(tmp_path))
+
+
+def test_scoring_rows_together_matches_scoring_each_alone(clip):
+    """CLIP runs over every row's frames, references and prompts at once; each row's numbers are unchanged."""
+    scorer = metrics.load_scorer("tiny")
+    a, b, c = _video(8), _video(9)[:3], _video(10)[:5]
+    samples = [
+        metrics.Sample(a, prompt="a bird", image=b[0], styles=[c[0], c[1]]),
+        metrics.Sample(b, prompt="a red car"),
+        metrics.Sample(c, prompt="a bird", styles=[a[2]]),
+        metrics.Sample(a[:1]),
+    ]
+    together = scorer.score_many(samples)
+    for sample, (values, notes) in zip(samples, together, strict=True):
+        alone, alone_notes = scorer.score(sample.frames, sample.prompt, sample.image, styles=sample.styles)
+        assert notes == alone_notes
+        assert values.keys() == alone.keys()
+        for name, value in alone.items():
+            assert (value is None) == (values[name] is None), name
+            if value is not None:
+                assert values[name] == pytest.approx(value, abs=1e-5), name
+    assert together[0][0]["clip_style"] is not None and together[1][0]["clip_style"] is None
+    assert together[3][0]["clip_temporal"] is None and together[3][0]["clip_text"] is None

@@ -6,10 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from actors.base import CHAOS_KILL_ENV, RowError, row_params
 from jobs import resume
@@ -370,3 +372,69 @@ def test_a_manifest_may_be_a_folder_or_a_glob_of_parquet_files(tmp_path):
     assert read_manifest(str(folder / "part-[01].parquet")).num_rows == 8
     with pytest.raises(JobError, match="does not exist"):
         read_manifest(str(tmp_path / "none-*.parquet"))
+
+
+def test_the_decode_stage_gives_the_actor_the_inputs_it_would_read_itself(data_dir, tmp_path):
+    """Rows decoded by the CPU stage score exactly as rows the actor reads; a row that cannot be read
+    carries its error (and whether a rerun may help) to the actor, which writes its error row."""
+    from actors.base import JobConfig, decode_rows
+    from actors.evaluate import EvaluateActor
+
+    video = str(sorted((data_dir / "videos").glob("*.mp4"))[0])
+    image = str(sorted((data_dir / "images").glob("*"))[0])
+    mask = tmp_path / "mask.png"
+    half = np.zeros((32, 32), np.uint8)
+    half[:, :16] = 255
+    Image.fromarray(half).save(mask)
+    rows = pa.Table.from_pylist(
+        [
+            {
+                "id": "a",
+                "video": video,
+                "prompt": "a dance",
+                "image": image,
+                "source_video": video,
+                "mask": str(mask),
+                "style": [image, image],
+            },
+            {
+                "id": "b",
+                "video": video,
+                "prompt": None,
+                "image": None,
+                "source_video": None,
+                "mask": None,
+                "style": None,
+            },
+            {
+                "id": "c",
+                "video": str(tmp_path / "gone.mp4"),
+                "prompt": "x",
+                "image": None,
+                "source_video": None,
+                "mask": None,
+                "style": None,
+            },
+        ]
+    )
+    config = JobConfig(
+        method="evaluate",
+        output=str(tmp_path / "out"),
+        run_id="r",
+        models={"clip": "tiny"},
+        params=dict(FAST),
+    )
+    actor = EvaluateActor(config)
+    decoded = decode_rows(rows, EvaluateActor, config)
+    assert decoded.column("_decoded").null_count == 1
+    assert "not found" in decoded.column("_decode_error")[2].as_py()
+    direct, staged = actor(rows).to_pylist(), actor(decoded).to_pylist()
+    assert [r["status"] for r in staged] == ["ok", "ok", "error"]
+    assert (
+        staged[2]["retryable"] is False and "'c'" in staged[2]["error"] and "not found" in staged[2]["error"]
+    )
+    for one, other in zip(direct, staged, strict=True):
+        for name in ("clip_text", "clip_image", "clip_style", "clip_temporal", "outside_mask_psnr", "error"):
+            assert one[name] == (pytest.approx(other[name]) if isinstance(one[name], float) else other[name])
+        assert json.loads(other["params"]) == json.loads(one["params"])  # no bookkeeping column leaked
+    assert staged[0]["outside_mask_psnr"] == float("inf")  # the source is the video itself
