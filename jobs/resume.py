@@ -32,6 +32,7 @@ COMPACTED = "part"
 
 def result_files(results_uri: str, prefix: str = "") -> tuple[fsspec.AbstractFileSystem, list[str]]:
     fs, root = fsspec.core.url_to_fs(results_uri)
+    fs.invalidate_cache(root)  # object stores' listings are cached per process; other processes wrote here
     if not fs.exists(root):
         return fs, []
     files = sorted(

@@ -201,6 +201,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         ctx.max_errored_blocks = -1  # a failed task's rows are backfilled as error rows below
         ctx.execution_no_progress_timeout_s = spec.no_progress_timeout_s
         rows = task_rows(spec, actor, todo.num_rows)
+        results_fs, results_path = fsspec.core.url_to_fs(results_uri)
         blocks = [todo.slice(i, rows) for i in range(0, todo.num_rows, rows)]
         data = ray.data.from_arrow(blocks)
         if actor.decode_stage and spec.decode_stage:
@@ -224,13 +225,15 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
                 batch_format="pyarrow",
                 runtime_env=spec.runtime_env,
             ).write_parquet(
-                results_uri,
+                results_path,
+                # Through fsspec like every other read and write, so s3fs/gcsfs settings apply here too.
+                filesystem=PyFileSystem(FSSpecHandler(results_fs)),
                 # Files named after the run, so a run's own rows can be told from all runs' files.
                 filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
                 # About a file per task, not per batch; the run's files are compacted when it ends.
                 min_rows_per_file=rows,
                 # Writing a few rows needs no reserved CPU; actors may hold all of them (small clusters).
-                ray_remote_args={"num_cpus": 0},
+                ray_remote_args={"num_cpus": 0, "runtime_env": spec.runtime_env},
             )
         )
         backfill_lost(todo, results_uri, config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 import shlex
 import socket
 from pathlib import Path
@@ -168,6 +169,13 @@ def test_setup_installs_anima_on_every_node(cluster: dict[str, Any]) -> None:
     for commands in (cluster["head_setup_commands"], cluster["worker_setup_commands"]):
         installs = [c for c in commands if "pip install" in c and "anima" in c]
         assert installs, commands
+        assert all(_extras(c) >= {"s3", "gcs"} for c in installs), installs  # outputs live on S3/GCS
+
+
+def _extras(requirement: str) -> set[str]:
+    """The extras of an `anima[...]` requirement inside a command or a pip list entry."""
+    match = re.search(r"anima\[([^\]]*)\]", requirement)
+    return {e.strip() for e in match.group(1).split(",")} if match else set()
 
 
 def test_start_commands(cluster: dict[str, Any]) -> None:
@@ -226,6 +234,7 @@ def test_rayjob_runtime_env_and_cache_volume(rayjob: dict[str, Any]) -> None:
     runtime_env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
     RuntimeEnv(**runtime_env)  # Ray's own runtime_env checks
     assert runtime_env["working_dir"]
+    assert any(_extras(p) >= {"s3", "gcs"} for p in runtime_env["pip"]), runtime_env["pip"]
     env_vars = runtime_env["env_vars"]
     for group in worker_groups(rayjob):
         for container in group["template"]["spec"]["containers"]:
