@@ -111,8 +111,11 @@ def build_backbone(path: Path, prediction_type: str = "epsilon") -> None:
     ).save_pretrained(path / "scheduler")
 
 
-def build_clip(path: Path, image_size: int = 32, width: int = TEXT_WIDTH, layers: int = 2) -> None:
-    """CLIP with tokenizer and image processor; `image_size`, `width`, `layers` scale it up for benches."""
+def build_clip(
+    path: Path, image_size: int = 32, width: int = TEXT_WIDTH, layers: int = 2, patch_size: int | None = None
+) -> None:
+    """CLIP with tokenizer and image processor; `image_size`, `width`, `layers`, `patch_size` scale it up
+    for benches (ViT-L/14: 224, 1024, 24, 14)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
     write_tokenizer(path)
@@ -125,7 +128,7 @@ def build_clip(path: Path, image_size: int = 32, width: int = TEXT_WIDTH, layers
         num_hidden_layers=layers,
         num_attention_heads=4,
         image_size=image_size,
-        patch_size=max(image_size // 8, 2),
+        patch_size=patch_size or max(image_size // 8, 2),
     )
     config = CLIPConfig(
         text_config=CLIPTextConfig(**text).to_dict(),
