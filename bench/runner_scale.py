@@ -127,6 +127,8 @@ def main() -> None:
         m = json.loads(out.stdout.strip().splitlines()[-1])
         line = f"{m['rows']:<10} {m['first_result_s']:>8.1f} s  {m['wall_s']:>6.1f} s"
         print(f"{line}  {m['driver_peak_rss_mb']:>7.0f} MB  {m['result_files']:>12}  {m['resume_s']:>5.1f} s")
+    if not args.loop_rows:
+        return
     job, loop, staged, bare = loop_vs_job(args.loop_rows)
     print(
         f"{args.loop_rows} real-clip rows: job {job:.1f} s, plain loop {loop:.1f} s, "

@@ -50,7 +50,8 @@ def read_results(results_uri: str, columns: list[str] | None = None, prefix: str
     return _scan(*result_files(results_uri, prefix), columns)
 
 
-def _scan(fs: fsspec.AbstractFileSystem, files: list[str], columns: list[str] | None) -> pa.Table | None:
+def _dataset(fs: fsspec.AbstractFileSystem, files: list[str]) -> ds.Dataset | None:
+    """The readable result files as one dataset; a file that cannot be read is named and left out."""
     if not files:
         return None
     filesystem = PyFileSystem(FSSpecHandler(fs))
@@ -59,7 +60,12 @@ def _scan(fs: fsspec.AbstractFileSystem, files: list[str], columns: list[str] | 
     unreadable = sorted(set(files) - set(dataset.files))
     for path in unreadable:
         print(f"[anima] skipping unreadable result file {path}", file=sys.stderr)
-    return dataset.to_table(columns=columns) if dataset.files else None
+    return dataset if dataset.files else None
+
+
+def _scan(fs: fsspec.AbstractFileSystem, files: list[str], columns: list[str] | None) -> pa.Table | None:
+    dataset = _dataset(fs, files)
+    return dataset.to_table(columns=columns) if dataset is not None else None
 
 
 def latest(results: pa.Table) -> pa.Table:
@@ -102,18 +108,29 @@ def compact(results_uri: str, run_id: str, rows_per_file: int = ROWS_PER_FILE) -
     """
     fs, files = result_files(results_uri, run_id)
     small = [f for f in files if not f.rsplit("/", 1)[-1].startswith(f"{run_id}_{COMPACTED}-")]
-    if len(small) <= 1:
+    dataset = _dataset(fs, files) if len(small) > 1 else None
+    if dataset is None:
         return 0
-    table = _scan(fs, files, None)
-    if table is None:
-        return 0
-    written = 0
     token = uuid.uuid4().hex[:8]
-    for start in range(0, table.num_rows, rows_per_file):
+    pending: list[pa.Table] = []
+    written = 0
+
+    def write(table: pa.Table) -> None:
+        nonlocal written
         name = f"{run_id}_{COMPACTED}-{token}-{written:05d}.parquet"
         with media.atomic_write(media.join(results_uri, name)) as f:
-            pq.write_table(table.slice(start, rows_per_file), f)
+            pq.write_table(table, f)
         written += 1
+
+    # Streamed: the driver holds about one output file's rows at a time, whatever the run's size.
+    for batch in dataset.to_batches(batch_size=rows_per_file):
+        pending.append(pa.Table.from_batches([batch], RESULT_SCHEMA))
+        if sum(t.num_rows for t in pending) >= rows_per_file:
+            table = pa.concat_tables(pending)
+            write(table.slice(0, rows_per_file))
+            pending = [table.slice(rows_per_file)]
+    if sum(t.num_rows for t in pending):
+        write(pa.concat_tables(pending))
     for path in small:
         fs.rm_file(path)
     return written

@@ -7,7 +7,6 @@ OUTPUT/summary.json and OUTPUT/metrics_summary.json.
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -22,21 +21,32 @@ if TYPE_CHECKING:
     from jobs.runner import JobSpec
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
 def metric_table(latest: pa.Table) -> dict[str, dict[str, float | int]]:
-    """Mean, std and count of every metric over the latest ok rows (finite values only)."""
+    """Mean, std and count of every metric over the latest ok rows (finite values only).
+
+    Arrow compute throughout, so a million rows never become Python floats on the driver."""
     ok = latest.filter(pc.equal(latest.column("status"), OK))
     table = {}
     for name in METRIC_COLUMNS:
-        values = [v for v in ok.column(name).to_pylist() if v is not None and math.isfinite(v)]
-        if values:
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-            table[name] = {"mean": mean, "std": std, "n": len(values)}
+        column = ok.column(name)
+        values = column.filter(pc.fill_null(pc.is_finite(column), False))
+        if len(values):
+            std = pc.stddev(values, ddof=0).as_py()
+            table[name] = {"mean": pc.mean(values).as_py(), "std": std, "n": len(values)}
     return table
+
+
+def _counts(column: pa.ChunkedArray) -> Counter:
+    """Value -> count of a string column, counted by Arrow."""
+    return Counter({c["values"]: c["counts"] for c in pc.value_counts(column).to_pylist()})
+
+
+def _error_reasons(errors: pa.ChunkedArray) -> Counter:
+    """Error messages without their "row 'id': " prefix (so equal reasons group), first 200 characters."""
+    reasons = pc.utf8_slice_codeunits(
+        pc.replace_substring_regex(errors, r"^.*?: ", "", max_replacements=1), 0, 200
+    )
+    return _counts(reasons.filter(pc.invert(pc.is_null(reasons))))
 
 
 def build(
@@ -52,13 +62,11 @@ def build(
     )
     run = latest.filter(pc.equal(latest.column("run_id"), run_id)) if latest is not None else None
 
-    statuses = Counter(run.column("status").to_pylist()) if run is not None else Counter()
-    seconds = [s for s in run.column("seconds").to_pylist() if s is not None] if run is not None else []
-    errors = Counter(
-        e.split(": ", 1)[-1][:200] for e in (run.column("error").to_pylist() if run is not None else []) if e
-    )
+    statuses = _counts(run.column("status")) if run is not None else Counter()
+    seconds_per_row = pc.mean(run.column("seconds")).as_py() if run is not None else None
+    errors = _error_reasons(run.column("error")) if run is not None else Counter()
     gpu_seconds = wall_s * spec.actors * spec.gpus_per_actor / processed if processed else None
-    overall = Counter(latest.column("status").to_pylist()) if latest is not None else Counter()
+    overall = _counts(latest.column("status")) if latest is not None else Counter()
     return {
         "run_id": run_id,
         "method": spec.method,
@@ -71,7 +79,7 @@ def build(
         "overall": {"ok": overall.get(OK, 0), "not_ok": manifest.num_rows - overall.get(OK, 0)},
         "wall_seconds": wall_s,
         "rows_per_second": processed / wall_s if processed and wall_s else None,
-        "seconds_per_row": _mean(seconds),
+        "seconds_per_row": seconds_per_row,
         "gpu_seconds_per_row": gpu_seconds,
         "items_per_gpu_hour": 3600 / gpu_seconds if gpu_seconds else None,
         "actors": spec.actors,

@@ -323,6 +323,27 @@ def test_unreadable_and_duplicated_result_files_do_not_break_resume(tmp_path):
     assert sorted(settled.to_pylist()) == ["r0", "r1", "r2"]
 
 
+def test_compaction_streams_a_runs_files_into_files_of_a_fixed_row_count(tmp_path):
+    from schemas import ResultRow, result_table
+
+    results = tmp_path / "results"
+    results.mkdir()
+    for n in range(5):
+        rows = [ResultRow(id=f"r{n}-{i}", method="evaluate", run_id="run1") for i in range(7)]
+        pq.write_table(result_table(rows), results / f"run1_{n}.parquet")
+    pq.write_table(
+        result_table([ResultRow(id="other", method="evaluate", run_id="run0")]), results / "run0_a.parquet"
+    )
+    assert resume.compact(str(results), "run1", rows_per_file=10) == 4
+    files = sorted(p.name for p in results.iterdir())
+    assert files[0] == "run0_a.parquet" and all(f.startswith("run1_part-") for f in files[1:])
+    sizes = [pq.read_metadata(results / f).num_rows for f in files[1:]]
+    assert sizes == [10, 10, 10, 5]
+    ids = resume.read_results(str(results), ["id"]).column("id").to_pylist()
+    assert sorted(ids) == sorted(["other"] + [f"r{n}-{i}" for n in range(5) for i in range(7)])
+    assert resume.compact(str(results), "run1", rows_per_file=10) == 0  # nothing small left
+
+
 def test_a_driver_killed_halfway_resumes_to_every_id_ok_once(ray_cluster, data_dir, tmp_path):
     import os
     import signal
