@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,9 +40,12 @@ def one_size(rows: int) -> dict:
 
     directory = Path(tempfile.mkdtemp(prefix="runner-scale-"))
     manifest = directory / "manifest.parquet"
-    ids = pa.array([f"row-{i:07d}" for i in range(rows)])
-    videos = pa.array([f"{directory}/missing-{i}.mp4" for i in range(rows)])
+    # Built by Arrow, so the driver's memory is the runner's, not a million Python strings'.
+    numbers = pc.cast(pa.array(range(rows)), pa.string())
+    ids = pc.binary_join_element_wise("row-", numbers, "")
+    videos = pc.binary_join_element_wise(f"{directory}/missing-", numbers, ".mp4", "")
     pq.write_table(pa.table({"id": ids, "video": videos}), manifest)
+    del numbers, ids, videos
     output = directory / "out"
     ray.init(address="local", log_to_driver=False)  # its own instance, never a cluster found running
     first: list[float] = []

@@ -41,13 +41,17 @@ def result_files(results_uri: str, prefix: str = "") -> tuple[fsspec.AbstractFil
     return fs, files
 
 
-def read_results(results_uri: str, columns: list[str] | None = None, prefix: str = "") -> pa.Table | None:
-    """Result rows under `results_uri` (files named `prefix*`), only `columns`; None when there are none.
+def read_results(
+    results_uri: str, columns: list[str] | None = None, prefix: str = "", where: pc.Expression | None = None
+) -> pa.Table | None:
+    """Result rows under `results_uri` (files named `prefix*`), only `columns`, only rows `where` holds
+    (pushed into the scan); None when there are none.
 
     One dataset scan over all files. A file that cannot be read (a writer killed mid-file) is left out
     with a warning: its rows simply count as not done and are redone.
     """
-    return _scan(*result_files(results_uri, prefix), columns)
+    dataset = _dataset(*result_files(results_uri, prefix))
+    return dataset.to_table(columns=columns, filter=where) if dataset is not None else None
 
 
 def _dataset(fs: fsspec.AbstractFileSystem, files: list[str]) -> ds.Dataset | None:
@@ -63,21 +67,19 @@ def _dataset(fs: fsspec.AbstractFileSystem, files: list[str]) -> ds.Dataset | No
     return dataset if dataset.files else None
 
 
-def _scan(fs: fsspec.AbstractFileSystem, files: list[str], columns: list[str] | None) -> pa.Table | None:
-    dataset = _dataset(fs, files)
-    return dataset.to_table(columns=columns) if dataset is not None else None
-
-
 def latest(results: pa.Table) -> pa.Table:
     """One row per id: the one that finished last, with `attempts` = how many runs gave the id a row.
 
     A run gives each id one row; a row seen twice (a compaction interrupted before it removed the files
     it merged) counts once.
     """
-    ordered = results.sort_by([("id", "ascending"), ("finished_at", "ascending")])
-    ids = ordered.column("id").combine_chunks()
+    # Sorted indices, not a sorted copy: only the last row of each id is ever taken from `results`.
+    order = pc.sort_indices(
+        results.select(["id", "finished_at"]), [("id", "ascending"), ("finished_at", "ascending")]
+    )
+    ids = pc.take(results.column("id"), order).combine_chunks()
     following = pa.concat_arrays([ids[1:], pa.array([None], ids.type)])
-    last = ordered.filter(pc.fill_null(pc.not_equal(ids, following), True))
+    last = results.take(order.filter(pc.fill_null(pc.not_equal(ids, following), True)))
     counts = results.group_by("id").aggregate([("run_id", "count_distinct")])
     where = pc.index_in(last.column("id"), value_set=counts.column("id"))
     attempts = pc.take(counts.column("run_id_count_distinct"), where).cast(pa.int64())

@@ -154,7 +154,7 @@ def pending_rows(table: pa.Table, results_uri: str, retry_errors: bool) -> tuple
     settled, attempts = resume.settled_and_attempts(results_uri, retry_errors)
     if ATTEMPT_COLUMN in table.column_names:
         table = table.drop_columns([ATTEMPT_COLUMN])
-    todo = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=settled)))
+    todo = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=settled))) if len(settled) else table
     where = pc.index_in(todo.column("id"), value_set=attempts.column("id"))
     earlier = pc.fill_null(pc.take(attempts.column("attempts"), where), 0)
     numbers = pc.add(earlier.cast(pa.int64()), 1)
@@ -236,14 +236,23 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
                 ray_remote_args={"num_cpus": 0, "runtime_env": spec.runtime_env},
             )
         )
+        release_memory()
         backfill_lost(todo, results_uri, config)
+        release_memory()
         resume.compact(results_uri, run_id)
+        release_memory()
         # Markers of batches whose process died: stale once the run has given every row a result.
         media.remove_tree(media.join(spec.output, "_inflight"))
 
     report = summary.build(table, spec, run_id, skipped, todo.num_rows, time.time() - started)
     summary.save(report, spec.output)
     return report
+
+
+def release_memory() -> None:
+    """Hand the memory Arrow freed back to the system between the driver's phases: its allocator keeps
+    freed pages, and a million-row job's phases would otherwise pile up (measured: 300 MB per phase)."""
+    pa.default_memory_pool().release_unused()
 
 
 # Above this many blocks Ray Data's start-up grows with the count (1e5 blocks took minutes and GBs).

@@ -53,8 +53,8 @@ def build(
     manifest: pa.Table, spec: JobSpec, run_id: str, skipped: int, processed: int, wall_s: float
 ) -> dict[str, Any]:
     results_uri = media.join(spec.output, "results")
-    columns = [*resume.HISTORY_COLUMNS, "error", "seconds", *METRIC_COLUMNS]
-    everything = resume.read_results(results_uri, columns)
+    # Error messages are the bulk of a result file: only this run's error rows read them, below.
+    everything = resume.read_results(results_uri, [*resume.HISTORY_COLUMNS, "seconds", *METRIC_COLUMNS])
     latest = (
         resume.latest(everything.filter(pc.is_in(everything.column("id"), value_set=manifest.column("id"))))
         if everything
@@ -64,7 +64,8 @@ def build(
 
     statuses = _counts(run.column("status")) if run is not None else Counter()
     seconds_per_row = pc.mean(run.column("seconds")).as_py() if run is not None else None
-    errors = _error_reasons(run.column("error")) if run is not None else Counter()
+    failed = resume.read_results(results_uri, ["error"], prefix=run_id, where=pc.field("status") != OK)
+    errors = _error_reasons(failed.column("error")) if failed is not None else Counter()
     gpu_seconds = wall_s * spec.actors * spec.gpus_per_actor / processed if processed else None
     overall = _counts(latest.column("status")) if latest is not None else Counter()
     return {
