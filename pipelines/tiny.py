@@ -113,7 +113,7 @@ def build_backbone(path: Path, prediction_type: str = "epsilon") -> None:
 
 def build_clip(path: Path, image_size: int = 32, width: int = TEXT_WIDTH, layers: int = 2) -> None:
     """CLIP with tokenizer and image processor; `image_size`, `width`, `layers` scale it up for benches."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
     write_tokenizer(path)
     torch.manual_seed(0)
@@ -133,7 +133,7 @@ def build_clip(path: Path, image_size: int = 32, width: int = TEXT_WIDTH, layers
         projection_dim=max(width // 2, 16),
     )
     CLIPModel(config).save_pretrained(path)
-    CLIPImageProcessor(
+    CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
     ).save_pretrained(path)
