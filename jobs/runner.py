@@ -31,7 +31,7 @@ from ray.data.datasource.filename_provider import FilenameProvider
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.base import ATTEMPT_COLUMN, JobConfig, RowActor
-from jobs import resume, summary
+from jobs import progress, resume, summary
 from pipelines import media
 from pipelines.model_cache import ModelLoadError
 from schemas import ERROR, ResultRow, check, result_table
@@ -67,6 +67,7 @@ class JobSpec:
     no_progress_timeout_s: float = 3600.0
     rows_per_task: int | None = None  # None: the method's choice (see `task_rows`)
     runtime_env: dict[str, Any] | None = None
+    verbose: bool = False  # Ray Data's progress blocks and the workers' tqdm bars too
 
 
 def actor_class(method: str) -> type[RowActor]:
@@ -194,25 +195,28 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
 
     if todo.num_rows:
         ensure_ray()  # only now: a job refused above never starts or joins a cluster
+        spec = dataclasses.replace(
+            spec, runtime_env=progress.worker_runtime_env(spec.runtime_env, spec.verbose)
+        )
         prepare_on_nodes(config, spec)
+        progress.quiet_ray_data(spec.verbose)
         ctx = DataContext.get_current()
         ctx.max_errored_blocks = -1  # a failed task's rows are backfilled as error rows below
         ctx.execution_no_progress_timeout_s = spec.no_progress_timeout_s
         rows = task_rows(spec, actor, todo.num_rows)
         blocks = [todo.slice(i, rows) for i in range(0, todo.num_rows, rows)]
-        (
-            ray.data.from_arrow(blocks)
-            .map_batches(
-                actor,
-                fn_constructor_kwargs={"config": config},
-                compute=ActorPoolStrategy(size=spec.actors, max_tasks_in_flight_per_actor=1),
-                num_gpus=spec.gpus_per_actor,
-                num_cpus=spec.cpus_per_actor,
-                batch_size=spec.batch_size,
-                batch_format="pyarrow",
-                runtime_env=spec.runtime_env,
-            )
-            .write_parquet(
+        results = ray.data.from_arrow(blocks).map_batches(
+            actor,
+            fn_constructor_kwargs={"config": config},
+            compute=ActorPoolStrategy(size=spec.actors, max_tasks_in_flight_per_actor=1),
+            num_gpus=spec.gpus_per_actor,
+            num_cpus=spec.cpus_per_actor,
+            batch_size=spec.batch_size,
+            batch_format="pyarrow",
+            runtime_env=spec.runtime_env,
+        )
+        with progress.Progress(todo.num_rows, spec.actors * spec.gpus_per_actor) as line:
+            line.tap(results).write_parquet(
                 results_uri,
                 # Files named after the run, so a run's own rows can be told from all runs' files.
                 filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
@@ -221,7 +225,6 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
                 # Writing a few rows needs no reserved CPU; actors may hold all of them (small clusters).
                 ray_remote_args={"num_cpus": 0},
             )
-        )
         backfill_lost(todo, results_uri, config)
         resume.compact(results_uri, run_id)
         # Markers of batches whose process died: stale once the run has given every row a result.
