@@ -26,6 +26,11 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def error_reasons(errors: list[str | None]) -> Counter[str]:
+    """Error messages grouped by reason: without the `row 'id': ` they start with, cut to 200 characters."""
+    return Counter(e.split(": ", 1)[-1][:200] for e in errors if e)
+
+
 def metric_table(latest: pa.Table) -> dict[str, dict[str, float | int]]:
     """Mean, std and count of every metric over the latest ok rows (finite values only)."""
     ok = latest.filter(pc.equal(latest.column("status"), OK))
@@ -54,9 +59,7 @@ def build(
 
     statuses = Counter(run.column("status").to_pylist()) if run is not None else Counter()
     seconds = [s for s in run.column("seconds").to_pylist() if s is not None] if run is not None else []
-    errors = Counter(
-        e.split(": ", 1)[-1][:200] for e in (run.column("error").to_pylist() if run is not None else []) if e
-    )
+    errors = error_reasons(run.column("error").to_pylist() if run is not None else [])
     gpu_seconds = wall_s * spec.actors * spec.gpus_per_actor / processed if processed else None
     overall = Counter(latest.column("status").to_pylist()) if latest is not None else Counter()
     return {
