@@ -177,7 +177,7 @@ def make_thumbnail(thumb: Thumb, report: str) -> str | None:
         if lower.endswith(_IMAGE_SUFFIXES):
             frames = media.read_image(thumb.uri)[None]
         else:
-            frames = media.read_video(thumb.uri, num_frames=THUMB_FRAMES)
+            frames = media.read_video_sample(thumb.uri, THUMB_FRAMES)
         media.write_bytes(_encode(frames, thumb.name.rsplit(".", 1)[-1]), target)
     except media.MediaError as exc:
         return f"unreadable: {exc}"

@@ -374,6 +374,12 @@ def read_video(
     return _fitted(_decode_video(uri, _read(uri, "video"), num_frames)[0], size)
 
 
+def read_video_sample(uri: str, at_most: int) -> npt.NDArray[np.uint8]:
+    """Up to `at_most` frames spread evenly over the clip (every frame of a shorter one), one fetch."""
+    data = _read(uri, "video")
+    return _decode_video(uri, data, min(at_most, _info(uri, data).num_frames))[0]
+
+
 def read_video_and_rate(uri: str, size: tuple[int, int] | None = None) -> tuple[npt.NDArray[np.uint8], float]:
     """Every frame (as `read_video`) and the clip's frame rate, from one fetch of the file."""
     frames, rate = _decode_video(uri, _read(uri, "video"), None)
