@@ -59,7 +59,7 @@ REFERENCES: dict[tuple[str, str], tuple[float, str]] = {
 }
 # The output a row is previewed by, best first (a method's `outputs` names); evaluation rows have none and
 # are previewed by the video they scored.
-PREVIEW_OUTPUTS = ("side_by_side", "animated_svg", "mp4", "gif", "video", "image")
+PREVIEW_OUTPUTS = ("side_by_side", "animated_svg", "mp4", "gif", "image")
 # Manifest columns that are a row's inputs, shown beside its output; `video` is an input except in an
 # evaluation, where it is what was scored.
 INPUT_COLUMNS = ("svg", "image", "end_image", "video", "source_video", "style", "mask")
