@@ -179,7 +179,7 @@ def make_thumbnail(thumb: Thumb, report: str) -> str | None:
         else:
             frames = media.read_video_sample(thumb.uri, THUMB_FRAMES)
         media.write_bytes(_encode(frames, thumb.name.rsplit(".", 1)[-1]), target)
-    except media.MediaError as exc:
+    except (media.MediaError, OSError, ValueError) as exc:  # one bad file costs its preview, not the report
         return f"unreadable: {exc}"
     return None
 
