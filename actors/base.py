@@ -322,8 +322,8 @@ class RowActor:
         self, row: dict[str, Any], params: dict[str, Any], message: str, retryable: bool, seconds: float
     ) -> ResultRow:
         result = self._base_row(row, params, seconds)
+        # The driver's progress line prints it, once (jobs/progress.py).
         result.status, result.error, result.retryable = ERROR, f"row {row['id']!r}: {message}", retryable
-        print(f"[anima] {result.error}", file=sys.stderr, flush=True)
         return result
 
     # -- crash accounting -------------------------------------------------------------------

@@ -66,6 +66,10 @@ def _pool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-progress-timeout", type=float, default=3600.0, help="seconds without progress to abort"
     )
+    p.add_argument(
+        "--verbose", action="store_true", help="also Ray Data's progress blocks and the workers' tqdm bars"
+    )
+    p.add_argument("--report", action="store_true", help="write OUTPUT/report/index.html when the job ends")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,12 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training parameter")
     train.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
 
-    from jobs.convert import add_parser
+    from jobs import convert, report
 
-    add_parser(sub)
+    convert.add_parser(sub)
+    report.add_parser(sub)
 
     demo = sub.add_parser("demo", help="run the demo on local Ray with tiny models")
     demo.add_argument("--output", default="demo_output")
+    demo.add_argument("--verbose", action="store_true", help="also Ray Data's progress blocks")
     return parser
 
 
@@ -137,6 +143,7 @@ def spec_from_args(args: argparse.Namespace, method: str) -> JobSpec:
         max_row_crashes=args.max_row_crashes,
         retry_errors=args.retry_errors,
         no_progress_timeout_s=args.no_progress_timeout,
+        verbose=args.verbose,
     )
 
 
@@ -158,10 +165,14 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.convert import run_convert
 
             return run_convert(args)
-        if args.command == "demo":
+        if args.command == "report":
+            from jobs.report import write_report
+
+            print(f"[anima] report: {write_report(args.outputs, args.out)}")
+        elif args.command == "demo":
             from jobs.demo import run_demo
 
-            run_demo(args.output)
+            run_demo(args.output, verbose=args.verbose)
         elif args.command == "train":
             from jobs.train import TrainSpec, run_training
 
@@ -179,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         else:
-            run_job(spec_from_args(args, "evaluate" if args.command == "evaluate" else args.method))
+            spec = spec_from_args(args, "evaluate" if args.command == "evaluate" else args.method)
+            run_job(spec)
+            if args.report:
+                from jobs.report import write_report
+
+                print(f"[anima] report: {write_report([spec.output])}")
     except ManifestError as exc:
         return _fail(
             str(exc),

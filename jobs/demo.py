@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import resume
+from jobs.report import write_report
 from jobs.runner import JobSpec, run_job
 from pipelines import media
 
@@ -171,21 +172,27 @@ GENERATION_JOBS = [
 ]
 
 
-def run_demo(output: str) -> None:
+def run_demo(output: str, verbose: bool = False) -> None:
     output = str(Path(output).resolve())
     manifests = media.join(output, "manifests")
     out = media.join(output, "evaluate")
     manifest = _write_manifest(eval_manifest(), media.join(manifests, "eval.parquet"))
-    run_job(JobSpec(method="evaluate", manifest=manifest, output=out, models={"clip": "tiny"}))
+    run_job(
+        JobSpec(method="evaluate", manifest=manifest, output=out, models={"clip": "tiny"}, verbose=verbose)
+    )
     print("\nevaluation, per row (tiny random CLIP: the values only show the path works):")
     _print_results(out, ["clip_text", "clip_temporal", "clip_image", "clip_style"])
+    print(f"report: {write_report([out])}")
 
     for job in GENERATION_JOBS:
         out = media.join(output, job.method)
         manifest = _write_manifest(job.manifest(), media.join(manifests, f"{job.method}.parquet"))
         models = {"backbone": "tiny", "clip": "tiny"}
-        run_job(JobSpec(job.method, manifest, out, models, job.params, batch_size=job.batch_size))
+        run_job(
+            JobSpec(job.method, manifest, out, models, job.params, batch_size=job.batch_size, verbose=verbose)
+        )
         where = media.join(out, "artifacts", "<id>", job.artifact)
         print(f"\n{job.method}, per row (tiny random models, untrained adapters; outputs: {where}):")
         _print_results(out, [*job.columns, "seconds"])
+        print(f"report: {write_report([out])}")
     print(f"\ndemo outputs are under {output}")

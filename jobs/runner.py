@@ -32,7 +32,7 @@ from ray.data.datasource.filename_provider import FilenameProvider
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.base import ATTEMPT_COLUMN, JobConfig, RowActor, decode_rows
-from jobs import resume, summary
+from jobs import progress, resume, summary
 from pipelines import media
 from pipelines.model_cache import ModelLoadError
 from schemas import ERROR, ResultRow, check, result_table
@@ -69,6 +69,7 @@ class JobSpec:
     rows_per_task: int | None = None  # None: the method's choice (see `task_rows`)
     decode_stage: bool = True  # False: the actors read their inputs themselves (for the bench's ratio)
     runtime_env: dict[str, Any] | None = None
+    verbose: bool = False  # Ray Data's progress blocks and the workers' tqdm bars too
 
 
 def actor_class(method: str) -> type[RowActor]:
@@ -196,7 +197,11 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
 
     if todo.num_rows:
         ensure_ray()  # only now: a job refused above never starts or joins a cluster
+        spec = dataclasses.replace(
+            spec, runtime_env=progress.worker_runtime_env(spec.runtime_env, spec.verbose)
+        )
         prepare_on_nodes(config, spec)
+        progress.quiet_ray_data(spec.verbose)
         ctx = DataContext.get_current()
         ctx.max_errored_blocks = -1  # a failed task's rows are backfilled as error rows below
         ctx.execution_no_progress_timeout_s = spec.no_progress_timeout_s
@@ -214,17 +219,18 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
                 num_cpus=1,
                 runtime_env=spec.runtime_env,
             )
-        (
-            data.map_batches(
-                actor,
-                fn_constructor_kwargs={"config": config},
-                compute=ActorPoolStrategy(size=spec.actors, max_tasks_in_flight_per_actor=1),
-                num_gpus=spec.gpus_per_actor,
-                num_cpus=spec.cpus_per_actor,
-                batch_size=spec.batch_size,
-                batch_format="pyarrow",
-                runtime_env=spec.runtime_env,
-            ).write_parquet(
+        results = data.map_batches(
+            actor,
+            fn_constructor_kwargs={"config": config},
+            compute=ActorPoolStrategy(size=spec.actors, max_tasks_in_flight_per_actor=1),
+            num_gpus=spec.gpus_per_actor,
+            num_cpus=spec.cpus_per_actor,
+            batch_size=spec.batch_size,
+            batch_format="pyarrow",
+            runtime_env=spec.runtime_env,
+        )
+        with progress.Progress(todo.num_rows, spec.actors * spec.gpus_per_actor) as line:
+            line.tap(results).write_parquet(
                 results_path,
                 # Through fsspec like every other read and write, so s3fs/gcsfs settings apply here too.
                 filesystem=PyFileSystem(FSSpecHandler(results_fs)),
@@ -235,7 +241,6 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
                 # Writing a few rows needs no reserved CPU; actors may hold all of them (small clusters).
                 ray_remote_args={"num_cpus": 0, "runtime_env": spec.runtime_env},
             )
-        )
         release_memory()
         backfill_lost(todo, results_uri, config)
         release_memory()

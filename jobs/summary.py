@@ -41,7 +41,7 @@ def _counts(column: pa.ChunkedArray) -> Counter:
     return Counter({c["values"]: c["counts"] for c in pc.value_counts(column).to_pylist()})
 
 
-def _error_reasons(errors: pa.ChunkedArray) -> Counter:
+def error_reasons(errors: pa.ChunkedArray) -> Counter:
     """Error messages without their "row 'id': " prefix (so equal reasons group), first 200 characters."""
     reasons = pc.utf8_slice_codeunits(
         pc.replace_substring_regex(errors, r"^.*?: ", "", max_replacements=1), 0, 200
@@ -65,7 +65,7 @@ def build(
     statuses = _counts(run.column("status")) if run is not None else Counter()
     seconds_per_row = pc.mean(run.column("seconds")).as_py() if run is not None else None
     failed = resume.read_results(results_uri, ["error"], prefix=run_id, where=pc.field("status") != OK)
-    errors = _error_reasons(failed.column("error")) if failed is not None else Counter()
+    errors = error_reasons(failed.column("error")) if failed is not None else Counter()
     gpu_seconds = wall_s * spec.actors * spec.gpus_per_actor / processed if processed else None
     overall = _counts(latest.column("status")) if latest is not None else Counter()
     return {

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,19 +26,41 @@ OFFICIAL_IMAGE_ENCODER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 ADAPTER_INIT_SEED = 0
 
 
+# What a full CLIP checkpoint (both towers and their projections: the official image encoder
+# `OFFICIAL_IMAGE_ENCODER`, tiny) holds beyond the image tower. Only these keys may be left over.
+_OTHER_TOWER = re.compile(r"^(text_model\.|text_projection\.|visual_projection\.|logit_scale$)")
+
+
 def load_image_encoder(ref: str, device: str, dtype: torch.dtype) -> nn.Module:
-    """The CLIP vision tower (hub id | local dir | tiny), with the mean/std it was trained with attached."""
-    from transformers import CLIPImageProcessor, CLIPVisionModel
+    """The CLIP vision tower (hub id | local dir | tiny), with the mean/std it was trained with attached.
+
+    transformers' load report would list the other tower's keys of a full CLIP checkpoint as unexpected
+    on every load; instead the load is checked here, strictly: every tower weight present and of its
+    shape, nothing left over but the other tower.
+    """
+    from transformers import CLIPImageProcessorPil, CLIPVisionModel
 
     from pipelines.clip import prepare_clip
     from pipelines.model_cache import ModelLoadError
 
     path = Path(prepare_clip(ref))
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
     try:
-        encoder = CLIPVisionModel.from_pretrained(path, dtype=dtype).to(device).eval()
-        processor = CLIPImageProcessor.from_pretrained(path)
+        report.setLevel(logging.ERROR)
+        encoder, info = CLIPVisionModel.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        processor = CLIPImageProcessorPil.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load the image encoder {ref!r} from {path}: {exc}") from exc
+    finally:
+        report.setLevel(level)
+    stray = sorted(k for k in info["unexpected_keys"] if not _OTHER_TOWER.match(k))
+    if info["missing_keys"] or info["mismatched_keys"] or stray:
+        raise ModelLoadError(
+            f"{ref!r} ({path}) is not a CLIP image tower: missing {sorted(info['missing_keys'])[:5]}, "
+            f"mismatched {sorted(info['mismatched_keys'])[:5]}, unexpected {stray[:5]}"
+        )
+    encoder = encoder.to(device).eval()
     encoder.image_mean, encoder.image_std = list(processor.image_mean), list(processor.image_std)
     return encoder
 

@@ -8,6 +8,7 @@ each need the pieces, not a finished sampling loop.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,10 @@ BACKBONE_FILES = [
     "tokenizer/*",
     "scheduler/*",
 ]
+
+# diffusers' fast, low-memory loading needs `accelerate`; without it diffusers loads the plain way and warns
+# on every load. Asking for what is installed keeps the fast path where it exists, without the warning.
+LOW_CPU_MEM_USAGE = importlib.util.find_spec("accelerate") is not None
 
 PRESETS = {
     "tiny": lambda: model_cache.build_once(f"tiny-backbone-v{tiny.TINY_VERSION}", tiny.build_backbone),
@@ -189,7 +194,9 @@ def _load_unet(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     config = UNet3DConditionModel.load_config(path)
     variant = config.get(temporal.CONFIG_KEY)
     if not variant:
-        return UNet3DConditionModel.from_pretrained(path, torch_dtype=dtype)
+        return UNet3DConditionModel.from_pretrained(
+            path, torch_dtype=dtype, low_cpu_mem_usage=LOW_CPU_MEM_USAGE
+        )
     unet = temporal.apply_variant(UNet3DConditionModel.from_config(config), variant)
     state: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
@@ -207,7 +214,9 @@ def load_backbone_uncached(ref: str, device: str = "cpu", dtype: torch.dtype = t
     try:
         parts = {
             "unet": _load_unet(path / "unet", dtype),
-            "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
+            "vae": AutoencoderKL.from_pretrained(
+                path, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=LOW_CPU_MEM_USAGE
+            ),
             "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype),
         }
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")

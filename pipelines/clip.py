@@ -1,7 +1,9 @@
 """CLIP embeddings of frames, images and prompts, for the metrics every job reports.
 
-Images go through the checkpoint's own `CLIPImageProcessor`, the same preprocessing torchmetrics'
-CLIPScore uses, so our scores agree with that reference implementation on the same model.
+Images go through the checkpoint's own `CLIPImageProcessor` settings, the same preprocessing torchmetrics'
+CLIPScore uses, so our scores agree with that reference implementation on the same model. Its PIL
+backend (`CLIPImageProcessorPil`) is named explicitly: transformers' default backend needs torchvision,
+which anima never installs, and one backend everywhere keeps scores equal across machines.
 """
 
 from __future__ import annotations
@@ -64,13 +66,13 @@ def _unit(features) -> torch.Tensor:
 @functools.cache
 def load_clip(ref: str = "tiny", device: str = "cpu") -> Clip:
     """CLIP (hub id | local dir | tiny), loaded once per process."""
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
     path = prepare_clip(ref)
     try:
         model = CLIPModel.from_pretrained(path).to(device).eval()
         tokenizer = CLIPTokenizer.from_pretrained(path)
-        processor = CLIPImageProcessor.from_pretrained(path)
+        processor = CLIPImageProcessorPil.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
         raise model_cache.ModelLoadError(f"cannot load CLIP {ref!r} from {path}: {exc}") from exc
     return Clip(ref=ref, model=model, tokenizer=tokenizer, processor=processor, device=torch.device(device))

@@ -46,7 +46,9 @@ def pic(image: np.ndarray, frames: np.ndarray, distance: Callable[[np.ndarray, n
 
 def to_signed(frames: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    # A decoded video may be a read-only view, which torch.from_numpy warns about: copy those only.
+    frames = np.require(frames, requirements=["C_CONTIGUOUS", "WRITEABLE"])
+    return torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:

@@ -116,7 +116,7 @@ def build_clip(
 ) -> None:
     """CLIP with tokenizer and image processor; `image_size`, `width`, `layers`, `patch_size` scale it up
     for benches (ViT-L/14: 224, 1024, 24, 14)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
     write_tokenizer(path)
     torch.manual_seed(0)
@@ -136,7 +136,7 @@ def build_clip(
         projection_dim=max(width // 2, 16),
     )
     CLIPModel(config).save_pretrained(path)
-    CLIPImageProcessor(
+    CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
     ).save_pretrained(path)

@@ -145,7 +145,7 @@ def load_xclip(ref: str = "tiny", device: str = "cpu") -> XClip:
     try:
         model = XCLIPModel.from_pretrained(path).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
-        processor = AutoImageProcessor.from_pretrained(path)
+        processor = AutoImageProcessor.from_pretrained(path, backend="pil")  # no torchvision (see clip.py)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise model_cache.ModelLoadError(f"cannot load X-CLIP {ref!r} from {path}: {exc}") from exc
     return XClip(ref=ref, model=model, tokenizer=tokenizer, processor=processor, device=torch.device(device))

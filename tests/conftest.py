@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 from pathlib import Path
@@ -56,3 +58,15 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_output(ray_cluster, tmp_path_factory) -> tuple[Path, str]:
+    """`anima demo`, run once for the tests that check it and its reports: its folder and its stdout."""
+    from jobs.cli import main
+
+    folder = tmp_path_factory.mktemp("demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--output", str(folder)]) == 0
+    return folder, printed.getvalue()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -85,6 +86,12 @@ def test_ray_job_submit_runs_an_evaluation_on_a_local_head(data_dir, tmp_path):
         summary = json.loads((output / "summary.json").read_text())
         assert (summary["processed"], summary["ok"]) == (len(videos), len(videos))
         assert f"processed {len(videos)}" in submit.stdout
+        # The driver's progress line reaches the job's logs, which `ray job submit` streams.
+        n = len(videos)
+        assert re.search(
+            rf"\[anima\] {n}/{n} rows \(ok {n}, error 0\), [\d.]+ rows/s, ETA done", submit.stdout
+        )
+        assert "logging_progress" not in submit.stdout  # Ray Data's own progress blocks are off
     finally:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -177,25 +176,25 @@ def test_cli_exit_codes_for_unknown_parameters_missing_manifest_and_unloadable_m
     assert "not implemented" in capsys.readouterr().err
 
 
-def test_demo_runs_every_job_over_the_shipped_examples(ray_cluster, tmp_path, capsys):
-    assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
-    out = capsys.readouterr().out
+def test_demo_runs_every_job_over_the_shipped_examples(demo_output):
+    demo, out = demo_output
     assert "demo outputs are under" in out
-    rows = _latest(tmp_path / "demo" / "evaluate")
+    for method in ("evaluate", "livesketch", "dreammotion", "dynamicrafter", "stylecrafter"):
+        assert f"report: {demo / method / 'report' / 'index.html'}" in out
+    rows = _latest(demo / "evaluate")
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows.values())
     assert rows["dance1"]["clip_image"] is not None and rows["bird000"]["clip_style"] is not None
-    sketches = _latest(tmp_path / "demo" / "livesketch")
+    sketches = _latest(demo / "livesketch")
     assert sorted(sketches) == ["butterfly_3", "fish", "surfer0"]
     assert all(r["status"] == "ok" and r["clip_image"] is not None for r in sketches.values())
-    artifacts = tmp_path / "demo" / "livesketch" / "artifacts"
+    artifacts = demo / "livesketch" / "artifacts"
     assert all((artifacts / i / "animation.svg").exists() for i in sketches)
-    edits = _latest(tmp_path / "demo" / "dreammotion")
+    edits = _latest(demo / "dreammotion")
     assert sorted(edits) == ["bird000", "locomotive"] and all(r["status"] == "ok" for r in edits.values())
-    animated = _latest(tmp_path / "demo" / "dynamicrafter")
+    animated = _latest(demo / "dynamicrafter")
     assert sorted(animated) == ["dance1", "guitar0"] and all(r["status"] == "ok" for r in animated.values())
-    styled = _latest(tmp_path / "demo" / "stylecrafter")
+    styled = _latest(demo / "stylecrafter")
     assert sorted(styled) == ["chef", "performer"] and all(r["status"] == "ok" for r in styled.values())
-    shutil.rmtree(tmp_path / "demo")
 
 
 def test_a_bad_method_parameter_becomes_that_rows_error():

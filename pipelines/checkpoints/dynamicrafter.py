@@ -361,7 +361,7 @@ def convert_checkpoint(
     channels, vae, text_encoder, tokenizer, scheduler) and `OUTPUT/adapter` (adapter.json,
     adapter.safetensors, image_encoder/). Every tensor is used once or refused; nothing is written
     until the whole checkpoint converted."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
     from pipelines.checkpoints.reader import read_checkpoint
 
@@ -390,7 +390,7 @@ def convert_checkpoint(
     encoder_dir = f"{adapter}/{ADAPTER_IMAGE_ENCODER[2:]}"
     ldm_parts.save_module(vision, ldm_parts.part(converted, "image_encoder."), encoder_dir)
     size = vision_cfg.image_size
-    CLIPImageProcessor(
+    CLIPImageProcessorPil(
         image_mean=list(OPENAI_CLIP_MEAN),
         image_std=list(OPENAI_CLIP_STD),
         size={"shortest_edge": size},

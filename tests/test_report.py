@@ -1,0 +1,150 @@
+"""`anima report` in a real headless browser (Debian's chromium), on the demo's reports and on a bad output.
+
+The page has a test hook (`index.html#selftest`): it pages through every row, loads every image, sorts by a
+metric and filters by status through its own controls, and writes what it saw into the DOM, which
+`chromium --headless --dump-dom` returns once the page is idle (`--virtual-time-budget`).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import resume
+from jobs.report import CELL_FIELDS, write_report
+from pipelines import media
+from schemas import ERROR, ResultRow, result_table
+
+ARTIFACTS = Path(os.environ.get("ANIMA_TEST_ARTIFACTS", "/tmp/anima-test-artifacts"))
+INJECTION = "<script>window.injected = 1</script><img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's chromium; installed with apt when absent (the test setup runs as root in CI)."""
+    found = shutil.which("chromium")
+    if not found and shutil.which("apt-get") and os.geteuid() == 0:
+        for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+            subprocess.run(command, capture_output=True, timeout=600, check=False)
+        found = shutil.which("chromium")
+    if not found:
+        print("SKIPPED: Debian's chromium package could not be installed (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed and could not be installed with apt-get")
+    return found
+
+
+def _chromium(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def _selftest(chromium: str, index: Path, tmp_path: Path) -> tuple[dict, str, list[str]]:
+    """What the page's self-test saw, the DOM, and the browser's console lines."""
+    run = _chromium(chromium, tmp_path / "profile", "--virtual-time-budget=20000", "--dump-dom",
+                    f"{index.as_uri()}#selftest")  # fmt: skip
+    found = re.search(r'<pre id="selftest-result">(.*?)</pre>', run.stdout, re.S)
+    assert found and found.group(1), run.stderr[-2000:]
+    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    return json.loads(html.unescape(found.group(1))), run.stdout, console
+
+
+def _ids(output: Path) -> set[str]:
+    return set(resume.latest(resume.read_results(str(output / "results"))).column("id").to_pylist())
+
+
+def test_every_demo_report_shows_every_id_with_loading_previews_sorts_and_filters(
+    demo_output, chromium, tmp_path
+):
+    demo, _ = demo_output
+    for method in ("evaluate", "livesketch", "dreammotion", "dynamicrafter", "stylecrafter"):
+        seen, _, console = _selftest(chromium, demo / method / "report" / "index.html", tmp_path)
+        ids = _ids(demo / method)
+        assert sorted(seen["ids"]) == sorted(ids), method
+        # No "missing" or "no preview" anywhere: every id's output and every input is a loaded image.
+        assert seen["broken"] == [] and seen["states"] == [], (method, seen)
+        assert seen["images"] > len(ids), method
+        assert seen["errors"] == [] and console == [], (method, seen["errors"], console)
+        assert seen["filtered"] == []  # every demo row is ok: the error filter hides them all
+        if method == "evaluate":
+            sort = seen["sort"]
+            assert sort["column"] == "0:clip_text"
+            rows = {
+                r["id"]: r
+                for r in resume.latest(resume.read_results(str(demo / method / "results"))).to_pylist()
+            }
+            assert sort["ascending"] == sorted(rows, key=lambda i: rows[i]["clip_text"]) != sort["before"]
+            assert sort["descending"] == sort["ascending"][::-1]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    index = (demo / "evaluate" / "report" / "index.html").as_uri()
+    _chromium(chromium, tmp_path / "profile", "--window-size=1400,1100", "--virtual-time-budget=5000",
+              f"--screenshot={shot}", index)  # fmt: skip
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot of the evaluate report: {shot}")
+
+
+@pytest.fixture(scope="module")
+def bad_output(tmp_path_factory) -> Path:
+    """An output with one good row, one whose artifacts were deleted, and one error row whose message
+    carries markup."""
+    out = tmp_path_factory.mktemp("bad") / "out"
+    frames = np.stack([np.full((24, 32, 3), 40 * i, np.uint8) for i in range(4)])
+    rows = []
+    for row_id in ("kept", "deleted"):
+        video = media.write_video(frames, str(out / "artifacts" / row_id / "video.mp4"))
+        rows.append(
+            ResultRow(id=row_id, method="dynamicrafter", outputs={"mp4": video}, metrics={"clip_text": 0.2})
+        )
+    shutil.rmtree(out / "artifacts" / "deleted")
+    rows.append(
+        ResultRow(id="failed", method="dynamicrafter", status=ERROR, error=f"row 'failed': {INJECTION}")
+    )
+    (out / "results").mkdir()
+    pq.write_table(result_table(rows), out / "results" / "run.parquet")
+    return out
+
+
+def test_deleted_artifacts_show_missing_and_the_status_filter_keeps_only_error_rows(
+    bad_output, chromium, tmp_path
+):
+    index = Path(write_report([str(bad_output)]))
+    seen, dom, console = _selftest(chromium, index, tmp_path)
+    assert sorted(seen["ids"]) == ["deleted", "failed", "kept"]
+    assert seen["states"] == ["missing", "no output"] and seen["broken"] == [] and seen["images"] == 1
+    assert seen["filtered"] == [["error"]]
+    assert seen["errors"] == [] and console == []
+    assert INJECTION not in dom and html.escape(INJECTION, quote=False) in dom  # shown as text, never run
+
+
+def test_two_outputs_side_by_side_pair_the_same_ids(bad_output, chromium, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(bad_output, other, ignore=shutil.ignore_patterns("report"))
+    results = other / "results" / "run.parquet"
+    table = pq.read_table(results)
+    pq.write_table(table.filter(pc.not_equal(table.column("id"), "failed")), results)
+    index = Path(write_report([str(bad_output), str(other)], str(tmp_path / "compare")))
+    page = index.read_text()
+    data = json.loads(
+        re.search(r'<script id="report-data" type="application/json">(.*?)</script>', page, re.S)[1]
+    )
+    assert data["outputs"] == ["out", "other"]
+    cells = {row_id: cells for row_id, cells in data["rows"]}
+    assert cells["failed"][1] is None and cells["failed"][0][CELL_FIELDS.index("status")] == "error"
+    assert [c[CELL_FIELDS.index("clip_text")] for c in cells["kept"]] == [0.2, 0.2]
+    seen, _, console = _selftest(chromium, index, tmp_path)
+    assert sorted(seen["ids"]) == ["deleted", "failed", "kept"]
+    assert seen["states"] == ["missing", "missing", "no output"]
+    assert seen["errors"] == [] and console == []
