@@ -22,6 +22,12 @@ if TYPE_CHECKING:
     from jobs.runner import JobSpec
 
 
+# What the paper reports for the metrics it shares with anima, printed beside the run's means.
+# LiveSketch Table 1a: sketch-to-video consistency (CLIP, our clip_image) and text-to-video alignment
+# (X-CLIP) with ModelScope; the CLIP and X-CLIP checkpoints behind them are not known.
+PAPER_METRICS: dict[str, dict[str, float]] = {"livesketch": {"clip_image": 0.965, "xclip_text": 0.142}}
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -104,9 +110,11 @@ def render(report: dict[str, Any]) -> str:
     for err in report["top_errors"]:
         lines.append(f"  error x{err['count']}: {err['error']}")
     if report["metrics"]:
-        lines.append("  metric                mean ± std        (n)")
+        paper = PAPER_METRICS.get(report["method"], {})
+        lines.append("  metric                mean ± std        (n)" + ("    paper" if paper else ""))
         for name, m in report["metrics"].items():
-            lines.append(f"  {name:<20} {m['mean']:>8.4f} ± {m['std']:<8.4f} ({m['n']})")
+            reported = f"    {paper[name]:.3f}" if name in paper else ""
+            lines.append(f"  {name:<20} {m['mean']:>8.4f} ± {m['std']:<8.4f} ({m['n']}){reported}")
     lines += [f"  {k}: {v}" for k, v in report["outputs"].items()]
     return "\n".join(lines)
 

@@ -79,6 +79,24 @@ def hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
     return Path(path)
 
 
+def is_cached(ref: str, allow_patterns: list[str] | None = None) -> bool:
+    """Whether a hub id's files (or a local directory) are on this node already, without downloading."""
+    if Path(ref).expanduser().is_dir():
+        return True
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(
+            ref,
+            allow_patterns=allow_patterns,
+            cache_dir=os.environ.get("ANIMA_HF_CACHE") or None,
+            local_files_only=True,
+        )
+    except Exception:
+        return False
+    return True
+
+
 def resolve(
     ref: str, presets: dict[str, Callable[[], Path]], allow_patterns: list[str] | None = None
 ) -> Path:
