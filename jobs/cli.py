@@ -148,13 +148,14 @@ def spec_from_args(args: argparse.Namespace, method: str) -> JobSpec:
 
 
 def _fail(message: str, advice: str, code: int) -> int:
+    # Never break at hyphens: messages hold commands and model ids (huggingface-cli, text-to-video-ms).
     print(
-        textwrap.fill(f"anima: {message}", 110, subsequent_indent="  ")
+        textwrap.fill(f"anima: {message}", 110, subsequent_indent="  ", break_on_hyphens=False)
         if "\n" not in message
         else f"anima: {message}",
         file=sys.stderr,
     )
-    print(textwrap.fill(advice, 110), file=sys.stderr)
+    print(textwrap.fill(advice, 110, break_on_hyphens=False), file=sys.stderr)
     return code
 
 

@@ -68,10 +68,10 @@ def hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
             local_files_only=offline(),
         )
     except Exception as exc:
-        files = " ".join(p for p in allow_patterns or [] if "*" not in p)
+        include = "".join(f" --include '{p}'" for p in allow_patterns or [])
         hint = (
             f" (HF_HUB_OFFLINE is set and it is not cached: fetch it with `huggingface-cli download {repo_id}"
-            f"{' ' + files if files else ''}` where the hub is reachable, or pass a local directory)"
+            f"{include}` where the hub is reachable, or pass a local directory)"
             if offline()
             else ""
         )
