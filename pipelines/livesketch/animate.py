@@ -40,7 +40,7 @@ from pipelines.livesketch.svg import STROKE_WIDTHS, Sketch
 from pipelines.params import from_values, shared_value
 
 # (lr_local, lr_global) per field. official: the official code's (animate_svg.py:53, :71), which
-# were tuned for its network. pooled: measured on the oracle prior (notes/livesketch.md, "Fields side by
+# were tuned for its network. pooled: measured on the oracle prior (README, LiveSketch, "Fields side by
 # side"): with the official rates its global path hardly moves and its local path runs away. points: the
 # official no-network run steps the points with lr_local (painter.py:213, :477-479); it has no global path.
 LEARNING_RATES: dict[str, tuple[float, float]] = {

@@ -14,7 +14,7 @@ picks the architecture:
 - `pooled`: a redesign that works for any number of points and frames with ~0.2M parameters: the local
   path is one MLP applied to every point alike, the global path pools over each frame's points. Its
   hidden layers have no LayerNorm (see `_block`), and it has learning rates of its own
-  (`POOLED_LEARNING_RATES`).
+  (`animate.LEARNING_RATES`).
 - `points`: the paper's "no network" ablation: the offsets of every point of every frame are the
   optimized parameters themselves (official `--opt_points_with_mlp False`, painter.py:94-96); there is
   no global path.
@@ -150,7 +150,26 @@ def _projection(dim: int) -> nn.Sequential:
     return nn.Sequential(*_norm_block(2, dim), nn.Linear(dim, dim))
 
 
-class OfficialField(DisplacementField):
+class _Network(DisplacementField):
+    """A field with a network: a shared projection, a local path, and a global trunk with four heads."""
+
+    project: nn.Module
+    local_path: nn.Module
+    global_trunk: nn.Module
+    translation_head: nn.Module
+    rotation_head: nn.Module
+    shear_head: nn.Module
+    scale_head: nn.Module
+
+    def local_parameters(self) -> list[nn.Parameter]:
+        return [*self.project.parameters(), *self.local_path.parameters()]
+
+    def global_parameters(self) -> list[nn.Parameter]:
+        heads = (self.translation_head, self.rotation_head, self.shear_head, self.scale_head)
+        return [p for m in (self.project, self.global_trunk, *heads) for p in m.parameters()]
+
+
+class OfficialField(_Network):
     """The official PointMLP (painter.py:252-441), with its own scale head."""
 
     def __init__(self, points: torch.Tensor, num_frames: int, config: FieldConfig):
@@ -170,13 +189,6 @@ class OfficialField(DisplacementField):
         self.rotation_head = nn.Sequential(*_norm_block(d, d), nn.Linear(d, k))
         self.shear_head = nn.Sequential(*_norm_block(d, d), nn.Linear(d, 2 * k))
         self.scale_head = nn.Sequential(*_norm_block(d, d), nn.Linear(d, 2 * k))
-
-    def local_parameters(self) -> list[nn.Parameter]:
-        return [*self.project.parameters(), *self.local_path.parameters()]
-
-    def global_parameters(self) -> list[nn.Parameter]:
-        heads = (self.translation_head, self.rotation_head, self.shear_head, self.scale_head)
-        return [p for m in (self.project, self.global_trunk, *heads) for p in m.parameters()]
 
     def forward(self, generator: torch.Generator | None = None) -> Displacement:
         """Points of all frames; in training mode the encoding dropout draws from `generator`."""
@@ -208,7 +220,7 @@ def _head(dim: int, hidden_blocks: int, out: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(dim, out))
 
 
-class PooledField(DisplacementField):
+class PooledField(_Network):
     """Per-point local MLP and a global path pooled over each frame's points: any P and K."""
 
     def __init__(self, points: torch.Tensor, num_frames: int, config: FieldConfig):
@@ -220,25 +232,18 @@ class PooledField(DisplacementField):
         self.register_buffer("encoding", torch.cat([frames, order], -1))
         self.register_buffer("frame_encoding", frames[:, 0].clone())
         self.project = _projection(d)
-        self.local_mlp = _head(d, 3, 2)
+        self.local_path = _head(d, 3, 2)
         self.global_trunk = nn.Sequential(*_block(2 * d + d // 2, d), *_block(d, d))
         self.translation_head = _head(d, 3, 2)
         self.rotation_head = _head(d, 1, 1)
         self.shear_head = _head(d, 1, 2)
         self.scale_head = _head(d, 1, 2)
 
-    def local_parameters(self) -> list[nn.Parameter]:
-        return [*self.project.parameters(), *self.local_mlp.parameters()]
-
-    def global_parameters(self) -> list[nn.Parameter]:
-        heads = (self.translation_head, self.rotation_head, self.shear_head, self.scale_head)
-        return [p for m in (self.project, self.global_trunk, *heads) for p in m.parameters()]
-
     def forward(self, generator: torch.Generator | None = None) -> Displacement:
         """Points of all frames; in training mode the encoding dropout draws from `generator`."""
         k, p = self.num_frames, len(self.base)
         features = self.project(self.base[None].expand(k, p, 2)) + self._dropped(self.encoding, generator)
-        local = self.local_mlp(features) if self.config.use_local else None
+        local = self.local_path(features) if self.config.use_local else None
         # The frame's own encoding goes in beside the pooled features: summed into every point's
         # features it would be diluted by the pooling, and frames would hardly differ.
         trunk = self.global_trunk(torch.cat([features.mean(1), features.amax(1), self.frame_encoding], -1))
