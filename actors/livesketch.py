@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -109,7 +110,8 @@ class LiveSketchActor(RowActor):
                 on_checkpoint=lambda saved: self._checkpoint(items, saved),
                 checkpoint_every=min(item.checkpoint_every for item in items),
                 on_snapshot=lambda step, points: self._snapshot(items, step, points),
-                snapshot_every=min(item.snapshot_every for item in items),
+                # Every row's own multiples are among those of the gcd (0 when no row wants any).
+                snapshot_every=math.gcd(*(item.snapshot_every for item in items)),
             )
 
         return self.run_in_groups(rows, params, build, key, run, self._write)
