@@ -274,7 +274,7 @@ def global_share(anim, shifts) -> float:
     return along(anim.global_) / along(anim.local + anim.global_)
 
 
-# Measured at the default learning rates (notes/livesketch.md, "Fields side by side"): the pooled
+# Measured at the default learning rates (README, LiveSketch, "Fields side by side"): the pooled
 # field's global path carries nearly all of the translation (0.97). The official network at the official
 # rates learns the oracle slowly (≈3 of the 8–24 px in 60 steps), mostly through its local path (lr 5e-3);
 # its global path (lr 1e-4 behind LayerNorms) moves the right way but little (share 0.08). These
