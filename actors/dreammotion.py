@@ -19,7 +19,8 @@ from pipelines.metrics import load_scorer, outside_mask_psnr, to_signed, to_uint
 def match_mask(
     mask: np.ndarray, uri: str, total: int, picked: np.ndarray, size: tuple[int, int]
 ) -> np.ndarray:
-    """The mask's frames for the sampled video frames: one per video frame, per edited frame, or one for all.
+    """The mask's frames for the edited video frames `picked`: one per video frame (picked with the same
+    indices), one per edited frame, or one for all.
 
     A mask whose frame count or size cannot be matched to the video is the row's error, never guessed.
     """
@@ -40,7 +41,8 @@ def match_mask(
 class DreamMotionActor(RowActor):
     method = "dreammotion"
     kind = "video"
-    defaults: ClassVar[dict[str, Any]] = {**asdict(EditParams()), "fps": 8, "precision": "auto"}
+    # fps None: the clip's own rate divided by frame_stride, so the edit plays at the source's speed.
+    defaults: ClassVar[dict[str, Any]] = {**asdict(EditParams()), "fps": None, "precision": "auto"}
 
     @classmethod
     def prepare(cls, config: JobConfig) -> None:
@@ -63,10 +65,13 @@ class DreamMotionActor(RowActor):
         p = row_params(EditParams.from_dict, params)
         size = (p.height, p.width)
         info = media.video_info(row["video"])
-        source = media.read_video(row["video"], num_frames=p.num_frames, size=size)
+        try:
+            picked = p.frame_indices(info.num_frames)
+        except ValueError as exc:
+            raise RowError(f"{exc}: {row['video']}") from None
+        source = media.read_video(row["video"], size=size, indices=picked)
         mask = None
         if row.get("mask"):
-            picked = media.frame_indices(info.num_frames, p.num_frames)
             native = match_mask(
                 media.read_mask(row["mask"]), row["mask"], info.num_frames, picked, (info.height, info.width)
             )
@@ -83,7 +88,7 @@ class DreamMotionActor(RowActor):
         edited = to_uint8(result.frames)
 
         out_dir = self.config.artifacts_dir(row["id"])
-        fps = float(params["fps"])
+        fps = float(params["fps"] or (info.fps / p.frame_stride if info.fps > 0 else 8.0))
         outputs = {
             "mp4": media.write_video(edited, media.join(out_dir, "edit.mp4"), fps),
             "gif": media.write_video(edited, media.join(out_dir, "edit.gif"), fps),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -16,22 +17,25 @@ from pipelines.backbone import load_backbone, prepare_backbone
 from pipelines.clip import prepare_clip
 from pipelines.livesketch.animate import Animation, LiveSketchParams, SketchJob, animate
 from pipelines.livesketch.raster import render
-from pipelines.livesketch.svg import animated_svg, load_sketch, sketch_to_svg
+from pipelines.livesketch.svg import animated_svg, load_sketch, official_strokes, sketch_to_svg
 from pipelines.metrics import load_scorer
-from pipelines.xclip import prepare_xclip
+from pipelines.xclip import DEFAULT_XCLIP, cached_default, prepare_xclip
 
 # Parameters of the actor itself, beside the method's (LiveSketchParams). checkpoint_every: save each
-# row's optimization state every N steps, so a preempted row resumes there (0: never).
+# row's optimization state every N steps, so a preempted row resumes there (0: never). snapshot_every:
+# a GIF of the animation so far every N steps, as the official code's every-100-steps videos (0: none).
 OUTPUT_DEFAULTS: dict[str, Any] = {
     "height": None,
     "width": None,
     "fps": 8,
     "video_size": 512,
     "checkpoint_every": 100,
+    "snapshot_every": 100,
 }
 CHECKPOINT = "_checkpoint.pt"
+SNAPSHOTS = "snapshots"
 # Parameters that must agree for rows to be optimized in one batch.
-BATCH_KEYS = ("steps", "num_frames", "size", "use_local", "use_global")
+BATCH_KEYS = ("steps", "num_frames", "size", "field", "use_local", "use_global")
 
 
 @dataclass
@@ -42,6 +46,8 @@ class _Item:
     job: SketchJob
     state: dict[str, Any] | None
     checkpoint_every: int
+    snapshot_every: int
+    fps: float
 
 
 class LiveSketchActor(RowActor):
@@ -58,20 +64,29 @@ class LiveSketchActor(RowActor):
         prepare_backbone(config.models.get("backbone") or "tiny")
         if config.models.get("clip"):
             prepare_clip(config.models["clip"])
-        if config.models.get("xclip"):
-            prepare_xclip(config.models["xclip"])
+        xclip = _xclip_ref(config.models)
+        if xclip:
+            prepare_xclip(xclip)
 
     def setup(self) -> None:
         models = self.config.models
-        dtype = model_dtype(self.device, self.config.params.get("precision", "auto"))
-        self.backbone = load_backbone(models.get("backbone") or "tiny", self.device, dtype)
-        self.scorer = load_scorer(
-            models.get("clip"),
-            models.get("dreamsim"),
-            models.get("lpips"),
-            self.device,
-            xclip=models.get("xclip"),
+        precision = self.config.params.get("precision", "auto")
+        if precision == "auto":
+            # The official code loads ModelScope in fp16 and runs it under autocast (losses.py:66, :94,
+            # :150); bf16 is opt-in (precision=bf16). CPUs run fp32.
+            precision = "fp16" if self.device == "cuda" else "fp32"
+        self.backbone = load_backbone(
+            models.get("backbone") or "tiny", self.device, model_dtype(self.device, precision)
         )
+        xclip = _xclip_ref(models)
+        self.scorer = load_scorer(
+            models.get("clip"), models.get("dreamsim"), models.get("lpips"), self.device, xclip=xclip
+        )
+        if xclip is None and models.get("xclip") is None:
+            self.scorer.absent["xclip"] = (
+                f"X-CLIP {DEFAULT_XCLIP} is not cached on this node (fetch it with `huggingface-cli "
+                f"download {DEFAULT_XCLIP}`, or pass --xclip REF)"
+            )
 
     def process_row(self, row: dict[str, Any], params: dict[str, Any]) -> RowOutput:
         return self.process_rows([row], [params])[0]
@@ -81,7 +96,8 @@ class LiveSketchActor(RowActor):
 
         def build(row: dict[str, Any], p: dict[str, Any]) -> _Item:
             job = self._job(row, p)
-            return _Item(row["id"], job, self._resume_state(row, job), int(p["checkpoint_every"] or 0))
+            every = (int(p["checkpoint_every"] or 0), int(p["snapshot_every"] or 0))
+            return _Item(row["id"], job, self._resume_state(row, job), *every, float(p["fps"]))
 
         def key(item: _Item) -> tuple:
             return (*(getattr(item.job.params, k) for k in BATCH_KEYS), item.state and item.state["step"])
@@ -93,6 +109,9 @@ class LiveSketchActor(RowActor):
                 states=[item.state for item in items],
                 on_checkpoint=lambda saved: self._checkpoint(items, saved),
                 checkpoint_every=min(item.checkpoint_every for item in items),
+                on_snapshot=lambda step, points: self._snapshot(items, step, points),
+                # Every row's own multiples are among those of the gcd (0 when no row wants any).
+                snapshot_every=math.gcd(*(item.snapshot_every for item in items)),
             )
 
         return self.run_in_groups(rows, params, build, key, run, self._write)
@@ -104,6 +123,16 @@ class LiveSketchActor(RowActor):
             media.write_bytes(
                 buffer.getvalue(), media.join(self.config.artifacts_dir(item.row_id), CHECKPOINT)
             )
+
+    def _snapshot(self, items: list[_Item], step: int, points: list[torch.Tensor]) -> None:
+        """snapshots/step_NNNN.gif of each row whose own snapshot_every divides `step`."""
+        for item, frames in zip(items, points, strict=True):
+            if item.snapshot_every <= 0 or step % item.snapshot_every:
+                continue
+            with torch.no_grad():
+                video = _to_uint8(render(item.job.sketch, frames, item.job.params.size))
+            uri = media.join(self.config.artifacts_dir(item.row_id), SNAPSHOTS, f"step_{step:04d}.gif")
+            media.write_video(video, uri, item.fps)
 
     def _resume_state(self, row: dict[str, Any], job: SketchJob) -> dict[str, Any] | None:
         """The checkpoint an interrupted earlier attempt at this row left, if it had the same parameters."""
@@ -127,6 +156,8 @@ class LiveSketchActor(RowActor):
             params = {**params, "size": height or width}
         sketch_params = row_params(LiveSketchParams.from_dict, params)
         sketch = load_sketch(row["svg"], size=LiveSketchParams().size)
+        if sketch_params.stroke_width == "official":
+            sketch = official_strokes(sketch)
         return SketchJob(sketch=sketch, prompt=prompt.strip(), params=sketch_params)
 
     def _write(
@@ -142,6 +173,8 @@ class LiveSketchActor(RowActor):
         for k, frame in enumerate(points):
             media.write_text(sketch_to_svg(sketch, frame), media.join(frame_dir, f"frame_{k:03d}.svg"))
         outputs["svg_frames"] = frame_dir
+        if item.snapshot_every > 0:
+            outputs["snapshots"] = media.join(out_dir, SNAPSHOTS)
         outputs["animated_svg"] = media.write_text(
             animated_svg(sketch, points, fps), media.join(out_dir, "animation.svg")
         )
@@ -170,6 +203,14 @@ class LiveSketchActor(RowActor):
         if media.exists(checkpoint):
             media.remove(checkpoint)
         return RowOutput(outputs=outputs, metrics=metrics, notes=notes)
+
+
+def _xclip_ref(models: dict[str, str | None]) -> str | None:
+    """The X-CLIP to score with: the job's (`none` for none), else the default one when it is cached."""
+    ref = models.get("xclip")
+    if ref is None:
+        return cached_default()
+    return None if ref in ("", "none") else ref
 
 
 def _to_uint8(frames: torch.Tensor) -> np.ndarray:

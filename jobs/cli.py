@@ -20,7 +20,9 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 # What `generate METHOD` runs without --backbone: the released weights the method is published with
 # (converted once per node). `tiny` random models are only used when asked for by name.
 DEFAULT_BACKBONES = {
+    "livesketch": "ali-vilab/text-to-video-ms-1.7b",
     "dynamicrafter": "Doubiiu/DynamiCrafter_512",
+    "dreammotion": "cerspense/zeroscope_v2_576w",
     "stylecrafter": "VideoCrafter/Text2Video-512",
 }
 # The adapter a default backbone runs with, when --adapter is not given either.
@@ -86,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"default per method: {DEFAULT_BACKBONES}",
     )
     gen.add_argument("--adapter", default=None, help="trained adapter checkpoint URI")
-    gen.add_argument("--xclip", default=None, help="X-CLIP model for text-video alignment")
+    gen.add_argument(
+        "--xclip",
+        default=None,
+        help="X-CLIP model for text-video alignment, or none; livesketch default: "
+        "microsoft/xclip-base-patch32 when it is cached on the node",
+    )
 
     ev = sub.add_parser("evaluate", help="metrics of existing videos")
     _pool_args(ev)
@@ -127,7 +134,7 @@ def spec_from_args(args: argparse.Namespace, method: str) -> JobSpec:
         if getattr(args, name, None) is not None:
             models[name] = getattr(args, name)
     if args.command == "generate" and models.get("backbone") is None:
-        models["backbone"] = DEFAULT_BACKBONES.get(method, "tiny")
+        models["backbone"] = DEFAULT_BACKBONES[method]
         if models.get("adapter") is None and method in DEFAULT_ADAPTERS:
             models["adapter"] = DEFAULT_ADAPTERS[method]
     return JobSpec(
@@ -148,13 +155,14 @@ def spec_from_args(args: argparse.Namespace, method: str) -> JobSpec:
 
 
 def _fail(message: str, advice: str, code: int) -> int:
+    # Never break at hyphens: messages hold commands and model ids (huggingface-cli, text-to-video-ms).
     print(
-        textwrap.fill(f"anima: {message}", 110, subsequent_indent="  ")
+        textwrap.fill(f"anima: {message}", 110, subsequent_indent="  ", break_on_hyphens=False)
         if "\n" not in message
         else f"anima: {message}",
         file=sys.stderr,
     )
-    print(textwrap.fill(advice, 110), file=sys.stderr)
+    print(textwrap.fill(advice, 110, break_on_hyphens=False), file=sys.stderr)
     return code
 
 

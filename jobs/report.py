@@ -47,16 +47,6 @@ HISTOGRAM_BINS = 20
 TEXT_CHARS = 1000  # error, prompt and notes are cut to this in the page; the Parquet rows keep them whole
 _WEBP = features.check("webp")
 
-# The papers' own numbers for anima's metrics, marked on the histograms: (method, metric) -> value, source.
-REFERENCES: dict[tuple[str, str], tuple[float, str]] = {
-    ("livesketch", "clip_image"): (0.965, "LiveSketch Tab. 1, sketch-to-video consistency"),
-    ("livesketch", "xclip_text"): (0.142, "LiveSketch Tab. 1, text-to-video alignment"),
-    ("dreammotion", "clip_temporal"): (0.9726, "DreamMotion Tab. 1 (ZeroScope), Frame-Con"),
-    ("dreammotion", "lpips"): (0.3042, "DreamMotion Tab. 1 (ZeroScope), Frame-LPIPS"),
-    ("stylecrafter", "clip_text"): (0.2726, "StyleCrafter Tab. 2, CLIP-Text"),
-    ("stylecrafter", "clip_style"): (0.4531, "StyleCrafter Tab. 2, CLIP-Style"),
-    ("stylecrafter", "clip_temporal"): (0.9892, "StyleCrafter Tab. 2, CLIP-Temp"),
-}
 # The output a row is previewed by, best first (a method's `outputs` names); evaluation rows have none and
 # are previewed by the video they scored.
 PREVIEW_OUTPUTS = ("side_by_side", "animated_svg", "mp4", "gif", "image")
@@ -291,9 +281,9 @@ def histograms(outputs: list[Output]) -> list[dict[str, Any]]:
         if not any(values):
             continue
         references = [
-            {"value": REFERENCES[(m, name)][0], "source": REFERENCES[(m, name)][1]}
+            {"value": summary.PAPER_METRICS[(m, name)][0], "source": summary.PAPER_METRICS[(m, name)][1]}
             for m in sorted(methods)
-            if (m, name) in REFERENCES
+            if (m, name) in summary.PAPER_METRICS
         ]
         everything = [v for vs in values for v in vs] + [r["value"] for r in references]
         low, high = min(everything), max(everything)

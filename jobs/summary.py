@@ -21,6 +21,19 @@ if TYPE_CHECKING:
     from jobs.runner import JobSpec
 
 
+# The papers' own numbers for anima's metrics: (method, metric) -> value, source; printed beside a run's
+# means and marked on the report's histograms. LiveSketch's CLIP and X-CLIP checkpoints are not known.
+PAPER_METRICS: dict[tuple[str, str], tuple[float, str]] = {
+    ("livesketch", "clip_image"): (0.965, "LiveSketch Tab. 1, sketch-to-video consistency"),
+    ("livesketch", "xclip_text"): (0.142, "LiveSketch Tab. 1, text-to-video alignment"),
+    ("dreammotion", "clip_temporal"): (0.9726, "DreamMotion Tab. 1 (ZeroScope), Frame-Con"),
+    ("dreammotion", "lpips"): (0.3042, "DreamMotion Tab. 1 (ZeroScope), Frame-LPIPS"),
+    ("stylecrafter", "clip_text"): (0.2726, "StyleCrafter Tab. 2, CLIP-Text"),
+    ("stylecrafter", "clip_style"): (0.4531, "StyleCrafter Tab. 2, CLIP-Style"),
+    ("stylecrafter", "clip_temporal"): (0.9892, "StyleCrafter Tab. 2, CLIP-Temp"),
+}
+
+
 def metric_table(latest: pa.Table) -> dict[str, dict[str, float | int]]:
     """Mean, std and count of every metric over the latest ok rows (finite values only).
 
@@ -113,9 +126,11 @@ def render(report: dict[str, Any]) -> str:
     for err in report["top_errors"]:
         lines.append(f"  error x{err['count']}: {err['error']}")
     if report["metrics"]:
-        lines.append("  metric                mean ± std        (n)")
+        paper = {n: v for (method, n), (v, _) in PAPER_METRICS.items() if method == report["method"]}
+        lines.append("  metric                mean ± std        (n)" + ("    paper" if paper else ""))
         for name, m in report["metrics"].items():
-            lines.append(f"  {name:<20} {m['mean']:>8.4f} ± {m['std']:<8.4f} ({m['n']})")
+            reported = f"    {paper[name]:.4g}" if name in paper else ""
+            lines.append(f"  {name:<20} {m['mean']:>8.4f} ± {m['std']:<8.4f} ({m['n']}){reported}")
     lines += [f"  {k}: {v}" for k, v in report["outputs"].items()]
     return "\n".join(lines)
 

@@ -289,7 +289,27 @@ def frame_indices(total: int, count: int) -> npt.NDArray[np.int64]:
     return np.linspace(0, total - 1, count).round().astype(np.int64)
 
 
-def _pick(uri: str, total: int, num_frames: int | None) -> list[int]:
+def strided_indices(total: int, count: int, start: int = 0, stride: int = 1) -> npt.NDArray[np.int64]:
+    """`count` frames `stride` apart from `start`: with stride 1, consecutive at the clip's native rate,
+    as video-editing methods take their clips (not spread over the whole clip)."""
+    if count < 1 or start < 0 or stride < 1:
+        raise ValueError(
+            f"need num_frames >= 1, start_frame >= 0, frame_stride >= 1; got {count}, {start}, {stride}"
+        )
+    need = start + (count - 1) * stride + 1
+    if need > total:
+        raise ValueError(
+            f"video has {total} frames, {count} requested from frame {start} every {stride} "
+            f"(needs {need}; lower start_frame, frame_stride or num_frames)"
+        )
+    return start + stride * np.arange(count, dtype=np.int64)
+
+
+def _pick(uri: str, total: int, num_frames: int | None, indices: Sequence[int] | None = None) -> list[int]:
+    if indices is not None:
+        if len(indices) and max(indices) >= total:
+            raise MediaError(f"video has {total} frames, frame {max(indices)} requested: {uri}")
+        return [int(i) for i in indices]
     if num_frames is None:
         return list(range(total))
     if num_frames > total:
@@ -321,10 +341,12 @@ def _av_reason(exc: Exception) -> str:
     return getattr(exc, "strerror", None) or str(exc)
 
 
-def _decode_pyav(uri: str, data: bytes, num_frames: int | None, info: VideoInfo) -> npt.NDArray[np.uint8]:
+def _decode_pyav(
+    uri: str, data: bytes, num_frames: int | None, info: VideoInfo, picked: Sequence[int] | None = None
+) -> npt.NDArray[np.uint8]:
     """The picked frames only: the stream is decoded in order and every other frame is dropped, so a
     clip of 10⁵ frames read for 16 keeps 16 in memory."""
-    indices = _pick(uri, info.num_frames, num_frames) if info.num_frames else None
+    indices = _pick(uri, info.num_frames, num_frames, picked) if info.num_frames else None
     _check_decoded(uri, len(indices) if indices is not None else 1, info.height, info.width)
     wanted = set(indices) if indices is not None else None
     frames = []
@@ -340,17 +362,19 @@ def _decode_pyav(uri: str, data: bytes, num_frames: int | None, info: VideoInfo)
         raise MediaError(f"cannot decode video {uri}: {_av_reason(exc)}") from exc
     if not frames:
         raise MediaError(f"cannot decode video {uri}: no frames")
-    if indices is None and num_frames is not None:  # the container did not say how many frames it has
-        frames = [frames[i] for i in _pick(uri, len(frames), num_frames)]
+    if indices is None and (num_frames is not None or picked is not None):  # the container had no count
+        frames = [frames[i] for i in _pick(uri, len(frames), num_frames, picked)]
     return np.stack(frames)
 
 
-def _decode_video(uri: str, data: bytes, num_frames: int | None) -> tuple[npt.NDArray[np.uint8], float]:
-    """The sampled frames and the clip's frame rate, each decoder opened once."""
+def _decode_video(
+    uri: str, data: bytes, num_frames: int | None, picked: Sequence[int] | None = None
+) -> tuple[npt.NDArray[np.uint8], float]:
+    """The sampled (or `picked`) frames and the clip's frame rate, each decoder opened once."""
     # decord seeks to the sampled frames instead of decoding the whole clip.
     reader = _decord_reader(data)
     if reader is not None:
-        indices = _pick(uri, len(reader), num_frames)
+        indices = _pick(uri, len(reader), num_frames, picked)
         height, width, _ = reader[0].shape
         _check_decoded(uri, len(indices), height, width)
         try:
@@ -358,7 +382,7 @@ def _decode_video(uri: str, data: bytes, num_frames: int | None) -> tuple[npt.ND
         except Exception:  # a damaged stream; PyAV decides whether anything is readable
             pass
     info = _pyav_info(uri, data)
-    return _decode_pyav(uri, data, num_frames, info), info.fps
+    return _decode_pyav(uri, data, num_frames, info, picked), info.fps
 
 
 def _fitted(frames: npt.NDArray[np.uint8], size: tuple[int, int] | None) -> npt.NDArray[np.uint8]:
@@ -368,10 +392,14 @@ def _fitted(frames: npt.NDArray[np.uint8], size: tuple[int, int] | None) -> npt.
 
 
 def read_video(
-    uri: str, num_frames: int | None = None, size: tuple[int, int] | None = None
+    uri: str,
+    num_frames: int | None = None,
+    size: tuple[int, int] | None = None,
+    indices: Sequence[int] | None = None,
 ) -> npt.NDArray[np.uint8]:
-    """(F,H,W,3) RGB frames; `num_frames` samples evenly over the clip, `size` (h, w) covers and crops."""
-    return _fitted(_decode_video(uri, _read(uri, "video"), num_frames)[0], size)
+    """(F,H,W,3) RGB frames; `num_frames` samples evenly over the clip, or `indices` names the frames;
+    `size` (h, w) covers and crops."""
+    return _fitted(_decode_video(uri, _read(uri, "video"), num_frames, indices)[0], size)
 
 
 def read_sampled_video(

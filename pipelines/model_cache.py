@@ -68,15 +68,33 @@ def hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
             local_files_only=offline(),
         )
     except Exception as exc:
-        files = " ".join(p for p in allow_patterns or [] if "*" not in p)
+        include = "".join(f" --include '{p}'" for p in allow_patterns or [])
         hint = (
             f" (HF_HUB_OFFLINE is set and it is not cached: fetch it with `huggingface-cli download {repo_id}"
-            f"{' ' + files if files else ''}` where the hub is reachable, or pass a local directory)"
+            f"{include}` where the hub is reachable, or pass a local directory)"
             if offline()
             else ""
         )
         raise ModelLoadError(f"cannot fetch model {repo_id!r} from the hub{hint}: {exc}") from exc
     return Path(path)
+
+
+def is_cached(ref: str, allow_patterns: list[str] | None = None) -> bool:
+    """Whether a hub id's files (or a local directory) are on this node already, without downloading."""
+    if Path(ref).expanduser().is_dir():
+        return True
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(
+            ref,
+            allow_patterns=allow_patterns,
+            cache_dir=os.environ.get("ANIMA_HF_CACHE") or None,
+            local_files_only=True,
+        )
+    except Exception:
+        return False
+    return True
 
 
 def resolve(

@@ -12,7 +12,8 @@ def from_values(cls: type[T], values: dict[str, Any], strict: bool = False) -> T
     """`cls` from the keys of `values` it knows (None keeps the default), typed like the defaults.
 
     Values arrive as JSON from `--set` or from Parquet columns, so 5.0 is a fine integer but 2.5 is not,
-    and a boolean must be a boolean. `strict` refuses keys `cls` does not know.
+    and a boolean must be a boolean. A None default (one that depends on other parameters) takes a
+    number. `strict` refuses keys `cls` does not know.
     """
     defaults = cls()
     names = [f.name for f in fields(cls)]
@@ -23,7 +24,10 @@ def from_values(cls: type[T], values: dict[str, Any], strict: bool = False) -> T
     for name in names:
         if values.get(name) is None:
             continue
-        value, kind = values[name], type(getattr(defaults, name))
+        value, default = values[name], getattr(defaults, name)
+        kind = float if default is None else type(default)
+        if default is None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
         if kind is bool and not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}")
         if kind is int and (isinstance(value, bool) or float(value) != int(value)):

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from torch import nn
 
+from actors.base import RowError
+from actors.dreammotion import match_mask
+from pipelines import media
 from pipelines.backbone import Backbone, load_backbone
 from pipelines.distill import dds_gradient, sample_noise, sample_timesteps
 from pipelines.dreammotion.edit import EditParams, edit_video, latent_mask
@@ -184,3 +188,31 @@ def test_ssm_terms_start_at_zero_and_change_the_edit(tiny):
     )
     assert ssm.losses["s_ssm"] > 0
     assert not torch.allclose(plain.latents, ssm.latents)
+
+
+# -- frame selection ----------------------------------------------------------------------------
+
+
+def test_frames_are_consecutive_from_start_at_the_stride_and_masks_follow(tmp_path):
+    assert EditParams(num_frames=4).frame_indices(100).tolist() == [0, 1, 2, 3]  # not spread over 100
+    picked = EditParams(num_frames=4, start_frame=5, frame_stride=3).frame_indices(20)
+    assert picked.tolist() == [5, 8, 11, 14]
+    with pytest.raises(ValueError, match="needs 16"):
+        EditParams(num_frames=4, start_frame=6, frame_stride=3).frame_indices(14)
+    with pytest.raises(ValueError, match="frame_stride"):
+        EditParams.from_dict({"frame_stride": 0})
+
+    # Frame i of the clip and of its mask is marked by its brightness / by i masked pixels.
+    video = (
+        np.repeat(np.arange(20, dtype=np.uint8)[:, None, None, None] * 12, 16, 1).repeat(16, 2).repeat(3, 3)
+    )
+    uri = media.write_video(video, str(tmp_path / "clip.mp4"), fps=8)
+    frames = media.read_video(uri, indices=picked)
+    assert np.abs(frames.mean((1, 2, 3)) - video[picked].mean((1, 2, 3))).max() < 4
+    mask = np.zeros((20, 16, 16), bool)
+    for i in range(20):
+        mask[i].flat[:i] = True
+    chosen = match_mask(mask, "m", 20, picked, (16, 16))
+    assert chosen.sum((1, 2)).tolist() == picked.tolist()
+    with pytest.raises(RowError, match="has 3 frames"):
+        match_mask(mask[:3], "m", 20, picked, (16, 16))

@@ -46,6 +46,7 @@ def test_generate_dreammotion_edits_with_masks_and_reports_bad_rows(ray_cluster,
     pq.write_table(pa.table({n: [r[i] for r in rows] for i, n in enumerate(names)}), manifest)
     out = tmp_path / "out"
     args = ["generate", "dreammotion", "--manifest", str(manifest), "--output", str(out), "--clip", "tiny"]
+    args += ["--backbone", "tiny"]
     args += [a for s in SETS for a in ("--set", s)] + ["--batch-size", "2", "--actors", "2"]
     assert main(args) == 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -82,7 +83,10 @@ def test_generate_livesketch_writes_every_output_and_one_row_per_input(ray_clust
         row = results[row_id]
         assert row["status"] == "ok", row["error"]
         outputs = dict(row["outputs"])
-        assert set(outputs) == {"svg_frames", "animated_svg", "mp4", "gif", "points", "field"}
+        assert set(outputs) == {"svg_frames", "animated_svg", "mp4", "gif", "points", "field", "snapshots"}
+        # snapshot_every=100 and 2 steps: the snapshot before the first step (the input, as official).
+        [snapshot] = sorted(Path(outputs["snapshots"]).iterdir())
+        assert snapshot.name == "step_0000.gif" and media.video_info(str(snapshot)).num_frames == 3
         for name in ("mp4", "gif"):
             info = media.video_info(outputs[name])
             assert (info.num_frames, info.height, info.width) == (3, 48, 48)
@@ -164,3 +168,23 @@ def test_a_preempted_row_resumes_from_its_checkpoint(tmp_path, data_dir):
     np.testing.assert_allclose(
         np.load(resumed.outputs["points"]), np.load(expected.outputs["points"]), atol=1e-5
     )
+
+
+@pytest.mark.parametrize(
+    ("method", "kind", "model"),
+    [
+        ("livesketch", "svg", "ali-vilab/text-to-video-ms-1.7b"),
+        ("dreammotion", "video", "cerspense/zeroscope_v2_576w"),
+    ],
+)
+def test_generate_without_backbone_needs_the_real_model_and_says_how_to_get_it(
+    ray_cluster, tmp_path, capsys, method, kind, model
+):
+    columns = {"id": ["a"], kind: [str(tmp_path / "never-read")]}  # no row is read: the job stops first
+    columns |= {"prompt": ["x"]} if kind == "svg" else {"source_prompt": ["x"], "target_prompt": ["y"]}
+    pq.write_table(pa.table(columns), tmp_path / "m.parquet")
+    args = ["generate", method, "--manifest", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "out")]
+    assert main([*args, "--clip", "tiny"]) == 3  # offline (conftest), nothing cached: no silent tiny model
+    err = " ".join(capsys.readouterr().err.split())
+    assert model in err and "HF_HUB_OFFLINE" in err and f"huggingface-cli download {model}" in err
+    assert not (tmp_path / "out" / "results").exists()

@@ -14,7 +14,14 @@ import torch
 
 from pipelines import media
 from pipelines.livesketch.raster import render
-from pipelines.livesketch.svg import SketchError, animated_svg, load_sketch, parse_svg, sketch_to_svg
+from pipelines.livesketch.svg import (
+    SketchError,
+    animated_svg,
+    load_sketch,
+    official_strokes,
+    parse_svg,
+    sketch_to_svg,
+)
 
 SVG_NS = "http://www.w3.org/2000/svg"
 
@@ -239,6 +246,25 @@ def test_straight_stroke_covers_width_times_length_plus_round_caps(offset: float
     assert _ink(render(s, s.points[None])) == pytest.approx(expected, rel=0.03)
     # At half the resolution, lengths and widths halve.
     assert _ink(render(s, s.points[None], 128)) == pytest.approx(expected / 4, rel=0.03)
+
+
+def test_official_stroke_width_makes_a_1000px_drawing_render_3px_black_lines() -> None:
+    # A 1000-px drawing with 1-px red strokes: kept as drawn it renders 0.256-px lines on the 256 canvas.
+    length = 400.0
+    d = f"M 300 500 C 400 500 500 500 {300 + length} 500"
+    body = f'<path d="{d}" stroke="red" stroke-width="1" fill="none"/>'
+    body += '<rect x="10" y="10" width="40" height="40"/>'
+    kept = parse_svg(_svg(body, size=1000))
+    assert kept.paths[0].stroke_width == pytest.approx(0.256)
+    official = official_strokes(kept)
+    line, rect = official.paths
+    assert line.stroke == (0, 0, 0, 1) and line.stroke_width == 3.0  # diffvg half-width 1.5, as official
+    assert rect.stroke is None and rect.fill == kept.paths[1].fill  # a fill-only shape gets no stroke
+    only_line = type(official)(official.points, [line], official.size)
+    w, canvas_length = 3.0, length * 256 / 1000
+    expected = w * canvas_length + math.pi * (w / 2) ** 2
+    assert _ink(render(only_line, official.points[None])) == pytest.approx(expected, rel=0.03)
+    assert _ink(render(type(kept)(kept.points, [kept.paths[0]], 256), kept.points[None])) < expected / 5
 
 
 @pytest.mark.parametrize("offset", [0.0, 0.37])

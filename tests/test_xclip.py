@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipelines import metrics, model_cache
-from pipelines.xclip import load_xclip, prepare_xclip, sample_indices
+from pipelines.xclip import DEFAULT_XCLIP, cached_default, load_xclip, prepare_xclip, sample_indices
 
 
 def _video(seed: int, frames: int = 12, size: int = 40) -> np.ndarray:
@@ -85,3 +85,15 @@ def test_missing_model_directory_fails_loudly(tmp_path):
         load_xclip(str(tmp_path / "nowhere"))
     with pytest.raises(model_cache.ModelLoadError, match="cannot load X-CLIP"):
         load_xclip(str(tmp_path))  # exists but holds no weights
+
+
+def test_livesketch_scores_with_the_default_xclip_only_when_it_is_cached(tmp_path, monkeypatch):
+    from actors.livesketch import _xclip_ref
+    from tests.test_dynamicrafter_checkpoints import _hub_snapshot
+
+    monkeypatch.setenv("ANIMA_HF_CACHE", str(tmp_path / "hub"))
+    assert cached_default() is None and _xclip_ref({}) is None  # never a surprise download
+    files = {p.name: p.read_bytes() for p in prepare_xclip("tiny").iterdir() if p.is_file()}
+    _hub_snapshot(tmp_path / "hub", DEFAULT_XCLIP, files)
+    assert cached_default() == DEFAULT_XCLIP == _xclip_ref({})
+    assert _xclip_ref({"xclip": "none"}) is None and _xclip_ref({"xclip": "tiny"}) == "tiny"

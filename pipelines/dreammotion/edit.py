@@ -19,9 +19,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines import media
 from pipelines.distill import dds_gradient, sample_noise, sample_timesteps
 from pipelines.dreammotion.ssm import AUTO, KeyRecorder, s_ssm, spatial_key_layers, t_ssm
 from pipelines.params import from_values
@@ -33,6 +35,10 @@ class EditParams:
 
     steps: int = 200  # [paper] 200 iterations
     num_frames: int = 16  # [paper] 8–16 frames with ZeroScope
+    # [ours] which frames: num_frames consecutive ones from start_frame, frame_stride apart, at the clip's
+    # own rate (as video-editing methods take clips); a long clip is edited window by window.
+    start_frame: int = 0
+    frame_stride: int = 1
     height: int = 320  # [paper] ZeroScope 576×320
     width: int = 576
     seed: int = 0
@@ -52,7 +58,13 @@ class EditParams:
         params = from_values(cls, values)
         if params.steps < 0 or params.num_frames < 1 or not 0 <= params.t_min < params.t_max - 1:
             raise ValueError("need steps >= 0, num_frames >= 1 and 0 <= t_min < t_max - 1")
+        if params.start_frame < 0 or params.frame_stride < 1:
+            raise ValueError("need start_frame >= 0 and frame_stride >= 1")
         return params
+
+    def frame_indices(self, total: int) -> np.ndarray:
+        """The clip's frames this edit takes, of `total`; ValueError when the clip is too short."""
+        return media.strided_indices(total, self.num_frames, self.start_frame, self.frame_stride)
 
     def layer_prefixes(self) -> list[str] | str:
         return (

@@ -13,7 +13,7 @@ import io
 import math
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,15 @@ _KEPT_ATTRS = (
 _SAME_POINT = 1e-6
 
 RGBA = tuple[float, float, float, float]
+
+# How strokes enter LiveSketch (LiveSketchParams.stroke_width): "official" as the official pipeline
+# draws them, "keep" as the SVG has them.
+STROKE_WIDTHS = ("official", "keep")
+# The official preprocessing sets every stroke's diffvg half-width to 1.5 on the 256 canvas
+# (preprocess_sketch.py:14, :43), i.e. 3 px wide lines, and renders every stroke opaque black
+# (painter.py:150).
+OFFICIAL_STROKE_WIDTH = 3.0
+OFFICIAL_STROKE: RGBA = (0.0, 0.0, 0.0, 1.0)
 
 
 class SketchError(ValueError):
@@ -80,6 +89,20 @@ class Sketch:
     def center(self) -> torch.Tensor:
         """Mean of all control points [2]: the official code animates about this point."""
         return self.points.mean(0)
+
+
+def official_strokes(sketch: Sketch) -> Sketch:
+    """The sketch with every stroke opaque black and 3 px wide per 256 px of canvas, as the official code.
+
+    Widths otherwise scale with the drawing: a 1000-px SVG with 1-px strokes would render 0.26-px lines
+    on the 256 canvas, too faint for the VAE to see. Fill-only shapes keep having no stroke.
+    """
+    width = OFFICIAL_STROKE_WIDTH * sketch.size / 256
+    paths = [
+        replace(p, stroke=OFFICIAL_STROKE, stroke_width=width) if p.stroke is not None else p
+        for p in sketch.paths
+    ]
+    return Sketch(points=sketch.points, paths=paths, size=sketch.size)
 
 
 # -- reading --------------------------------------------------------------------------------------
