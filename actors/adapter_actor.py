@@ -24,7 +24,7 @@ class AdapterActor(RowActor):
 
     @classmethod
     def prepare(cls, config: JobConfig) -> None:
-        prepare_backbone(config.models.get("backbone") or "tiny")
+        prepare_backbone(config.models["backbone"])
         adapter = adapters.adapter_of(config.models)
         prepare_clip(adapters.image_encoder_ref(adapter, config.models.get("backbone")))
         if config.models.get("clip"):

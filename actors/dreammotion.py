@@ -46,14 +46,14 @@ class DreamMotionActor(RowActor):
 
     @classmethod
     def prepare(cls, config: JobConfig) -> None:
-        prepare_backbone(config.models.get("backbone") or "tiny")
+        prepare_backbone(config.models["backbone"])
         if config.models.get("clip"):
             prepare_clip(config.models["clip"])
 
     def setup(self) -> None:
         models = self.config.models
         dtype = model_dtype(self.device, self.config.params.get("precision", "auto"))
-        self.backbone = load_backbone(models.get("backbone") or "tiny", self.device, dtype)
+        self.backbone = load_backbone(models["backbone"], self.device, dtype)
         self.scorer = load_scorer(
             models.get("clip"), models.get("dreamsim"), models.get("lpips"), self.device
         )

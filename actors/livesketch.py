@@ -61,7 +61,7 @@ class LiveSketchActor(RowActor):
 
     @classmethod
     def prepare(cls, config: JobConfig) -> None:
-        prepare_backbone(config.models.get("backbone") or "tiny")
+        prepare_backbone(config.models["backbone"])
         if config.models.get("clip"):
             prepare_clip(config.models["clip"])
         xclip = _xclip_ref(config.models)
@@ -76,7 +76,7 @@ class LiveSketchActor(RowActor):
             # :150); bf16 is opt-in (precision=bf16). CPUs run fp32.
             precision = "fp16" if self.device == "cuda" else "fp32"
         self.backbone = load_backbone(
-            models.get("backbone") or "tiny", self.device, model_dtype(self.device, precision)
+            models["backbone"], self.device, model_dtype(self.device, precision)
         )
         xclip = _xclip_ref(models)
         self.scorer = load_scorer(

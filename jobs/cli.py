@@ -12,21 +12,11 @@ import sys
 import textwrap
 from typing import Any
 
-from jobs.runner import GENERATION_METHODS, JobError, JobSpec, run_job
+from jobs.runner import DEFAULT_BACKBONES, GENERATION_METHODS, JobError, JobSpec, run_job
 from pipelines.model_cache import ModelLoadError
 from schemas import ManifestError
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-# What `generate METHOD` runs without --backbone: the released weights the method is published with
-# (converted once per node). `tiny` random models are only used when asked for by name.
-DEFAULT_BACKBONES = {
-    "livesketch": "ali-vilab/text-to-video-ms-1.7b",
-    "dynamicrafter": "Doubiiu/DynamiCrafter_512",
-    "dreammotion": "cerspense/zeroscope_v2_576w",
-    "stylecrafter": "VideoCrafter/Text2Video-512",
-}
-# The adapter a default backbone runs with, when --adapter is not given either.
-DEFAULT_ADAPTERS = {"stylecrafter": "liuhuohuo/StyleCrafter"}
 
 
 def parse_value(text: str) -> Any:
@@ -133,10 +123,6 @@ def spec_from_args(args: argparse.Namespace, method: str) -> JobSpec:
     for name in ("backbone", "adapter", "xclip"):
         if getattr(args, name, None) is not None:
             models[name] = getattr(args, name)
-    if args.command == "generate" and models.get("backbone") is None:
-        models["backbone"] = DEFAULT_BACKBONES[method]
-        if models.get("adapter") is None and method in DEFAULT_ADAPTERS:
-            models["adapter"] = DEFAULT_ADAPTERS[method]
     return JobSpec(
         method=method,
         manifest=args.manifest,

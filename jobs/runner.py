@@ -46,6 +46,16 @@ METHODS: dict[str, str] = {
     "stylecrafter": "actors.stylecrafter:StyleCrafterActor",
 }
 GENERATION_METHODS = ("livesketch", "dynamicrafter", "dreammotion", "stylecrafter")
+# What a generation job runs without a backbone: the released weights the method is published with
+# (converted once per node). `tiny` random models are only used when asked for by name.
+DEFAULT_BACKBONES = {
+    "livesketch": "ali-vilab/text-to-video-ms-1.7b",
+    "dynamicrafter": "Doubiiu/DynamiCrafter_512",
+    "dreammotion": "cerspense/zeroscope_v2_576w",
+    "stylecrafter": "VideoCrafter/Text2Video-512",
+}
+# The adapter a default backbone runs with, when no adapter is given either.
+DEFAULT_ADAPTERS = {"stylecrafter": "liuhuohuo/StyleCrafter"}
 
 
 class JobError(RuntimeError):
@@ -162,6 +172,17 @@ def pending_rows(table: pa.Table, results_uri: str, retry_errors: bool) -> tuple
     return todo.append_column(ATTEMPT_COLUMN, numbers), table.num_rows - todo.num_rows
 
 
+def with_default_models(spec: JobSpec) -> JobSpec:
+    """`spec` with the method's released backbone (and adapter) where it names none, for the CLI and the
+    Python API alike."""
+    if spec.method not in DEFAULT_BACKBONES or spec.models.get("backbone"):
+        return spec
+    models = {**spec.models, "backbone": DEFAULT_BACKBONES[spec.method]}
+    if not models.get("adapter") and spec.method in DEFAULT_ADAPTERS:
+        models["adapter"] = DEFAULT_ADAPTERS[spec.method]
+    return dataclasses.replace(spec, models=models)
+
+
 def _new_run_id() -> str:
     return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
@@ -169,6 +190,7 @@ def _new_run_id() -> str:
 def run_job(spec: JobSpec) -> dict[str, Any]:
     """Run `spec` to completion and return its summary (also printed and saved as OUTPUT/summary.json)."""
     actor = actor_class(spec.method)
+    spec = with_default_models(spec)
     unknown = sorted(set(spec.params) - set(actor.defaults))
     if unknown:
         known = ", ".join(sorted(actor.defaults))

@@ -458,3 +458,21 @@ def test_the_decode_stage_gives_the_actor_the_inputs_it_would_read_itself(data_d
             assert one[name] == (pytest.approx(other[name]) if isinstance(one[name], float) else other[name])
         assert json.loads(other["params"]) == json.loads(one["params"])  # no bookkeeping column leaked
     assert staged[0]["outside_mask_psnr"] == float("inf")  # the source is the video itself
+
+
+def test_jobs_built_in_python_get_the_released_defaults_too():
+    """`tiny` only when asked for by name: the Python API fills in the same defaults as the CLI."""
+    from jobs.runner import with_default_models
+
+    assert with_default_models(JobSpec("livesketch", "m", "o")).models == {
+        "backbone": "ali-vilab/text-to-video-ms-1.7b"
+    }
+    assert with_default_models(JobSpec("stylecrafter", "m", "o", models={"clip": None})).models == {
+        "clip": None,
+        "backbone": "VideoCrafter/Text2Video-512",
+        "adapter": "liuhuohuo/StyleCrafter",
+    }
+    assert with_default_models(JobSpec("dreammotion", "m", "o", models={"backbone": "tiny"})).models == {
+        "backbone": "tiny"
+    }
+    assert with_default_models(JobSpec("evaluate", "m", "o")).models == {}
