@@ -6,15 +6,19 @@ spend their time in the metric models, and CLIP runs over the frames of a whole 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
 from actors.base import JobConfig, RowActor, RowError, RowOutput
 from pipelines import media
-from pipelines.clip import prepare_clip
-from pipelines.metrics import Sample, load_scorer, outside_mask_psnr
+
+if TYPE_CHECKING:
+    from pipelines.metrics import Sample
+
+# The metric models' modules (torch, transformers) are imported where they run, in the actors: the driver
+# imports this class to plan a job of up to a million rows and should not carry them (about 180 MB).
 
 _STYLE = "style."  # packed style images are style.0, style.1, ...
 
@@ -31,12 +35,17 @@ class EvaluateActor(RowActor):
 
     @classmethod
     def prepare(cls, config: JobConfig) -> None:
+        from pipelines.clip import prepare_clip
+        from pipelines.metrics import load_scorer
+
         if config.models.get("clip"):
             prepare_clip(config.models["clip"])
         # Loading here checks, on every node, that the metric models asked for exist and work.
         load_scorer(None, config.models.get("dreamsim"), config.models.get("lpips"))
 
     def setup(self) -> None:
+        from pipelines.metrics import load_scorer
+
         models = self.config.models
         self.scorer = load_scorer(
             models.get("clip"), models.get("dreamsim"), models.get("lpips"), self.device
@@ -81,12 +90,16 @@ class EvaluateActor(RowActor):
 
     @staticmethod
     def _sample(row: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]) -> Sample:
+        from pipelines.metrics import Sample
+
         count = sum(name.startswith(_STYLE) for name in arrays)
         styles = [arrays[f"{_STYLE}{n}"] for n in range(count)]
         return Sample(arrays["frames"], row.get("prompt"), arrays.get("image"), arrays.get("source"), styles)
 
     @staticmethod
     def _write(row: dict[str, Any], params: dict[str, Any], job: tuple, scored: tuple) -> RowOutput:
+        from pipelines.metrics import outside_mask_psnr
+
         _, arrays = job
         metrics, notes = scored
         if "mask" in arrays:
