@@ -62,6 +62,7 @@ class JobConfig:
     models: dict[str, str | None] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     max_row_crashes: int = 2
+    verbose: bool = False  # the model libraries' progress bars in the workers' logs too
 
     def artifacts_dir(self, row_id: str) -> str:
         """OUTPUT/artifacts/<id>/; an id that is not one plain folder name is refused (validation already
@@ -123,6 +124,7 @@ class RowActor:
         import torch
 
         self.config = config
+        quiet_progress_bars(config)
         self.model_defaults = {}
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.node = _node_id()
@@ -350,6 +352,22 @@ class RowActor:
             print(f"[anima] chaos: killing worker process on row {victim!r}", file=sys.stderr, flush=True)
             os._exit(1)
         return starts
+
+
+def quiet_progress_bars(config: JobConfig) -> None:
+    """Unless the job is verbose, no tqdm bars of downloads and weight loading in this worker: in a Ray
+    worker's log each refresh is a line, and they say nothing the job's progress line does not. Switched
+    in the process (not through a runtime_env, which would make Ray start a fresh worker per task)."""
+    if config.verbose:
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read at import by huggingface_hub, and transformers
+    for module, switch in (
+        ("huggingface_hub.utils", "disable_progress_bars"),
+        ("transformers.utils.logging", "disable_progress_bar"),
+        ("diffusers.utils.logging", "disable_progress_bar"),
+    ):
+        if module in sys.modules:  # imported already: switch it off in place, without importing the others
+            getattr(sys.modules[module], switch)()
 
 
 def decode_rows(batch: pa.Table, actor: type[RowActor], config: JobConfig) -> pa.Table:

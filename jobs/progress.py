@@ -27,9 +27,6 @@ from schemas import OK
 LOG_INTERVAL_S = 5.0
 HEARTBEAT_S = 60.0
 TERMINAL_INTERVAL_S = 1.0
-# Environment of the job's workers unless --verbose: tqdm bars of weight loading and downloads, which in a
-# Ray worker's log are a line per refresh, say nothing the progress line does not.
-QUIET_WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def _not_the_bars_notice(record: logging.LogRecord) -> bool:
@@ -45,15 +42,6 @@ def quiet_ray_data(verbose: bool) -> None:
             handler.setLevel(logging.INFO if verbose else logging.WARNING)
             if _not_the_bars_notice not in handler.filters:
                 handler.addFilter(_not_the_bars_notice)
-
-
-def worker_runtime_env(runtime_env: dict[str, Any] | None, verbose: bool) -> dict[str, Any] | None:
-    """The job's runtime_env with `QUIET_WORKER_ENV` added (variables the job sets itself win)."""
-    if verbose:
-        return runtime_env
-    env = dict(runtime_env or {})
-    env["env_vars"] = {**QUIET_WORKER_ENV, **env.get("env_vars", {})}
-    return env
 
 
 @ray.remote(num_cpus=0)

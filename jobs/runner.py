@@ -31,7 +31,7 @@ from ray.data import ActorPoolStrategy, DataContext
 from ray.data.datasource.filename_provider import FilenameProvider
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.base import ATTEMPT_COLUMN, JobConfig, RowActor, decode_rows
+from actors.base import ATTEMPT_COLUMN, JobConfig, RowActor, decode_rows, quiet_progress_bars
 from jobs import progress, resume, summary
 from pipelines import media
 from pipelines.model_cache import ModelLoadError
@@ -129,6 +129,7 @@ def check_output_writable(output: str) -> None:
 
 @ray.remote(num_cpus=0, max_retries=1)
 def _prepare_node(config: JobConfig) -> None:
+    quiet_progress_bars(config)
     actor_class(config.method).prepare(config)
 
 
@@ -214,14 +215,12 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         models=spec.models,
         params=spec.params,
         max_row_crashes=spec.max_row_crashes,
+        verbose=spec.verbose,
     )
     print(f"[anima] run {run_id}: {table.num_rows} rows, {skipped} settled earlier, {todo.num_rows} to run")
 
     if todo.num_rows:
         ensure_ray()  # only now: a job refused above never starts or joins a cluster
-        spec = dataclasses.replace(
-            spec, runtime_env=progress.worker_runtime_env(spec.runtime_env, spec.verbose)
-        )
         prepare_on_nodes(config, spec)
         progress.quiet_ray_data(spec.verbose)
         ctx = DataContext.get_current()
