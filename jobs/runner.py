@@ -77,7 +77,9 @@ class JobSpec:
     retry_errors: bool = False
     no_progress_timeout_s: float = 3600.0
     rows_per_task: int | None = None  # None: the method's choice (see `task_rows`)
-    decode_stage: bool = True  # False: the actors read their inputs themselves (for the bench's ratio)
+    # The CPU decode stage of methods that have one: None = when the pool has accelerators to keep busy (on
+    # CPU-only pools it would compete with the actors for the same cores); True/False to force it.
+    decode_stage: bool | None = None
     runtime_env: dict[str, Any] | None = None
     verbose: bool = False  # Ray Data's progress blocks and the workers' tqdm bars too
 
@@ -230,7 +232,8 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         results_fs, results_path = fsspec.core.url_to_fs(results_uri)
         blocks = [todo.slice(i, rows) for i in range(0, todo.num_rows, rows)]
         data = ray.data.from_arrow(blocks)
-        if actor.decode_stage and spec.decode_stage:
+        staged = spec.gpus_per_actor > 0 if spec.decode_stage is None else spec.decode_stage
+        if actor.decode_stage and staged:
             # Reading and decoding inputs on CPU tasks, ahead of the pool, keeps its accelerators busy.
             data = data.map_batches(
                 decode_rows,
