@@ -367,22 +367,55 @@ def _decode_pyav(
     return np.stack(frames)
 
 
+def _sampled(num_frames: int | None, total: int, limit: int | None) -> int | None:
+    """Frames to sample: `num_frames`, else every frame (None) or, with a `limit`, at most that many."""
+    return num_frames or (min(total, limit) if limit else None)
+
+
+def _decord_first(reader: Any) -> tuple[npt.NDArray[np.uint8], VideoInfo]:
+    """The first frame and the clip's info: decord tells a frame's size only by decoding one, and the
+    frame is kept so that a read starting at frame 0 does not decode it twice."""
+    first = reader.next().asnumpy()
+    height, width, _ = first.shape
+    return first, VideoInfo(len(reader), height, width, float(reader.get_avg_fps()))
+
+
+def _decode_decord(
+    uri: str, reader: Any, num_frames: int | None, picked: Sequence[int] | None, limit: int | None
+) -> tuple[npt.NDArray[np.uint8], VideoInfo] | None:
+    """The frames through decord, which seeks to them instead of decoding the whole clip; None when the
+    stream is damaged (PyAV then decides whether anything is readable)."""
+    try:
+        first, info = _decord_first(reader)
+    except Exception:  # decord raises RuntimeError or DECORDError
+        return None
+    indices = _pick(uri, info.num_frames, _sampled(num_frames, info.num_frames, limit), picked)
+    _check_decoded(uri, len(indices), info.height, info.width)
+    head = first[None][: int(bool(indices) and indices[0] == 0)]  # frame 0, when it is wanted
+    rest = indices[len(head) :]
+    try:
+        tail = reader.get_batch(rest).asnumpy() if rest else head[:0]
+    except Exception:
+        return None
+    return np.concatenate([head, tail]), info
+
+
 def _decode_video(
-    uri: str, data: bytes, num_frames: int | None, picked: Sequence[int] | None = None
-) -> tuple[npt.NDArray[np.uint8], float]:
-    """The sampled (or `picked`) frames and the clip's frame rate, each decoder opened once."""
-    # decord seeks to the sampled frames instead of decoding the whole clip.
+    uri: str,
+    data: bytes,
+    num_frames: int | None,
+    picked: Sequence[int] | None = None,
+    limit: int | None = None,
+) -> tuple[npt.NDArray[np.uint8], VideoInfo]:
+    """The sampled (or `picked`) frames and the clip's info (its frame count, size and rate), each
+    decoder opened once. Without `num_frames`: every frame, or at most `limit` spread evenly."""
     reader = _decord_reader(data)
-    if reader is not None:
-        indices = _pick(uri, len(reader), num_frames, picked)
-        height, width, _ = reader[0].shape
-        _check_decoded(uri, len(indices), height, width)
-        try:
-            return reader.get_batch(indices).asnumpy(), float(reader.get_avg_fps())
-        except Exception:  # a damaged stream; PyAV decides whether anything is readable
-            pass
+    decoded = _decode_decord(uri, reader, num_frames, picked, limit) if reader is not None else None
+    if decoded is not None:
+        return decoded
     info = _pyav_info(uri, data)
-    return _decode_pyav(uri, data, num_frames, info, picked), info.fps
+    count = _sampled(num_frames, info.num_frames, limit)
+    return _decode_pyav(uri, data, count, info, picked), info
 
 
 def _fitted(frames: npt.NDArray[np.uint8], size: tuple[int, int] | None) -> npt.NDArray[np.uint8]:
@@ -407,15 +440,14 @@ def read_sampled_video(
 ) -> tuple[npt.NDArray[np.uint8], int]:
     """`num_frames` frames spread evenly over the clip (None: every frame, at most `max_frames`, spread
     evenly), and the clip's frame count, from one fetch of the file."""
-    data = _read(uri, "video")
-    total = _info(uri, data).num_frames
-    return _decode_video(uri, data, num_frames or min(total, max_frames))[0], total
+    frames, info = _decode_video(uri, _read(uri, "video"), num_frames, limit=max_frames)
+    return frames, info.num_frames
 
 
 def read_video_and_rate(uri: str, size: tuple[int, int] | None = None) -> tuple[npt.NDArray[np.uint8], float]:
     """Every frame (as `read_video`) and the clip's frame rate, from one fetch of the file."""
-    frames, rate = _decode_video(uri, _read(uri, "video"), None)
-    return _fitted(frames, size), rate
+    frames, info = _decode_video(uri, _read(uri, "video"), None)
+    return _fitted(frames, size), info.fps
 
 
 def video_info(uri: str) -> VideoInfo:
@@ -427,9 +459,8 @@ def _info(uri: str, data: bytes) -> VideoInfo:
     reader = _decord_reader(data)
     if reader is not None:
         try:
-            height, width, _ = reader[0].shape
-            return VideoInfo(len(reader), height, width, float(reader.get_avg_fps()))
-        except Exception:  # as in _decode_video: let PyAV judge a stream decord stumbles on
+            return _decord_first(reader)[1]
+        except Exception:  # as in _decode_decord: let PyAV judge a stream decord stumbles on
             pass
     return _pyav_info(uri, data)
 

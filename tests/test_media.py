@@ -190,6 +190,31 @@ def test_pyav_fallback_matches_decord():
     assert np.array_equal(pyav, media._decode_video(uri, data, 5)[0])
 
 
+def test_sampled_read_opens_the_clip_once_and_decodes_frame_zero_once(monkeypatch):
+    """The evaluation's per-row read: one decoder, frame 0 (decoded for the size check) reused, and the
+    same frames as decord's own batch read of those indices."""
+    uri = str(DATA / "videos" / "locomotive.mp4")
+    readers, batches = [], []
+    real = media.decord.VideoReader
+
+    class Counting(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            readers.append(self)
+
+        def get_batch(self, indices):
+            batches.append(list(indices))
+            return super().get_batch(indices)
+
+    monkeypatch.setattr(media.decord, "VideoReader", Counting)
+    frames, total = media.read_sampled_video(uri, None, 8)
+    assert (len(readers), total) == (1, 24)
+    expected = media.frame_indices(24, 8).tolist()
+    assert expected[0] == 0 and batches == [expected[1:]]
+    reference = real(io.BytesIO((DATA / "videos" / "locomotive.mp4").read_bytes()))
+    assert np.array_equal(frames, reference.get_batch(expected).asnumpy())
+
+
 def test_reads_without_decord(monkeypatch):
     monkeypatch.setattr(media, "decord", None)
     uri = str(DATA / "videos" / "locomotive.mp4")
