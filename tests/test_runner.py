@@ -476,3 +476,19 @@ def test_jobs_built_in_python_get_the_released_defaults_too():
         "backbone": "tiny"
     }
     assert with_default_models(JobSpec("evaluate", "m", "o")).models == {}
+
+
+def test_a_job_that_names_no_model_starts_no_prepare_task(monkeypatch):
+    """Nothing to fetch or check: the job goes straight to its actors (a Ray task start-up saved)."""
+    from actors.base import JobConfig
+    from jobs import runner
+
+    def no_cluster_call():
+        raise AssertionError("prepare_on_nodes looked for nodes")
+
+    monkeypatch.setattr(runner.ray, "nodes", no_cluster_call)
+    config = JobConfig(method="evaluate", output="out", run_id="r", models={"clip": None, "lpips": None})
+    runner.prepare_on_nodes(config, JobSpec("evaluate", "m", "out", models=config.models))
+    with pytest.raises(AssertionError, match="looked for nodes"):
+        named = JobConfig(method="evaluate", output="out", run_id="r", models={"clip": "tiny"})
+        runner.prepare_on_nodes(named, JobSpec("evaluate", "m", "out"))
