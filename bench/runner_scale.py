@@ -128,7 +128,11 @@ def main() -> None:
         out = subprocess.run(
             [sys.executable, __file__, "--one", str(rows)], env=env, capture_output=True, text=True
         )
-        m = json.loads(out.stdout.strip().splitlines()[-1])
+        if out.returncode:
+            print(f"{rows:<10} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+            continue
+        # The last JSON line: Ray may print warnings after it.
+        m = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
         line = f"{m['rows']:<10} {m['first_result_s']:>8.1f} s  {m['wall_s']:>6.1f} s"
         print(f"{line}  {m['driver_peak_rss_mb']:>7.0f} MB  {m['result_files']:>12}  {m['resume_s']:>5.1f} s")
     if not args.loop_rows:

@@ -90,10 +90,16 @@ class Progress:
         self._printed_at = 0.0
         self._printed_done = 0
 
-    def tap(self, dataset: Dataset) -> Dataset:
+    def tap(self, dataset: Dataset, ray_remote_args: dict[str, Any]) -> Dataset:
+        """`dataset` passing the tally; `ray_remote_args` must be the next stage's (the Parquet writer's),
+        so that Ray Data fuses the two into one task per block (it fuses only equal remote args)."""
         self._tally = self._tally or _Tally.remote()
         return dataset.map_batches(
-            _report, fn_kwargs={"tally": self._tally}, batch_size=None, batch_format="pyarrow", num_cpus=0
+            _report,
+            fn_kwargs={"tally": self._tally},
+            batch_size=None,
+            batch_format="pyarrow",
+            **ray_remote_args,
         )
 
     def __enter__(self) -> Progress:

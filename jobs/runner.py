@@ -260,7 +260,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
             runtime_env=spec.runtime_env,
         )
         with progress.Progress(todo.num_rows, spec.actors * spec.gpus_per_actor) as line:
-            line.tap(results).write_parquet(
+            line.tap(results, writer_args(spec)).write_parquet(
                 results_path,
                 # Through fsspec like every other read and write, so s3fs/gcsfs settings apply here too.
                 filesystem=PyFileSystem(FSSpecHandler(results_fs)),
@@ -268,8 +268,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
                 filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
                 # About a file per task, not per batch; the run's files are compacted when it ends.
                 min_rows_per_file=rows,
-                # Writing a few rows needs no reserved CPU; actors may hold all of them (small clusters).
-                ray_remote_args={"num_cpus": 0, "runtime_env": spec.runtime_env},
+                ray_remote_args=writer_args(spec),
             )
         release_memory()
         backfill_lost(todo, results_uri, config)
@@ -282,6 +281,13 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     report = summary.build(table, spec, run_id, skipped, todo.num_rows, time.time() - started)
     summary.save(report, spec.output)
     return report
+
+
+def writer_args(spec: JobSpec) -> dict[str, Any]:
+    """Ray remote args of the result writer and of the progress tap before it, which Ray Data fuses into
+    one task per block only when the two are equal: map_batches drops None values and Write keeps them,
+    so there are none. Writing a few rows needs no reserved CPU: actors may hold all of them."""
+    return {"num_cpus": 0} | ({"runtime_env": spec.runtime_env} if spec.runtime_env else {})
 
 
 def release_memory() -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from jobs.progress import Progress
+from schemas import OK
 
 
 def test_rows_are_counted_once_and_each_error_is_reported_once_with_its_id():
@@ -24,3 +27,22 @@ def test_a_cpu_job_says_it_has_no_gpus_and_a_finished_one_says_done():
     assert progress.line(now=progress.started + 1.0).endswith("ETA unknown, no GPUs")
     progress.add([("a", "ok", None)])
     assert "ETA done" in progress.line(now=progress.started + 2.0)
+
+
+@pytest.mark.parametrize("runtime_env", [None, {"env_vars": {"ANIMA_TEST": "1"}}])
+def test_the_tap_and_the_result_writer_run_as_one_task_per_block(ray_cluster, tmp_path, runtime_env):
+    """Unequal remote args would keep them apart: a second task per block, and on a small machine more
+    worker processes started while the first ones import Ray Data."""
+    import pyarrow as pa
+    import ray
+
+    from jobs.runner import JobSpec, writer_args
+
+    args = writer_args(JobSpec("evaluate", "m", "o", runtime_env=runtime_env))
+    rows = ray.data.from_blocks([pa.table({"id": ["a", "b"], "status": [OK, "error"], "error": [None, "x"]})])
+    line = Progress(2, 0, io.StringIO())
+    with line:
+        tapped = line.tap(rows, args)
+        tapped.write_parquet(str(tmp_path), ray_remote_args=args)
+    assert "MapBatches(_report)->Write" in tapped.stats()
+    assert (len(line.done), line.ok) == (2, 1)
