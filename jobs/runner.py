@@ -1,6 +1,6 @@
 """The one Ray Data graph every job runs: manifest in, one result row per input row out.
 
-    read manifest + validate (driver) -> drop settled ids -> from_blocks(blocks of `task_rows` rows)
+    read manifest + validate (driver) -> drop settled ids -> from_arrow(blocks of `task_rows` rows)
     [-> map_batches(decode_rows: CPU tasks read inputs, methods with `decode_stage`)]
     -> map_batches(actor pool) -> write_parquet(OUTPUT/results/) -> backfill rows lost to failed tasks
     -> summary
@@ -235,9 +235,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         rows = task_rows(spec, actor, todo.num_rows)
         results_fs, results_path = fsspec.core.url_to_fs(results_uri)
         blocks = [todo.slice(i, rows) for i in range(0, todo.num_rows, rows)]
-        # from_blocks keeps the blocks as cut and takes their metadata here; from_arrow would run a Ray
-        # task per block for it before the first row starts (2,000 tasks at a million rows).
-        data = ray.data.from_blocks(blocks)
+        data = ray.data.from_arrow(blocks)
         staged = spec.gpus_per_actor > 0 if spec.decode_stage is None else spec.decode_stage
         if actor.decode_stage and staged:
             # Reading and decoding inputs on CPU tasks, ahead of the pool, keeps its accelerators busy.
