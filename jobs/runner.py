@@ -235,6 +235,8 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         rows = task_rows(spec, actor, todo.num_rows)
         results_fs, results_path = fsspec.core.url_to_fs(results_uri)
         blocks = [todo.slice(i, rows) for i in range(0, todo.num_rows, rows)]
+        # from_arrow runs a small Ray task per block for its metadata; from_blocks, which takes it here,
+        # was measured slower all the same (10^4 missing-file rows: 26-29 s against 15-16 s).
         data = ray.data.from_arrow(blocks)
         staged = spec.gpus_per_actor > 0 if spec.decode_stage is None else spec.decode_stage
         if actor.decode_stage and staged:
