@@ -46,3 +46,13 @@ def test_the_tap_and_the_result_writer_run_as_one_task_per_block(ray_cluster, tm
         tapped.write_parquet(str(tmp_path), ray_remote_args=args)
     assert "MapBatches(_report)->Write" in tapped.stats()
     assert (len(line.done), line.ok) == (2, 1)
+
+
+def test_the_tally_process_does_not_import_ray_data():
+    """The tally's actor process imports this module while the job's other processes start beside it."""
+    import subprocess
+    import sys
+
+    check = "import sys, jobs.progress; print(sorted(m for m in sys.modules if m.startswith('ray.data')))"
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
