@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import sys
 import uuid
+from collections.abc import Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -54,6 +56,15 @@ def read_results(
     return dataset.to_table(columns=columns, filter=where) if dataset is not None else None
 
 
+def scan_results(
+    results_uri: str, columns: list[str], prefix: str = "", where: pc.Expression | None = None
+) -> Iterator[pa.RecordBatch]:
+    """`read_results` one record batch at a time, for work whose memory must not grow with the rows."""
+    dataset = _dataset(*result_files(results_uri, prefix))
+    if dataset is not None:
+        yield from dataset.to_batches(columns=columns, filter=where)
+
+
 def _dataset(fs: fsspec.AbstractFileSystem, files: list[str]) -> ds.Dataset | None:
     """The readable result files as one dataset; a file that cannot be read is named and left out."""
     if not files:
@@ -73,19 +84,27 @@ def latest(results: pa.Table) -> pa.Table:
     A run gives each id one row; a row seen twice (a compaction interrupted before it removed the files
     it merged) counts once.
     """
-    # Sorted indices, not a sorted copy: only the last row of each id is ever taken from `results`.
-    order = pc.sort_indices(
-        results.select(["id", "finished_at"]), [("id", "ascending"), ("finished_at", "ascending")]
-    )
+    # Sorted by id, finish time and run: each id's last row is its latest, and the rows of one (id, run)
+    # pair are adjacent (a row seen twice is an exact copy). Sorted indices, not a sorted copy, and no
+    # hash grouping over a million string keys: the driver's peak memory at a million rows.
+    keys = [("id", "ascending"), ("finished_at", "ascending"), ("run_id", "ascending")]
+    order = pc.sort_indices(results.select([key for key, _ in keys]), keys)
     ids = pc.take(results.column("id"), order).combine_chunks()
-    following = pa.concat_arrays([ids[1:], pa.array([None], ids.type)])
-    last = results.take(order.filter(pc.fill_null(pc.not_equal(ids, following), True)))
-    # Distinct (id, run) pairs, then runs per id: lighter than a count_distinct per id at a million ids.
-    runs = results.select(["id", "run_id"]).group_by(["id", "run_id"]).aggregate([])
-    counts = runs.group_by("id").aggregate([("run_id", "count")])
-    where = pc.index_in(last.column("id"), value_set=counts.column("id"))
-    attempts = pc.take(counts.column("run_id_count"), where).cast(pa.int64())
-    return last.append_column("attempts", attempts)
+    runs = pc.fill_null(pc.take(results.column("run_id"), order).combine_chunks(), "")
+    first_of_id = _changes(ids)
+    first_of_pair = np.logical_or(first_of_id, _changes(runs))
+    starts = np.flatnonzero(first_of_id)
+    last_of_id = np.roll(first_of_id, -1)  # the next row starts another id (or there is none)
+    attempts = np.add.reduceat(first_of_pair.astype(np.int64), starts) if len(starts) else []
+    return results.take(order.filter(pa.array(last_of_id))).append_column(
+        "attempts", pa.array(attempts, pa.int64())
+    )
+
+
+def _changes(values: pa.Array) -> np.ndarray:
+    """True where a value differs from the one before it (and at the first)."""
+    changed = pc.not_equal(values[1:], values[:-1]).to_numpy(zero_copy_only=False)
+    return np.concatenate([[True], changed]) if len(values) else np.zeros(0, bool)
 
 
 def settled_and_attempts(results_uri: str, retry_errors: bool = False) -> tuple[pa.Array, pa.Table]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -38,10 +39,10 @@ def metric_table(latest: pa.Table) -> dict[str, dict[str, float | int]]:
     """Mean, std and count of every metric over the latest ok rows (finite values only).
 
     Arrow compute throughout, so a million rows never become Python floats on the driver."""
-    ok = latest.filter(pc.equal(latest.column("status"), OK))
+    ok = pc.equal(latest.column("status"), OK)
     table = {}
     for name in METRIC_COLUMNS:
-        column = ok.column(name)
+        column = latest.column(name).filter(ok)  # one column at a time, not a copy of the table
         values = column.filter(pc.fill_null(pc.is_finite(column), False))
         if len(values):
             std = pc.stddev(values, ddof=0).as_py()
@@ -54,12 +55,37 @@ def _counts(column: pa.ChunkedArray) -> Counter:
     return Counter({c["values"]: c["counts"] for c in pc.value_counts(column).to_pylist()})
 
 
-def error_reasons(errors: pa.ChunkedArray) -> Counter:
+def _reasons(errors: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """Error messages without their "row 'id': " prefix (so equal reasons group), first 200 characters."""
     reasons = pc.utf8_slice_codeunits(
         pc.replace_substring_regex(errors, r"^.*?: ", "", max_replacements=1), 0, 200
     )
-    return _counts(reasons.filter(pc.invert(pc.is_null(reasons))))
+    return reasons.filter(pc.invert(pc.is_null(reasons)))
+
+
+def error_reasons(errors: pa.ChunkedArray) -> Counter:
+    """Reason -> count of error messages (see `_reasons`)."""
+    return _counts(_reasons(errors))
+
+
+def top_errors(batches: Iterable[pa.RecordBatch], most: int = 10) -> list[dict[str, Any]]:
+    """The `most` commonest reasons in the `error` column of `batches`, ties in text order.
+
+    Counted by Arrow one batch at a time: a run of a million distinct messages (every missing file names
+    its own URI) never holds them all as Python strings, or all their text at once.
+    """
+    counted = [pc.value_counts(_reasons(batch.column("error"))) for batch in batches]
+    counted = [counts for counts in counted if len(counts)]
+    if not counted:
+        return []
+    totals = pa.Table.from_struct_array(pa.concat_arrays(counted)).group_by("values").aggregate(
+        [("counts", "sum")]
+    )
+    top = totals.sort_by([("counts_sum", "descending"), ("values", "ascending")]).slice(0, most)
+    return [
+        {"count": count, "error": reason}
+        for reason, count in zip(top["values"].to_pylist(), top["counts_sum"].to_pylist(), strict=True)
+    ]
 
 
 def build(
@@ -68,17 +94,18 @@ def build(
     results_uri = media.join(spec.output, "results")
     # Error messages are the bulk of a result file: only this run's error rows read them, below.
     everything = resume.read_results(results_uri, [*resume.HISTORY_COLUMNS, "seconds", *METRIC_COLUMNS])
-    latest = (
-        resume.latest(everything.filter(pc.is_in(everything.column("id"), value_set=manifest.column("id"))))
-        if everything
-        else None
-    )
-    run = latest.filter(pc.equal(latest.column("run_id"), run_id)) if latest is not None else None
+    latest = None
+    if everything is not None:
+        # An output may hold rows of ids this manifest no longer has; copied without them only then.
+        mine = pc.is_in(everything.column("id"), value_set=manifest.column("id"))
+        latest = resume.latest(everything if pc.all(mine).as_py() else everything.filter(mine))
+        del everything
+    # This run's rows, column by column (a filtered copy of the table would double the peak at 10^6 rows).
+    run = pc.equal(latest.column("run_id"), run_id) if latest is not None else None
 
-    statuses = _counts(run.column("status")) if run is not None else Counter()
-    seconds_per_row = pc.mean(run.column("seconds")).as_py() if run is not None else None
-    failed = resume.read_results(results_uri, ["error"], prefix=run_id, where=pc.field("status") != OK)
-    errors = error_reasons(failed.column("error")) if failed is not None else Counter()
+    statuses = _counts(latest.column("status").filter(run)) if latest is not None else Counter()
+    seconds_per_row = pc.mean(latest.column("seconds").filter(run)).as_py() if latest is not None else None
+    failed = resume.scan_results(results_uri, ["error"], prefix=run_id, where=pc.field("status") != OK)
     gpu_seconds = wall_s * spec.actors * spec.gpus_per_actor / processed if processed else None
     overall = _counts(latest.column("status")) if latest is not None else Counter()
     return {
@@ -98,7 +125,7 @@ def build(
         "items_per_gpu_hour": 3600 / gpu_seconds if gpu_seconds else None,
         "actors": spec.actors,
         "gpus_per_actor": spec.gpus_per_actor,
-        "top_errors": [{"count": n, "error": e} for e, n in errors.most_common(10)],
+        "top_errors": top_errors(failed),
         "metrics": metric_table(latest) if latest is not None else {},
         "outputs": {
             "results": results_uri,

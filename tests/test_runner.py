@@ -322,6 +322,49 @@ def test_unreadable_and_duplicated_result_files_do_not_break_resume(tmp_path):
     assert sorted(settled.to_pylist()) == ["r0", "r1", "r2"]
 
 
+def test_latest_takes_each_ids_last_row_and_counts_its_runs_once_each():
+    """Against the definition, over random histories: several runs, rows seen twice, shuffled files."""
+    import datetime as dt
+    import random
+
+    from schemas import RESULT_SCHEMA, ResultRow, result_table
+
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    for seed in range(30):
+        rng = random.Random(seed)
+        rows = []
+        for run in range(rng.randint(1, 4)):
+            for i in rng.sample(range(40), rng.randint(1, 40)):
+                when = start + dt.timedelta(seconds=100 * run + rng.randint(0, 50))
+                row = ResultRow(id=f"r{i}", method="evaluate", run_id=f"run{run}", finished_at=when)
+                rows += [row] * rng.choice([1, 1, 1, 2])  # a row seen twice: an interrupted compaction
+        rng.shuffle(rows)
+        last = resume.latest(result_table(rows).cast(RESULT_SCHEMA)).to_pylist()
+        expected = {}
+        for row in rows:
+            if row.id not in expected or row.finished_at > expected[row.id][0]:
+                expected[row.id] = (row.finished_at, row.run_id)
+        runs = {i: len({r.run_id for r in rows if r.id == i}) for i in expected}
+        assert {r["id"]: (r["finished_at"], r["run_id"], r["attempts"]) for r in last} == {
+            i: (*expected[i], runs[i]) for i in expected
+        }
+
+
+def test_the_summary_counts_error_reasons_across_batches_without_their_row_prefix():
+    from jobs.summary import top_errors
+
+    batches = [
+        pa.record_batch({"error": ["row 'a': video not found: x.mp4", "row 'b': empty prompt", None]}),
+        pa.record_batch({"error": ["row 'c': video not found: x.mp4", "row 'd': bad mask"]}),
+        pa.record_batch({"error": pa.array([], pa.string())}),
+    ]
+    assert top_errors(batches, most=2) == [
+        {"count": 2, "error": "video not found: x.mp4"},
+        {"count": 1, "error": "bad mask"},  # ties in text order
+    ]
+    assert top_errors([]) == []
+
+
 def test_compaction_streams_a_runs_files_into_files_of_a_fixed_row_count(tmp_path):
     from schemas import ResultRow, result_table
 
