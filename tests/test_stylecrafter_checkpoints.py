@@ -56,7 +56,9 @@ def test_modelscope_backbones_compute_what_they_did_before_videocrafter1():
         out = bb.predict(
             reference["input.x"], reference["input.t"], bb.encode_prompt(["a red fox", "a boat at sea"])
         )
-    torch.testing.assert_close(out, reference["output"], atol=1e-6, rtol=0)
+    # Outputs of size ~0.3: 1e-5 is fp32 agreement across CPUs (this AMD EPYC host differs from the
+    # reference's by 1.3e-6 in 8 of 1536 values, with the same packages); any change of the model is larger.
+    torch.testing.assert_close(out, reference["output"], atol=1e-5, rtol=0)
     # ... and keep diffusers' own processors and temporal convolutions.
     processors = {type(p).__name__ for p in bb.unet.attn_processors.values()}
     assert "RelativePositionProcessor" not in processors
