@@ -36,6 +36,16 @@ def pytest_configure(config):
     )
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test's random inputs are the same on every run, so a failure reproduces."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """Real example inputs: ../shared/data when present, else the copies the demo ships."""

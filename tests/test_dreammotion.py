@@ -171,7 +171,9 @@ def test_without_ssm_the_edit_is_plain_masked_vdds(tiny):
         noise = sample_noise([g], tuple(x.shape[1:]), x.device)
         delta = dds_gradient(tiny, x, x_source, target_e, source_e, uncond, torch.tensor([7.5]), t, noise)
         x = x - 0.4 * 2000 / (4 * 4) * m * delta
-    torch.testing.assert_close(result.latents, x, atol=1e-4, rtol=1e-4)
+    # fp32 agreement at the latents' scale (~100 after three steps at lr·2000/16 = 50): the two
+    # orders of the same sums differ by ~6e-6 of it on some CPUs, a wrong step by far more.
+    torch.testing.assert_close(result.latents, x, atol=3e-5 * float(x.abs().max()), rtol=1e-4)
     # Outside the mask the latents did not move at all.
     torch.testing.assert_close(result.latents * (1 - m), x_source * (1 - m))
 
