@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     from pipelines.stylecrafter.model import load_stylecrafter
-    from pipelines.stylecrafter.train import StyleTrainConfig, trainable_parameters
+    from pipelines.stylecrafter.train import trainable_parameters
+    from pipelines.stylecrafter.training_data import StyleTrainConfig
 
     model = load_stylecrafter({"backbone": "tiny"}, "cpu", torch.float32)
     shapes = [p.shape for p in trainable_parameters(model, StyleTrainConfig(stage=1)).values()]

@@ -1,14 +1,14 @@
-"""What adapter training shares across methods: the common hyperparameters and the recipe a method gives.
+"""What adapter training shares across methods: the recipe a method gives and the helpers of its loss.
 
 A method's recipe says how to load its model, which parameters a stage trains, how raw rows become
 training examples (`decode`, run by Ray Data CPU tasks) and what the loss of a batch is; the training
-loop itself (`actors/train_worker.py`) is the same for every method.
+loop itself (`actors/train_worker.py`) is the same for every method. The hyperparameters and the
+decoding helpers, which need no torch, are in `pipelines/training_data.py`.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,35 +19,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipelines import media
 from pipelines.metrics import to_signed
-from pipelines.params import from_values
+from pipelines.training_data import TrainConfig
 
 TEMPORAL_MARKERS = ("temp_attentions", "temp_convs", "transformer_in")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyperparameters every method's training has; methods subclass it for their own."""
-
-    stage: int = 1
-    steps: int = 1000
-    batch_size: int = 2
-    lr: float = 5e-5
-    weight_decay: float = 1e-2
-    grad_clip: float = 0.5
-    uncond_prob: float = 0.05
-    num_frames: int = 16
-    height: int = 256
-    width: int = 256
-    checkpoint_every: int = 200
-    seed: int = 0
-    precision: str = "auto"
-    gradient_checkpointing: bool = True  # recompute the UNet's blocks in backward: memory for video sizes
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        return from_values(cls, values, strict=True)
 
 
 @dataclass(frozen=True)
@@ -115,57 +90,6 @@ def diffusion_loss(
     zero-terminal-SNR schedule.
     """
     return (output.float() - backbone.target(x0.float(), noise.float(), t)).pow(2).mean()
-
-
-# -- data ---------------------------------------------------------------------------------------
-
-
-def clip_indices(total: int, frames: int, stride: int, rng: np.random.Generator) -> tuple[list[int], int]:
-    """`frames` indices `stride` apart from a random start; the stride shrinks for short videos (official)."""
-    if total < frames:
-        raise media.MediaError(f"video has {total} frames, {frames} needed")
-    if frames > 1 and (frames - 1) * stride + 1 > total:
-        stride = max(1, (total - 1) // (frames - 1))
-    span = (frames - 1) * stride + 1
-    start = int(rng.integers(0, total - span + 1))
-    return [start + i * stride for i in range(frames)], stride
-
-
-def augmentation_rng() -> np.random.Generator:
-    """Draws of one decoded batch (clip windows, style crops), fresh on every pass over the data.
-
-    Ray Data re-runs the decoding stage each epoch; a generator fixed by the rows (as this was before)
-    gave every epoch the same windows and crops. Runs are not bit-reproducible anyway: the streaming
-    order of batches across workers is not fixed.
-    """
-    return np.random.default_rng()
-
-
-def decode_rows(
-    batch: pa.Table,
-    decode_row: Callable[[dict[str, Any]], dict[str, Any]],
-    columns: dict[str, pa.DataType | tuple[int, ...]],
-) -> pa.Table:
-    """Examples of the rows `decode_row` can read; a row it cannot is skipped with a message, not fatal.
-
-    A column given as a shape holds uint8 arrays of that shape (a fixed-shape tensor column, which Ray
-    Data hands to the workers as one numpy array); other columns are scalars of the given Arrow type.
-    """
-    examples = []
-    for row in batch.to_pylist():
-        try:
-            examples.append(decode_row(row))
-        except media.MediaError as exc:
-            print(f"[anima] training row {row.get('id')!r} skipped: {exc}", file=sys.stderr, flush=True)
-    out = {}
-    for name, kind in columns.items():
-        values = [e[name] for e in examples]
-        if isinstance(kind, tuple):
-            array = np.stack(values) if values else np.zeros((0, *kind), np.uint8)
-            out[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(array)
-        else:
-            out[name] = pa.array(values, kind)
-    return pa.table(out)
 
 
 def to_frames(array: np.ndarray) -> torch.Tensor:

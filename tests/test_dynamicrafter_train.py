@@ -12,8 +12,9 @@ from jobs.train import TrainSpec, run_training
 from pipelines import media
 from pipelines.dynamicrafter.model import load_dynamicrafter
 from pipelines.dynamicrafter.sample import Request, SampleParams, sample
-from pipelines.dynamicrafter.train import DynamiCrafterTrainConfig, trainable_parameters, training_loss
-from pipelines.training import clip_indices
+from pipelines.dynamicrafter.train import trainable_parameters, training_loss
+from pipelines.dynamicrafter.training_data import DynamiCrafterTrainConfig
+from pipelines.training_data import clip_indices
 
 SIZE, FRAMES = 32, 4
 COLOURS = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40)]

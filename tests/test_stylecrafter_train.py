@@ -30,13 +30,12 @@ from pipelines import media, training
 from pipelines.backbone import load_backbone_uncached, prepare_backbone
 from pipelines.stylecrafter.model import load_stylecrafter
 from pipelines.stylecrafter.sample import Request, SampleParams, sample
-from pipelines.stylecrafter.train import (
+from pipelines.stylecrafter.train import trainable_parameters, training_loss
+from pipelines.stylecrafter.training_data import (
     DEFAULT_STYLE_WORDS,
     StyleTrainConfig,
     strip_style_words,
     style_reference,
-    trainable_parameters,
-    training_loss,
 )
 from pipelines.temporal import temporal_layers_skipped
 

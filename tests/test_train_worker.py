@@ -63,3 +63,30 @@ def test_checkpointing_recomputes_the_unet_blocks_and_leaves_gradients_unchanged
     assert loss_c == loss and grads.keys() == grads_c.keys() and grads
     for name in grads:
         torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["dynamicrafter", "stylecrafter"])
+def test_the_decoding_stage_deserializes_without_torch(method, tmp_path):
+    """Ray Data's decode tasks, Train's controller and the split coordinator all unpickle the decode
+    function and its config; none of them should pay for importing torch and the model code."""
+    import subprocess
+    import sys
+
+    from ray import cloudpickle
+
+    from actors.train_worker import recipe_of
+
+    recipe = recipe_of(method)
+    payload = tmp_path / "decode.pkl"
+    payload.write_bytes(cloudpickle.dumps((recipe.decode, recipe.config({"stage": 2}))))
+    check = (
+        "import pickle, sys; decode, config = pickle.load(open(sys.argv[1], 'rb')); "
+        "print(decode.__module__, type(config).__name__, sorted({m.split('.')[0] for m in sys.modules} "
+        "& {'torch', 'diffusers', 'transformers'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check, str(payload)], capture_output=True, text=True, check=True
+    )
+    module, config_type, heavy = out.stdout.strip().split(" ", 2)
+    assert module == f"pipelines.{method}.training_data" and config_type.endswith("TrainConfig")
+    assert heavy == "[]"

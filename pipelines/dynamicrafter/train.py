@@ -22,41 +22,18 @@ tokens of a random frame of `video_length`. A converted official model fine-tune
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
 import torch
 
-from pipelines import media, training
+from pipelines import training
 from pipelines.ddim import dynamic_rescale_table
 from pipelines.dynamicrafter.model import DynamiCrafter, load_dynamicrafter, place_condition
-
-STAGE_ONE_LR = 1e-4  # the paper's stage-1 learning rate
-
-
-@dataclass(frozen=True)
-class DynamiCrafterTrainConfig(training.TrainConfig):
-    """Defaults: the paper's learning rates (1e-4 in stage 1, `lr` after), official clipping and dropout."""
-
-    stage: int = 3
-    max_frame_stride: int = 6  # official `frame_stride` with `random_fs`: strides 1..6
-    random_fs: bool = True
-    frame_stride: int = 3  # the stride of every clip when `random_fs` is off
-
-    @property
-    def frames(self) -> int:
-        """Stage 1 trains on single frames."""
-        return 1 if self.stage == 1 else self.num_frames
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> DynamiCrafterTrainConfig:
-        if values.get("stage") == 1 and values.get("lr") is None:
-            values = {**values, "lr": STAGE_ONE_LR}
-        return super().from_dict(values)
+from pipelines.dynamicrafter.training_data import DynamiCrafterTrainConfig, decode
+from pipelines.training_data import TrainConfig
 
 
-def trainable_parameters(model: DynamiCrafter, config: training.TrainConfig) -> dict[str, torch.nn.Parameter]:
+def trainable_parameters(model: DynamiCrafter, config: TrainConfig) -> dict[str, torch.nn.Parameter]:
     chosen = {f"context.{n}": p for n, p in model.context.named_parameters()}
     chosen |= {f"processors.{n}": p for n, p in model.processors.named_parameters()}
     if config.stage >= 2:
@@ -69,35 +46,6 @@ def trainable_parameters(model: DynamiCrafter, config: training.TrainConfig) -> 
         )
         chosen |= {f"unet.{n}": p for n, p in spatial.items()}
     return training.freeze_all_but(model, model.backbone.unet, chosen)
-
-
-def decode(batch: pa.Table, config: DynamiCrafterTrainConfig, source: str) -> pa.Table:
-    """Rows (id, video or image, prompt, optional frame_stride) -> clips of `frames` frames at a stride,
-    with the stride used and the source's frame rate (0 for images)."""
-    rng = training.augmentation_rng()
-    size = (config.height, config.width)
-
-    def row_example(row: dict[str, Any]) -> dict[str, Any]:
-        if row.get("video"):
-            video, rate = media.read_video_and_rate(row["video"], size=size)
-            stride = row.get("frame_stride") or (
-                int(rng.integers(1, config.max_frame_stride + 1)) if config.random_fs else config.frame_stride
-            )
-            picked, used = training.clip_indices(len(video), config.frames, int(stride), rng)
-            clip = video[picked]
-        elif row.get("image"):
-            clip, used, rate = media.read_image(row["image"], size)[None].repeat(config.frames, 0), 1, 0.0
-        else:
-            raise media.MediaError("row has neither video nor image")
-        return {"frames": clip, "prompt": row.get("prompt") or "", "frame_stride": used, "fps": rate}
-
-    columns = {
-        "frames": (config.frames, *size, 3),
-        "prompt": pa.string(),
-        "frame_stride": pa.int64(),
-        "fps": pa.float64(),
-    }
-    return training.decode_rows(batch, row_example, columns)
 
 
 def fs_values(model: DynamiCrafter, strides: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
