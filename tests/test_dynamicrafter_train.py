@@ -101,36 +101,30 @@ def test_stages_train_what_the_paper_trains():
     assert not any(m in n for n in unet for m in ("temp_attentions", "temp_convs", "transformer_in"))
 
 
-def test_training_on_ray_lowers_the_loss_and_follows_the_condition(ray_cluster, squares, tmp_path):
+def test_training_on_ray_resumes_after_a_kill_and_lowers_the_loss_and_follows_the_condition(
+    ray_cluster, squares, tmp_path
+):
     models = {"backbone": "tiny", "adapter": None}
     before = load_dynamicrafter(models, "cpu", torch.float32)
     loss_before, error_before = _mean_loss(before, 3), _condition_error(before)
 
     spec = TrainSpec(
-        "dynamicrafter", 3, squares, str(tmp_path / "out"), models, {**PARAMS, "steps": 60}, workers=2
-    )
-    summary = run_training(spec)
-    assert summary["step"] == 60
-    after = load_dynamicrafter({**models, "adapter": summary["adapter"]}, "cpu", torch.float32)
-    loss_after, error_after = _mean_loss(after, 3), _condition_error(after)
-    assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
-    assert error_after < error_before, (error_before, error_after)
-
-
-def test_a_killed_run_resumes_from_its_last_checkpoint(ray_cluster, squares, tmp_path):
-    spec = TrainSpec(
         "dynamicrafter",
-        2,
+        3,
         squares,
         str(tmp_path / "out"),
-        {"backbone": "tiny"},
-        {**PARAMS, "steps": 20},
+        models,
+        {**PARAMS, "steps": 60},
         workers=2,
         max_failures=0,
-        runtime_env={"env_vars": {"ANIMA_CHAOS_TRAIN_STEP": "15"}},
+        runtime_env={"env_vars": {"ANIMA_CHAOS_TRAIN_STEP": "35"}},
     )
     with pytest.raises(Exception, match="chaos"):
         run_training(spec)
     spec.runtime_env = None
-    summary = run_training(spec)
-    assert summary["resumed_from"] == 10 and summary["step"] == 20
+    summary = run_training(spec)  # the same command again: on from the step-30 checkpoint
+    assert summary["resumed_from"] == 30 and summary["step"] == 60
+    after = load_dynamicrafter({**models, "adapter": summary["adapter"]}, "cpu", torch.float32)
+    loss_after, error_after = _mean_loss(after, 3), _condition_error(after)
+    assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
+    assert error_after < error_before, (error_before, error_after)

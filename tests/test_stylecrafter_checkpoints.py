@@ -239,11 +239,20 @@ def test_both_training_stages_run_on_a_converted_videocrafter1(ray_cluster, offi
     first = run_training(
         TrainSpec("stylecrafter", 1, str(tmp_path / "train.parquet"), str(tmp_path / "s1"), models, params)
     )
-    second = run_training(
-        TrainSpec("stylecrafter", 2, str(tmp_path / "train.parquet"), str(tmp_path / "s2"),
-                  {**models, "adapter": first["adapter"]}, {**params, "image_ratio": 0.5})
+    # Stage 2 (videos and images mixed) on two workers, killed at step 3, resumes from its step-2
+    # checkpoint: the temporal layers it trains come back from the checkpoint with the optimizer.
+    spec = TrainSpec(
+        "stylecrafter", 2, str(tmp_path / "train.parquet"), str(tmp_path / "s2"),
+        {**models, "adapter": first["adapter"]},
+        {**params, "image_ratio": 0.5, "steps": 4, "checkpoint_every": 2},
+        workers=2, max_failures=0, runtime_env={"env_vars": {"ANIMA_CHAOS_TRAIN_STEP": "3"}},
     )  # fmt: skip
-    assert first["step"] == second["step"] == 3 and np.isfinite(second["loss"])
+    with pytest.raises(Exception, match="chaos"):
+        run_training(spec)
+    spec.runtime_env = None
+    second = run_training(spec)
+    assert first["step"] == 3 and second["step"] == 4 and second["resumed_from"] == 2
+    assert np.isfinite(second["loss"])
     converted = load_stylecrafter(models, "cpu", torch.float32)
     tuned = load_stylecrafter({**models, "adapter": second["adapter"]}, "cpu", torch.float32)
     before = dict(converted.backbone.unet.named_parameters())
