@@ -2,7 +2,7 @@
 
 Ray Data's decoding tasks, Ray Train's controller and the dataset coordinator all deserialize the
 decode function and its configuration; kept apart from the models, none of them imports torch,
-diffusers or transformers (about 6 s of CPU and 400 MB each on a small node).
+diffusers or transformers (0.5 s and 93 MB to import instead of 6 s and 366 MB, on 2 cores).
 """
 
 from __future__ import annotations
