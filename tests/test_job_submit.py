@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -22,20 +24,52 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768+) and above Ray's worker ports (10002-19999).
 
-
-def _wait_for_dashboard(port: int, head: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert head.poll() is None, "ray start --head exited early"
+    An ephemeral port free now can be taken by any outgoing connection before `ray start` binds it (the
+    GCS then fails with "address already in use"); few processes bind in this range by themselves.
+    """
+    while True:
+        port = random.randrange(20000, 32000)
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(1)
-    raise TimeoutError(f"dashboard did not open port {port}")
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+def _start_head(env: dict[str, str], attempts: int = 3) -> tuple[subprocess.Popen, int, str]:
+    """`ray start --head --block` on ports of its own; started again on new ports if it exits early."""
+    for _ in range(attempts):
+        gcs_port, dashboard_port, agent_port, agent_grpc, env_agent, metrics = (
+            _free_port() for _ in range(6)
+        )
+        # Short: Ray's socket paths must stay under 108 bytes.
+        temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+        head = subprocess.Popen(
+            [RAY, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard_port}", "--num-cpus=2", f"--temp-dir={temp_dir}", "--block",
+             # Ports of its own: the session's test cluster may hold Ray's default agent ports.
+             f"--dashboard-agent-listen-port={agent_port}", f"--dashboard-agent-grpc-port={agent_grpc}",
+             f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.time() + 90
+        while head.poll() is None and time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", dashboard_port)) == 0:
+                    return head, dashboard_port, temp_dir
+            time.sleep(1)
+        _stop_head(head, temp_dir)
+    raise RuntimeError(f"ray start --head did not open its dashboard in {attempts} attempts")
+
+
+def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_an_evaluation_on_a_local_head(data_dir, tmp_path):
@@ -52,24 +86,14 @@ def test_ray_job_submit_runs_an_evaluation_on_a_local_head(data_dir, tmp_path):
         manifest,
     )
     output = tmp_path / "out"
-    gcs_port, dashboard_port, agent_port, agent_grpc, env_agent, metrics = (_free_port() for _ in range(6))
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "disabled",
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
     env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [RAY, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", "--num-cpus=2", f"--temp-dir={temp_dir}", "--block",
-         # Ports of its own: the session's test cluster may hold Ray's default agent ports.
-         f"--dashboard-agent-listen-port={agent_port}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    head, dashboard_port, temp_dir = _start_head(env)
     try:
-        _wait_for_dashboard(dashboard_port, head)
         command = [
             RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",
             "--working-dir", str(REPO), "--", "python", "-m", "jobs", "evaluate",
@@ -93,6 +117,4 @@ def test_ray_job_submit_runs_an_evaluation_on_a_local_head(data_dir, tmp_path):
         )
         assert "logging_progress" not in submit.stdout  # Ray Data's own progress blocks are off
     finally:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        _stop_head(head, temp_dir)
