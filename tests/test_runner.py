@@ -101,9 +101,13 @@ def test_bad_rows_become_error_rows_and_reruns_resume(ray_cluster, data_dir, tmp
     assert _latest(output)["bad-corrupt"]["attempt"] == 2
 
 
-def test_gpu_actor_pool_spreads_over_two_simulated_nodes(ray_cluster, data_dir, tmp_path):
+def test_gpu_actor_pool_spreads_over_two_simulated_nodes(ray_cluster, data_dir, tmp_path, monkeypatch):
     import ray
+    from ray.data import DataContext
 
+    # Rows go out only once both actors are up: on a loaded machine the first one otherwise finishes
+    # all 11 rows before the second has loaded its model, and only one node appears in the results.
+    monkeypatch.setattr(DataContext.get_current(), "wait_for_min_actors_s", 300)
     manifest, output = _eval_manifest(data_dir, tmp_path, rows=11), tmp_path / "out"
     report = run_job(_spec(manifest, output, actors=2, gpus_per_actor=1))
     assert (report["processed"], report["ok"]) == (11, 8)
