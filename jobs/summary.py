@@ -78,8 +78,10 @@ def top_errors(batches: Iterable[pa.RecordBatch], most: int = 10) -> list[dict[s
     counted = [counts for counts in counted if len(counts)]
     if not counted:
         return []
-    totals = pa.Table.from_struct_array(pa.concat_arrays(counted)).group_by("values").aggregate(
-        [("counts", "sum")]
+    totals = (
+        pa.Table.from_struct_array(pa.concat_arrays(counted))
+        .group_by("values")
+        .aggregate([("counts", "sum")])
     )
     top = totals.sort_by([("counts_sum", "descending"), ("values", "ascending")]).slice(0, most)
     return [

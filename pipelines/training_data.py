@@ -43,7 +43,6 @@ class TrainConfig:
         return from_values(cls, values, strict=True)
 
 
-
 def clip_indices(total: int, frames: int, stride: int, rng: np.random.Generator) -> tuple[list[int], int]:
     """`frames` indices `stride` apart from a random start; the stride shrinks for short videos (official)."""
     if total < frames:
