@@ -61,7 +61,8 @@ def _spec(manifest: Path, output: Path, **kw) -> JobSpec:
 
 def test_bad_rows_become_error_rows_and_reruns_resume(ray_cluster, data_dir, tmp_path):
     manifest, output = _eval_manifest(data_dir, tmp_path), tmp_path / "out"
-    first = run_job(_spec(manifest, output, batch_size=2))
+    # Inputs decoded by the CPU stage, as in a GPU job: its errors must reach the rows as the actor's do.
+    first = run_job(_spec(manifest, output, batch_size=2, decode_stage=True))
     assert (first["processed"], first["ok"], first["error"]) == (12, 9, 3)
     rows = _latest(output)
     assert len(rows) == 12
@@ -105,11 +106,13 @@ def test_gpu_actor_pool_spreads_over_two_simulated_nodes(ray_cluster, data_dir, 
     import ray
     from ray.data import DataContext
 
-    # Rows go out only once both actors are up: on a loaded machine the first one otherwise finishes
-    # all 11 rows before the second has loaded its model, and only one node appears in the results.
+    # Rows go out only once both actors are up, and all blocks are ready at once (no CPU decode stage,
+    # which test_bad_rows_become_error_rows_and_reruns_resume runs): the pool then hands the first two
+    # blocks to both actors in one step. Otherwise an actor that is quicker than the blocks arrive,
+    # or up before the other, takes every row (CI here: one node in the results, twice).
     monkeypatch.setattr(DataContext.get_current(), "wait_for_min_actors_s", 300)
     manifest, output = _eval_manifest(data_dir, tmp_path, rows=11), tmp_path / "out"
-    report = run_job(_spec(manifest, output, actors=2, gpus_per_actor=1))
+    report = run_job(_spec(manifest, output, actors=2, gpus_per_actor=1, decode_stage=False))
     assert (report["processed"], report["ok"]) == (11, 8)
     assert report["gpu_seconds_per_row"] > 0 and report["items_per_gpu_hour"] > 0
     gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")}
