@@ -63,6 +63,9 @@ class JobConfig:
     params: dict[str, Any] = field(default_factory=dict)
     max_row_crashes: int = 2
     verbose: bool = False  # the model libraries' progress bars in the workers' logs too
+    # What the decode stage needs of the loaded models (`RowActor.decode_settings`), found where they are
+    # prepared: the stage's CPU tasks may run on nodes that have no model.
+    decode: dict[str, Any] = field(default_factory=dict)
 
     def artifacts_dir(self, row_id: str) -> str:
         """OUTPUT/artifacts/<id>/; an id that is not one plain folder name is refused (validation already
@@ -140,6 +143,11 @@ class RowActor:
     def prepare(cls, config: JobConfig) -> None:
         """Fetch or build this method's weights into the node-local cache (run once per node)."""
 
+    @classmethod
+    def decode_settings(cls, config: JobConfig) -> dict[str, Any]:
+        """What `read_inputs` needs of the prepared models (JSON-like); run where `prepare` ran."""
+        return {}
+
     def setup(self) -> None:
         """Load models; called once per actor process."""
 
@@ -147,7 +155,9 @@ class RowActor:
         raise NotImplementedError
 
     @classmethod
-    def read_inputs(cls, row: dict[str, Any], params: dict[str, Any]) -> dict[str, npt.NDArray[Any]]:
+    def read_inputs(
+        cls, row: dict[str, Any], params: dict[str, Any], config: JobConfig
+    ) -> dict[str, npt.NDArray[Any]]:
         """Read and decode a row's inputs (methods with `decode_stage`); runs in the decode stage."""
         raise NotImplementedError
 
@@ -157,7 +167,7 @@ class RowActor:
             raise DecodeError(row[DECODE_ERROR_COLUMN], bool(row.get(DECODE_RETRYABLE_COLUMN)))
         if row.get(DECODED_COLUMN) is not None:
             return media.unpack_arrays(row[DECODED_COLUMN])
-        return self.read_inputs(row, params)
+        return self.read_inputs(row, params, self.config)
 
     def process_rows(self, rows: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[RowOutput]:
         """Process several rows; methods override this to batch them through the GPU together."""
@@ -378,7 +388,7 @@ def decode_rows(batch: pa.Table, actor: type[RowActor], config: JobConfig) -> pa
     retryable: list[bool | None] = []
     for row in batch.to_pylist():
         try:
-            arrays = actor.read_inputs(row, actor.merge_params(row, config.params))
+            arrays = actor.read_inputs(row, actor.merge_params(row, config.params), config)
         except Exception as exc:
             message, again = _describe(exc)
             decoded.append(None)

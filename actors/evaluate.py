@@ -1,7 +1,8 @@
 """The evaluation job's actor: metrics of existing videos against their prompts and references.
 
-Its inputs are read in a CPU stage before the pool (`read_inputs`, see runner.run_job), so the actors
-spend their time in the metric models, and CLIP runs over the frames of a whole batch of rows at once.
+Its inputs are read in a CPU stage before the pool (`read_inputs`, see runner.run_job), which also
+resizes and crops them for CLIP (`pipelines.clip_crop`), so the actors spend their time in the metric
+models, and CLIP runs over the frames of a whole batch of rows at once.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy.typing as npt
 
 from actors.base import JobConfig, RowActor, RowError, RowOutput
 from pipelines import media
+from pipelines.clip_crop import ClipCrop
 
 if TYPE_CHECKING:
     from pipelines.metrics import Sample
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 # imports this class to plan a job of up to a million rows and should not carry them (about 180 MB).
 
 _STYLE = "style."  # packed style images are style.0, style.1, ...
+_CLIP_CROPS = "clip_crops"  # the frames, then the image and the styles, through CLIP's resize and crop
 
 
 class EvaluateActor(RowActor):
@@ -43,6 +46,13 @@ class EvaluateActor(RowActor):
         # Loading here checks, on every node, that the metric models asked for exist and work.
         load_scorer(None, config.models.get("dreamsim"), config.models.get("lpips"))
 
+    @classmethod
+    def decode_settings(cls, config: JobConfig) -> dict[str, Any]:
+        from pipelines.clip import prepare_clip
+
+        ref = config.models.get("clip")
+        return {"clip_crop": ClipCrop.from_dir(prepare_clip(ref)).to_dict()} if ref else {}
+
     def setup(self) -> None:
         from pipelines.metrics import load_scorer
 
@@ -52,8 +62,11 @@ class EvaluateActor(RowActor):
         )
 
     @classmethod
-    def read_inputs(cls, row: dict[str, Any], params: dict[str, Any]) -> dict[str, npt.NDArray[Any]]:
-        """uint8 frames, the image, source frames and styles, and the mask picked at the same frames."""
+    def read_inputs(
+        cls, row: dict[str, Any], params: dict[str, Any], config: JobConfig
+    ) -> dict[str, npt.NDArray[Any]]:
+        """uint8 frames, the image, source frames and styles, and the mask picked at the same frames; and
+        the frames, image and styles cropped for CLIP when the job scores with it."""
         prompt = row.get("prompt")
         if prompt is not None and not prompt.strip():
             raise RowError("empty prompt (leave it null to skip text metrics)")
@@ -73,6 +86,10 @@ class EvaluateActor(RowActor):
             elif len(mask) != 1:
                 raise RowError(f"mask {row['mask']} has {len(mask)} frames, video has {total}")
             arrays["mask"] = np.broadcast_to(mask, frames.shape[:3])
+        if "clip_crop" in config.decode:
+            crop = ClipCrop.from_dict(config.decode["clip_crop"])
+            references = [arrays[name] for name in arrays if name == "image" or name.startswith(_STYLE)]
+            arrays[_CLIP_CROPS] = crop([*frames, *references])
         return arrays
 
     def process_row(self, row: dict[str, Any], params: dict[str, Any]) -> RowOutput:
@@ -94,7 +111,14 @@ class EvaluateActor(RowActor):
 
         count = sum(name.startswith(_STYLE) for name in arrays)
         styles = [arrays[f"{_STYLE}{n}"] for n in range(count)]
-        return Sample(arrays["frames"], row.get("prompt"), arrays.get("image"), arrays.get("source"), styles)
+        return Sample(
+            arrays["frames"],
+            row.get("prompt"),
+            arrays.get("image"),
+            arrays.get("source"),
+            styles,
+            clip_crops=arrays.get(_CLIP_CROPS),
+        )
 
     @staticmethod
     def _write(row: dict[str, Any], params: dict[str, Any], job: tuple, scored: tuple) -> RowOutput:

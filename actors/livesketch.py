@@ -75,9 +75,7 @@ class LiveSketchActor(RowActor):
             # The official code loads ModelScope in fp16 and runs it under autocast (losses.py:66, :94,
             # :150); bf16 is opt-in (precision=bf16). CPUs run fp32.
             precision = "fp16" if self.device == "cuda" else "fp32"
-        self.backbone = load_backbone(
-            models["backbone"], self.device, model_dtype(self.device, precision)
-        )
+        self.backbone = load_backbone(models["backbone"], self.device, model_dtype(self.device, precision))
         xclip = _xclip_ref(models)
         self.scorer = load_scorer(
             models.get("clip"), models.get("dreamsim"), models.get("lpips"), self.device, xclip=xclip

@@ -130,20 +130,23 @@ def check_output_writable(output: str) -> None:
 
 
 @ray.remote(num_cpus=0, max_retries=1)
-def _prepare_node(config: JobConfig) -> None:
+def _prepare_node(config: JobConfig) -> dict[str, Any]:
     quiet_progress_bars(config)
-    actor_class(config.method).prepare(config)
+    actor = actor_class(config.method)
+    actor.prepare(config)
+    return actor.decode_settings(config)
 
 
-def prepare_on_nodes(config: JobConfig, spec: JobSpec) -> None:
-    """Fetch weights once on every node that can host an actor, before the pool starts.
+def prepare_on_nodes(config: JobConfig, spec: JobSpec) -> dict[str, Any]:
+    """Fetch weights once on every node that can host an actor, before the pool starts; return what the
+    decode stage needs of them (`RowActor.decode_settings`, the same on every node).
 
     Nodes that join later (autoscaling) prepare lazily: actors build or download under a file lock.
     A job that names no model (evaluate with `--clip none` and no other metric model) has nothing to
     fetch or check, and skips the tasks' start-up.
     """
     if not any(config.models.values()):
-        return
+        return {}
     nodes = [
         n["NodeID"]
         for n in ray.nodes()
@@ -159,9 +162,10 @@ def prepare_on_nodes(config: JobConfig, spec: JobSpec) -> None:
         for node in nodes
     ]
     try:
-        ray.get(refs)
+        settings = ray.get(refs)
     except ray.exceptions.RayTaskError as exc:
         raise ModelLoadError(f"preparing models failed: {exc.cause or exc}") from exc
+    return settings[0] if settings else {}
 
 
 def pending_rows(table: pa.Table, results_uri: str, retry_errors: bool) -> tuple[pa.Table, int]:
@@ -227,7 +231,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
 
     if todo.num_rows:
         ensure_ray()  # only now: a job refused above never starts or joins a cluster
-        prepare_on_nodes(config, spec)
+        config.decode = prepare_on_nodes(config, spec)
         progress.quiet_ray_data(spec.verbose)
         ctx = DataContext.get_current()
         ctx.max_errored_blocks = -1  # a failed task's rows are backfilled as error rows below

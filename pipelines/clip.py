@@ -1,9 +1,12 @@
 """CLIP embeddings of frames, images and prompts, for the metrics every job reports.
 
 Images go through the checkpoint's own `CLIPImageProcessor` settings, the same preprocessing torchmetrics'
-CLIPScore uses, so our scores agree with that reference implementation on the same model. Its PIL
-backend (`CLIPImageProcessorPil`) is named explicitly: transformers' default backend needs torchvision,
-which anima never installs, and one backend everywhere keeps scores equal across machines.
+CLIPScore uses, so our scores agree with that reference implementation on the same model. The steps are
+those of its PIL backend (`CLIPImageProcessorPil`; transformers' default backend needs torchvision, which
+anima never installs), split in two so that the evaluation's CPU decode stage can take the costly half:
+the resize and centre crop of uint8 frames (`pipelines.clip_crop`, torch-free), then rescale and
+normalise, here, as one lookup table on the model's device. A test checks both halves give the
+processor's pixel values exactly.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 
 from pipelines import model_cache, tiny
+from pipelines.clip_crop import ClipCrop
 
 CLIP_FILES = ["*.json", "*.safetensors", "*.txt"]
 
@@ -30,7 +34,8 @@ class Clip:
     ref: str
     model: torch.nn.Module
     tokenizer: object
-    processor: object
+    crop: ClipCrop
+    pixel_table: torch.Tensor  # [3, 256]: a uint8 value's rescaled, normalised value in each channel
     device: torch.device
     batch_size: int = 32
 
@@ -47,14 +52,21 @@ class Clip:
         return _unit(self.model.get_text_features(**tokens))
 
     @torch.no_grad()
-    def embed_images(self, images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
-        """Unit-norm image embeddings [N, D] of uint8 RGB arrays (N, H, W, 3)."""
+    def embed_images(self, images: np.ndarray | list[np.ndarray], cropped: bool = False) -> torch.Tensor:
+        """Unit-norm image embeddings [N, D] of uint8 RGB arrays (N, H, W, 3); `cropped`: already through
+        `self.crop` (the decode stage's crops)."""
         out = []
         for start in range(0, len(images), self.batch_size):
-            batch = list(images[start : start + self.batch_size])
-            pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"]
-            out.append(_unit(self.model.get_image_features(pixel_values=pixels.to(self.device))))
+            batch = images[start : start + self.batch_size]
+            crops = np.asarray(batch) if cropped else self.crop(batch)
+            out.append(_unit(self.model.get_image_features(pixel_values=self.pixels(crops))))
         return torch.cat(out)
+
+    def pixels(self, crops: np.ndarray) -> torch.Tensor:
+        """uint8 crops [N, h, w, 3] -> the model's pixel values [N, 3, h, w], on its device."""
+        values = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device).permute(0, 3, 1, 2).long()
+        table = self.pixel_table.to(self.device)
+        return torch.stack([table[c][values[:, c]] for c in range(3)], dim=1)
 
 
 def _unit(features) -> torch.Tensor:
@@ -73,6 +85,28 @@ def load_clip(ref: str = "tiny", device: str = "cpu") -> Clip:
         model = CLIPModel.from_pretrained(path).to(device).eval()
         tokenizer = CLIPTokenizer.from_pretrained(path)
         processor = CLIPImageProcessorPil.from_pretrained(path)
+        crop = ClipCrop.from_config(processor.to_dict())
     except (OSError, ValueError, KeyError) as exc:
         raise model_cache.ModelLoadError(f"cannot load CLIP {ref!r} from {path}: {exc}") from exc
-    return Clip(ref=ref, model=model, tokenizer=tokenizer, processor=processor, device=torch.device(device))
+    return Clip(
+        ref=ref,
+        model=model,
+        tokenizer=tokenizer,
+        crop=crop,
+        pixel_table=pixel_table(processor),
+        device=torch.device(device),
+    )
+
+
+def pixel_table(processor) -> torch.Tensor:
+    """[3, 256] float32: what the processor's rescale and normalise make of each uint8 value, with its
+    arithmetic (float64 rescale, float32 normalise), so that looking values up gives its exact output."""
+    values = np.arange(256, dtype=np.float64)
+    if processor.do_rescale:
+        values = values * processor.rescale_factor
+    table = np.broadcast_to(values.astype(np.float32), (3, 256))
+    if processor.do_normalize:
+        mean = np.array(processor.image_mean, np.float32)[:, None]
+        std = np.array(processor.image_std, np.float32)[:, None]
+        table = (table - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(table, np.float32))

@@ -97,6 +97,9 @@ class Sample:
     image: np.ndarray | None = None
     source: np.ndarray | None = None
     styles: list[np.ndarray] = field(default_factory=list)
+    # The frames, then the image, then the styles, through the CLIP crop (`Clip.crop`) already: the
+    # decode stage's work. None: cropped here.
+    clip_crops: np.ndarray | None = None
 
 
 @dataclass
@@ -136,13 +139,15 @@ class Scorer:
 
     def _clip_embeddings(self, samples: list[Sample]) -> list[_ClipEmbeddings]:
         assert self.clip is not None
-        images: list[np.ndarray] = []
-        spans = []
+        crops: list[np.ndarray] = []
+        spans, start = [], 0
         for s in samples:
             refs = ([] if s.image is None else [s.image]) + list(s.styles)
-            spans.append((len(images), len(s.frames), len(refs)))
-            images += [*s.frames, *refs]
-        embedded = self.clip.embed_images(images)
+            spans.append((start, len(s.frames), len(refs)))
+            start += len(s.frames) + len(refs)
+            crops.append(self.clip.crop([*s.frames, *refs]) if s.clip_crops is None else s.clip_crops)
+            assert len(crops[-1]) == len(s.frames) + len(refs), "a crop per frame and reference image"
+        embedded = self.clip.embed_images(np.concatenate(crops), cropped=True)
         prompts = sorted({s.prompt for s in samples if s.prompt})
         texts = dict(zip(prompts, self.clip.embed_text(prompts), strict=True)) if prompts else {}
         out = []

@@ -5,11 +5,13 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchmetrics.functional.multimodal import clip_score
-from transformers import CLIPModel, CLIPProcessor
+from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
 from pipelines import metrics
-from pipelines.clip import load_clip, prepare_clip
+from pipelines.clip import Clip, load_clip, pixel_table, prepare_clip
+from pipelines.clip_crop import ClipCrop
 from pipelines.lpips import LPIPS
 
 
@@ -23,6 +25,48 @@ def _video(seed: int, frames: int = 6, size: int = 40) -> np.ndarray:
 @pytest.fixture(scope="module")
 def clip():
     return load_clip("tiny")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # CLIP's own: shortest edge 224, 224 x 224 crop
+        {"size": {"shortest_edge": 20}, "crop_size": {"height": 25, "width": 31}},  # crop past the edge
+        {"size": {"height": 48, "width": 40}, "resample": 2, "do_normalize": False},
+        {"do_resize": False, "do_center_crop": False},
+    ],
+)
+def test_the_split_clip_preprocessing_gives_the_processors_pixels_exactly(settings, data_dir):
+    """Crop on uint8 (the decode stage's half) then a lookup table (the actor's half) equals transformers'
+    CLIPImageProcessorPil bit for bit, on real frames and images of several shapes."""
+    from pipelines.media import read_image, read_video
+
+    processor = CLIPImageProcessorPil(**settings)
+    videos = sorted(data_dir.glob("**/*.mp4"))
+    video = read_video(str(videos[0]), num_frames=2)
+    images = [*video, *(read_image(str(p)) for p in sorted(data_dir.glob("**/*.jp*g"))[:3])]
+    images += [np.asarray(Image.fromarray(images[-1]).resize((37, 19)))]  # odd sizes, smaller than the crop
+    if not settings.get("do_resize", True):
+        images = [image[:19, :37] for image in images]  # one shape: uncropped, unresized images must stack
+    crop = ClipCrop.from_config(processor.to_dict())
+    clip = Clip(
+        "x",
+        model=None,
+        tokenizer=None,
+        crop=crop,
+        pixel_table=pixel_table(processor),
+        device=torch.device("cpu"),
+    )
+    ours = clip.pixels(np.concatenate([crop(images[i : i + 1]) for i in range(len(images))]))
+    theirs = processor(images=images, return_tensors="pt")["pixel_values"]
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    # The crops travel between processes as a plain dict of settings.
+    assert ClipCrop.from_dict(crop.to_dict()) == crop
+
+
+def test_a_clip_processor_that_resizes_otherwise_is_refused():
+    with pytest.raises(ValueError, match="unsupported image processor size"):
+        ClipCrop.from_config({"size": {"longest_edge": 224}})
 
 
 def test_identical_frames_have_temporal_consistency_one(clip):

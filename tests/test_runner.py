@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from actors.base import CHAOS_KILL_ENV, RowError, row_params
 from jobs import resume
 from jobs.cli import main
 from jobs.runner import JobSpec, run_job
+from pipelines import media
 from pipelines.dreammotion.edit import EditParams
 from pipelines.dynamicrafter.sample import SampleParams as AnimateParams
 from pipelines.livesketch.animate import LiveSketchParams
@@ -494,10 +496,18 @@ def test_the_decode_stage_gives_the_actor_the_inputs_it_would_read_itself(data_d
         models={"clip": "tiny"},
         params=dict(FAST),
     )
-    actor = EvaluateActor(config)
-    decoded = decode_rows(rows, EvaluateActor, config)
+    actor = EvaluateActor(config)  # no decode settings: it reads and crops for CLIP itself
+    # As the runner does: the settings found where the models were prepared, for the decode stage.
+    staged_config = dataclasses.replace(config, decode=EvaluateActor.decode_settings(config))
+    assert staged_config.decode == {
+        "clip_crop": {"shortest_edge": 32, "size": None, "crop": (32, 32), "resample": 3}
+    }
+    decoded = decode_rows(rows, EvaluateActor, staged_config)
     assert decoded.column("_decoded").null_count == 1
     assert "not found" in decoded.column("_decode_error")[2].as_py()
+    arrays = media.unpack_arrays(decoded.column("_decoded")[0].as_py())
+    # The CPU stage did CLIP's resize and crop: FAST's 4 frames, the image and the two styles, uint8.
+    assert arrays["clip_crops"].shape == (4 + 1 + 2, 32, 32, 3) and arrays["clip_crops"].dtype == np.uint8
     direct, staged = actor(rows).to_pylist(), actor(decoded).to_pylist()
     assert [r["status"] for r in staged] == ["ok", "ok", "error"]
     assert (
@@ -505,7 +515,7 @@ def test_the_decode_stage_gives_the_actor_the_inputs_it_would_read_itself(data_d
     )
     for one, other in zip(direct, staged, strict=True):
         for name in ("clip_text", "clip_image", "clip_style", "clip_temporal", "outside_mask_psnr", "error"):
-            assert one[name] == (pytest.approx(other[name]) if isinstance(one[name], float) else other[name])
+            assert one[name] == other[name]  # the same crops, whichever process made them
         assert json.loads(other["params"]) == json.loads(one["params"])  # no bookkeeping column leaked
     assert staged[0]["outside_mask_psnr"] == float("inf")  # the source is the video itself
 
