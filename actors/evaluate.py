@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 _STYLE = "style."  # packed style images are style.0, style.1, ...
 _CLIP_CROPS = "clip_crops"  # the frames, then the image and the styles, through CLIP's resize and crop
+_CROPS_ONLY = "crops_only"  # set when frames, image and styles are their CLIP crops (nothing else reads them)
 
 
 class EvaluateActor(RowActor):
@@ -66,7 +67,8 @@ class EvaluateActor(RowActor):
         cls, row: dict[str, Any], params: dict[str, Any], config: JobConfig
     ) -> dict[str, npt.NDArray[Any]]:
         """uint8 frames, the image, source frames and styles, and the mask picked at the same frames; and
-        the frames, image and styles cropped for CLIP when the job scores with it."""
+        the frames, image and styles cropped for CLIP when the job scores with it (in their place, when
+        no other metric of the row reads them: fewer bytes to move to the actor)."""
         prompt = row.get("prompt")
         if prompt is not None and not prompt.strip():
             raise RowError("empty prompt (leave it null to skip text metrics)")
@@ -88,8 +90,14 @@ class EvaluateActor(RowActor):
             arrays["mask"] = np.broadcast_to(mask, frames.shape[:3])
         if "clip_crop" in config.decode:
             crop = ClipCrop.from_dict(config.decode["clip_crop"])
-            references = [arrays[name] for name in arrays if name == "image" or name.startswith(_STYLE)]
-            arrays[_CLIP_CROPS] = crop([*frames, *references])
+            names = ["frames", *(n for n in arrays if n == "image" or n.startswith(_STYLE))]
+            crops = crop([*frames, *(arrays[n] for n in names[1:])])
+            if _reads_native_frames(config.models, arrays):
+                arrays[_CLIP_CROPS] = crops
+            else:  # only CLIP reads them: their crops travel in their place
+                arrays["frames"] = crops[: len(frames)]
+                arrays |= dict(zip(names[1:], crops[len(frames) :], strict=True))
+                arrays[_CROPS_ONLY] = np.ones(1, bool)
         return arrays
 
     def process_row(self, row: dict[str, Any], params: dict[str, Any]) -> RowOutput:
@@ -111,13 +119,14 @@ class EvaluateActor(RowActor):
 
         count = sum(name.startswith(_STYLE) for name in arrays)
         styles = [arrays[f"{_STYLE}{n}"] for n in range(count)]
+        image = arrays.get("image")
+        crops = arrays.get(_CLIP_CROPS)
+        if _CROPS_ONLY in arrays:
+            crops = np.concatenate(
+                [arrays["frames"], *([] if image is None else [image[None]]), *(s[None] for s in styles)]
+            )
         return Sample(
-            arrays["frames"],
-            row.get("prompt"),
-            arrays.get("image"),
-            arrays.get("source"),
-            styles,
-            clip_crops=arrays.get(_CLIP_CROPS),
+            arrays["frames"], row.get("prompt"), image, arrays.get("source"), styles, clip_crops=crops
         )
 
     @staticmethod
@@ -133,3 +142,13 @@ class EvaluateActor(RowActor):
         else:
             notes.append("outside_mask_psnr: needs both mask and source_video")
         return RowOutput(metrics=metrics, notes=notes)
+
+
+def _reads_native_frames(models: dict[str, str | None], arrays: dict[str, npt.NDArray[Any]]) -> bool:
+    """Whether a metric other than CLIP's reads the row's frames, image or styles at their own size: PIC
+    (DreamSim, with an image), LPIPS (with a source video), outside-mask PSNR (source and mask)."""
+    return bool(
+        (models.get("dreamsim") and "image" in arrays)
+        or (models.get("lpips") and "source" in arrays)
+        or "mask" in arrays
+    )

@@ -505,9 +505,13 @@ def test_the_decode_stage_gives_the_actor_the_inputs_it_would_read_itself(data_d
     decoded = decode_rows(rows, EvaluateActor, staged_config)
     assert decoded.column("_decoded").null_count == 1
     assert "not found" in decoded.column("_decode_error")[2].as_py()
-    arrays = media.unpack_arrays(decoded.column("_decoded")[0].as_py())
     # The CPU stage did CLIP's resize and crop: FAST's 4 frames, the image and the two styles, uint8.
+    # Row a's outside-mask PSNR reads its frames at their own size too; row b's frames travel as crops only.
+    arrays, only_crops = (media.unpack_arrays(decoded.column("_decoded")[i].as_py()) for i in (0, 1))
     assert arrays["clip_crops"].shape == (4 + 1 + 2, 32, 32, 3) and arrays["clip_crops"].dtype == np.uint8
+    assert arrays["frames"].shape[1:3] == arrays["source"].shape[1:3] != (32, 32)
+    assert "clip_crops" not in only_crops and only_crops["frames"].shape == (4, 32, 32, 3)
+    assert np.array_equal(only_crops["frames"], arrays["clip_crops"][:4])  # the same video, the same crops
     direct, staged = actor(rows).to_pylist(), actor(decoded).to_pylist()
     assert [r["status"] for r in staged] == ["ok", "ok", "error"]
     assert (
