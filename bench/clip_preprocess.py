@@ -37,7 +37,7 @@ def main() -> None:
     frames = np.random.default_rng(0).integers(0, 256, (args.frames, args.height, args.width, 3), np.uint8)
     processor = CLIPImageProcessorPil()
     crop = ClipCrop.from_config(processor.to_dict())
-    clip = Clip("bench", None, None, crop, pixel_table(processor), device)
+    clip = Clip("bench", None, None, crop, pixel_table(processor).to(device), device)
     crops = crop(frames)
 
     def median_ms(fn) -> float:

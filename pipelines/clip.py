@@ -35,7 +35,7 @@ class Clip:
     model: torch.nn.Module
     tokenizer: object
     crop: ClipCrop
-    pixel_table: torch.Tensor  # [3, 256]: a uint8 value's rescaled, normalised value in each channel
+    pixel_table: torch.Tensor  # [3, 256] on `device`: a uint8 value's rescaled, normalised value per channel
     device: torch.device
     batch_size: int = 32
 
@@ -65,8 +65,7 @@ class Clip:
     def pixels(self, crops: np.ndarray) -> torch.Tensor:
         """uint8 crops [N, h, w, 3] -> the model's pixel values [N, 3, h, w], on its device."""
         values = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device).permute(0, 3, 1, 2).long()
-        table = self.pixel_table.to(self.device)
-        return torch.stack([table[c][values[:, c]] for c in range(3)], dim=1)
+        return torch.stack([self.pixel_table[c][values[:, c]] for c in range(3)], dim=1)
 
 
 def _unit(features) -> torch.Tensor:
@@ -93,7 +92,7 @@ def load_clip(ref: str = "tiny", device: str = "cpu") -> Clip:
         model=model,
         tokenizer=tokenizer,
         crop=crop,
-        pixel_table=pixel_table(processor),
+        pixel_table=pixel_table(processor).to(device),
         device=torch.device(device),
     )
 

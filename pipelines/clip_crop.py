@@ -47,8 +47,7 @@ class ClipCrop:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ClipCrop:
-        file = Path(path) / "preprocessor_config.json"
-        return cls.from_config(json.loads(file.read_text()) if file.exists() else {})
+        return cls.from_config(json.loads((Path(path) / "preprocessor_config.json").read_text()))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
