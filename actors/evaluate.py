@@ -49,10 +49,10 @@ class EvaluateActor(RowActor):
 
     @classmethod
     def decode_settings(cls, config: JobConfig) -> dict[str, Any]:
-        from pipelines.clip import prepare_clip
+        from pipelines.clip import clip_crop
 
         ref = config.models.get("clip")
-        return {"clip_crop": ClipCrop.from_dir(prepare_clip(ref)).to_dict()} if ref else {}
+        return {"clip_crop": clip_crop(ref).to_dict()} if ref else {}
 
     def setup(self) -> None:
         from pipelines.metrics import load_scorer

@@ -165,6 +165,8 @@ def prepare_on_nodes(config: JobConfig, spec: JobSpec) -> dict[str, Any]:
         settings = ray.get(refs)
     except ray.exceptions.RayTaskError as exc:
         raise ModelLoadError(f"preparing models failed: {exc.cause or exc}") from exc
+    if any(other != settings[0] for other in settings):
+        raise ModelLoadError(f"nodes prepared the same models differently (their caches differ): {settings}")
     return settings[0] if settings else {}
 
 

@@ -77,14 +77,14 @@ def _unit(features) -> torch.Tensor:
 @functools.cache
 def load_clip(ref: str = "tiny", device: str = "cpu") -> Clip:
     """CLIP (hub id | local dir | tiny), loaded once per process."""
-    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+    from transformers import CLIPModel, CLIPTokenizer
 
     path = prepare_clip(ref)
     try:
         model = CLIPModel.from_pretrained(path).to(device).eval()
         tokenizer = CLIPTokenizer.from_pretrained(path)
-        processor = CLIPImageProcessorPil.from_pretrained(path)
-        crop = ClipCrop.from_config(processor.to_dict())
+        processor = _image_processor(path)
+        crop, table = ClipCrop.from_config(processor.to_dict()), pixel_table(processor)
     except (OSError, ValueError, KeyError) as exc:
         raise model_cache.ModelLoadError(f"cannot load CLIP {ref!r} from {path}: {exc}") from exc
     return Clip(
@@ -92,9 +92,28 @@ def load_clip(ref: str = "tiny", device: str = "cpu") -> Clip:
         model=model,
         tokenizer=tokenizer,
         crop=crop,
-        pixel_table=pixel_table(processor).to(device),
+        pixel_table=table.to(device),
         device=torch.device(device),
     )
+
+
+def clip_crop(ref: str) -> ClipCrop:
+    """The resize and crop of a prepared CLIP's image processor: what the decode stage is sent, read as
+    `load_clip` reads it (transformers finds the settings in processor_config.json or
+    preprocessor_config.json), so the stage and the actors never crop differently."""
+    path = prepare_clip(ref)
+    try:
+        return ClipCrop.from_config(_image_processor(path).to_dict())
+    except (OSError, ValueError, KeyError) as exc:
+        raise model_cache.ModelLoadError(
+            f"cannot load CLIP {ref!r}'s image processor from {path}: {exc}"
+        ) from exc
+
+
+def _image_processor(path):
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil.from_pretrained(path)
 
 
 def pixel_table(processor) -> torch.Tensor:
@@ -105,7 +124,8 @@ def pixel_table(processor) -> torch.Tensor:
         values = values * processor.rescale_factor
     table = np.broadcast_to(values.astype(np.float32), (3, 256))
     if processor.do_normalize:
-        mean = np.array(processor.image_mean, np.float32)[:, None]
-        std = np.array(processor.image_std, np.float32)[:, None]
+        # A processor may give one value for all channels.
+        mean = np.broadcast_to(np.asarray(processor.image_mean, np.float32), (3,))[:, None]
+        std = np.broadcast_to(np.asarray(processor.image_std, np.float32), (3,))[:, None]
         table = (table - mean) / std
     return torch.from_numpy(np.ascontiguousarray(table, np.float32))

@@ -1,16 +1,15 @@
 """A CLIP checkpoint's image resize and centre crop, on uint8 frames, without torch or transformers.
 
 The evaluation's CPU decode stage crops frames with it, so the scoring actors receive CLIP-sized uint8
-crops and only rescale and normalise them on their device (`pipelines.clip`). The settings are the
-checkpoint's `preprocessor_config.json`; the steps are those of transformers' `CLIPImageProcessorPil`
-(PIL resize of the shortest edge, then a centre crop), and a test checks the pixels are equal to it.
+crops and only rescale and normalise them on their device (`pipelines.clip`). The settings are those of
+the checkpoint's image processor as transformers loads it (`pipelines.clip.clip_crop`); the steps are
+those of `CLIPImageProcessorPil` (PIL resize of the shortest edge, then a centre crop), and a test checks
+the pixels are equal to it.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,8 @@ class ClipCrop:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ClipCrop:
-        """From an image processor's settings (preprocessor_config.json), in either of their spellings."""
+        """From an image processor's settings (its `to_dict()`, as loaded by transformers: the one source
+        for the decode stage and the actors), or a preprocessor_config.json in either spelling."""
         size, crop = config.get("size", {"shortest_edge": 224}), config.get("crop_size", 224)
         size = {"shortest_edge": size} if isinstance(size, int) else {k: v for k, v in size.items() if v}
         crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
@@ -42,12 +42,8 @@ class ClipCrop:
             shortest_edge=size.get("shortest_edge") if resize else None,
             size=(size["height"], size["width"]) if resize and "height" in size else None,
             crop=(crop["height"], crop["width"]) if config.get("do_center_crop", True) else None,
-            resample=config.get("resample", PIL_BICUBIC),
+            resample=int(config.get("resample", PIL_BICUBIC)),
         )
-
-    @classmethod
-    def from_dir(cls, path: str | Path) -> ClipCrop:
-        return cls.from_config(json.loads((Path(path) / "preprocessor_config.json").read_text()))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -146,7 +146,8 @@ class Scorer:
             spans.append((start, len(s.frames), len(refs)))
             start += len(s.frames) + len(refs)
             crops.append(self.clip.crop([*s.frames, *refs]) if s.clip_crops is None else s.clip_crops)
-            assert len(crops[-1]) == len(s.frames) + len(refs), "a crop per frame and reference image"
+            expected = (len(s.frames) + len(refs), *(self.clip.crop.crop or crops[-1].shape[1:3]), 3)
+            assert crops[-1].shape == expected, f"CLIP crops {crops[-1].shape}, expected {expected}"
         embedded = self.clip.embed_images(np.concatenate(crops), cropped=True)
         prompts = sorted({s.prompt for s in samples if s.prompt})
         texts = dict(zip(prompts, self.clip.embed_text(prompts), strict=True)) if prompts else {}

@@ -1,6 +1,7 @@
 """Metric invariants and agreement with reference implementations."""
 
 import importlib.util
+import shutil
 
 import numpy as np
 import pytest
@@ -62,6 +63,22 @@ def test_the_split_clip_preprocessing_gives_the_processors_pixels_exactly(settin
     assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
     # The crops travel between processes as a plain dict of settings.
     assert ClipCrop.from_dict(crop.to_dict()) == crop
+
+
+def test_the_decode_stage_and_the_actors_read_a_checkpoints_crop_from_the_same_place(tmp_path):
+    """transformers 5 saves a CLIPProcessor's settings in processor_config.json alone; the stage's settings
+    come from where the actor's processor finds them, so the two never crop differently."""
+    from pipelines.clip import clip_crop
+
+    checkpoint = tmp_path / "clip"
+    shutil.copytree(prepare_clip("tiny"), checkpoint)
+    (checkpoint / "preprocessor_config.json").unlink()
+    processor = CLIPProcessor.from_pretrained(prepare_clip("tiny"))
+    processor.image_processor = CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size=36)
+    processor.save_pretrained(checkpoint)
+    assert not (checkpoint / "preprocessor_config.json").exists()
+    expected = ClipCrop(shortest_edge=40, size=None, crop=(36, 36))
+    assert clip_crop(str(checkpoint)) == load_clip(str(checkpoint)).crop == expected
 
 
 def test_a_clip_processor_that_resizes_otherwise_is_refused():
