@@ -66,7 +66,8 @@ class EvaluateActor(RowActor):
     def read_inputs(
         cls, row: dict[str, Any], params: dict[str, Any], config: JobConfig
     ) -> dict[str, npt.NDArray[Any]]:
-        """uint8 frames, the image, source frames and styles, and the mask picked at the same frames; and
+        """uint8 frames, the image, styles, and the source frames and mask picked at the same frames where
+        LPIPS or outside-mask PSNR reads them; and
         the frames, image and styles cropped for CLIP when the job scores with it (in their place, when
         no other metric of the row reads them: fewer bytes to move to the actor)."""
         prompt = row.get("prompt")
@@ -77,7 +78,8 @@ class EvaluateActor(RowActor):
         arrays = {"frames": frames}
         if row.get("image"):
             arrays["image"] = media.read_image(row["image"])
-        if row.get("source_video"):
+        # The source video is read only for the metrics that compare against it (a whole second decode).
+        if row.get("source_video") and (config.models.get("lpips") or row.get("mask")):
             arrays["source"] = media.read_video(row["source_video"], num_frames=len(frames), size=size)
         for n, uri in enumerate(row.get("style") or []):
             arrays[f"{_STYLE}{n}"] = media.read_image(uri)

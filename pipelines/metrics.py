@@ -205,10 +205,10 @@ class Scorer:
         else:
             metrics["pic"] = pic(s.image, s.frames, self.dreamsim)
 
-        if s.source is None:
-            unavailable("lpips", "lpips", "no source video")
-        elif self.lpips is None:
+        if self.lpips is None:  # first: without the model, evaluation does not read the source at all
             unavailable("lpips", "lpips", None)
+        elif s.source is None:
+            unavailable("lpips", "lpips", "no source video")
         else:
             metrics["lpips"] = lpips_video(self.lpips, s.source, s.frames)
         return metrics, notes

@@ -485,7 +485,8 @@ def test_the_decode_stage_gives_the_actor_the_inputs_it_would_read_itself(data_d
                 "video": video,
                 "prompt": None,
                 "image": None,
-                "source_video": None,
+                # No LPIPS and no mask: nothing compares against a source, so it is not read at all.
+                "source_video": str(tmp_path / "never-read.mp4"),
                 "mask": None,
                 "style": None,
             },
@@ -522,6 +523,7 @@ def test_the_decode_stage_gives_the_actor_the_inputs_it_would_read_itself(data_d
     assert arrays["clip_crops"].shape == (4 + 1 + 2, 32, 32, 3) and arrays["clip_crops"].dtype == np.uint8
     assert arrays["frames"].shape[1:3] == arrays["source"].shape[1:3] != (32, 32)
     assert "clip_crops" not in only_crops and only_crops["frames"].shape == (4, 32, 32, 3)
+    assert "source" not in only_crops
     assert np.array_equal(only_crops["frames"], arrays["clip_crops"][:4])  # the same video, the same crops
     direct, staged = actor(rows).to_pylist(), actor(decoded).to_pylist()
     assert [r["status"] for r in staged] == ["ok", "ok", "error"]
