@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
 _STYLE = "style."  # packed style images are style.0, style.1, ...
 _CLIP_CROPS = "clip_crops"  # the frames, then the image and the styles, through CLIP's resize and crop
-_CROPS_ONLY = "crops_only"  # set when frames, image and styles are their CLIP crops (nothing else reads them)
+# Set when nothing but CLIP reads the frames, image and styles: then only their crops travel, and this
+# holds [frame count, 1 if an image follows the frames else 0] to find them in the crops.
+_CROPS_ONLY = "crops_only"
 
 
 class EvaluateActor(RowActor):
@@ -94,12 +96,10 @@ class EvaluateActor(RowActor):
             crop = ClipCrop.from_dict(config.decode["clip_crop"])
             names = ["frames", *(n for n in arrays if n == "image" or n.startswith(_STYLE))]
             crops = crop([*frames, *(arrays[n] for n in names[1:])])
-            if _reads_native_frames(config.models, arrays):
-                arrays[_CLIP_CROPS] = crops
-            else:  # only CLIP reads them: their crops travel in their place
-                arrays["frames"] = crops[: len(frames)]
-                arrays |= dict(zip(names[1:], crops[len(frames) :], strict=True))
-                arrays[_CROPS_ONLY] = np.ones(1, bool)
+            if not _reads_native_frames(config.models, arrays):  # fewer bytes to move to the actor
+                arrays = {n: a for n, a in arrays.items() if n not in names}
+                arrays[_CROPS_ONLY] = np.array([len(frames), "image" in names], np.int64)
+            arrays[_CLIP_CROPS] = crops
         return arrays
 
     def process_row(self, row: dict[str, Any], params: dict[str, Any]) -> RowOutput:
@@ -119,17 +119,15 @@ class EvaluateActor(RowActor):
     def _sample(row: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]) -> Sample:
         from pipelines.metrics import Sample
 
-        count = sum(name.startswith(_STYLE) for name in arrays)
-        styles = [arrays[f"{_STYLE}{n}"] for n in range(count)]
-        image = arrays.get("image")
         crops = arrays.get(_CLIP_CROPS)
-        if _CROPS_ONLY in arrays:
-            crops = np.concatenate(
-                [arrays["frames"], *([] if image is None else [image[None]]), *(s[None] for s in styles)]
-            )
-        return Sample(
-            arrays["frames"], row.get("prompt"), image, arrays.get("source"), styles, clip_crops=crops
-        )
+        if _CROPS_ONLY in arrays:  # views into the crops, which go to CLIP as they came
+            count, has_image = (int(n) for n in arrays[_CROPS_ONLY])
+            frames, image = crops[:count], crops[count] if has_image else None
+            styles = list(crops[count + has_image :])
+        else:
+            frames, image = arrays["frames"], arrays.get("image")
+            styles = [arrays[f"{_STYLE}{n}"] for n in range(sum(n.startswith(_STYLE) for n in arrays))]
+        return Sample(frames, row.get("prompt"), image, arrays.get("source"), styles, clip_crops=crops)
 
     @staticmethod
     def _write(row: dict[str, Any], params: dict[str, Any], job: tuple, scored: tuple) -> RowOutput:

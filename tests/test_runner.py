@@ -499,6 +499,15 @@ def test_the_decode_stage_gives_the_actor_the_inputs_it_would_read_itself(data_d
                 "mask": None,
                 "style": None,
             },
+            {
+                "id": "d",
+                "video": video,
+                "prompt": "a dance",
+                "image": image,
+                "source_video": None,
+                "mask": None,
+                "style": [image, image],
+            },
         ]
     )
     config = JobConfig(
@@ -518,15 +527,20 @@ def test_the_decode_stage_gives_the_actor_the_inputs_it_would_read_itself(data_d
     assert decoded.column("_decoded").null_count == 1
     assert "not found" in decoded.column("_decode_error")[2].as_py()
     # The CPU stage did CLIP's resize and crop: FAST's 4 frames, the image and the two styles, uint8.
-    # Row a's outside-mask PSNR reads its frames at their own size too; row b's frames travel as crops only.
-    arrays, only_crops = (media.unpack_arrays(decoded.column("_decoded")[i].as_py()) for i in (0, 1))
+    # Row a's outside-mask PSNR reads its frames at their own size too; rows b and d (CLIP only) send the
+    # crops alone, with where the image starts in them.
+    arrays, only_crops, with_references = (
+        media.unpack_arrays(decoded.column("_decoded")[i].as_py()) for i in (0, 1, 3)
+    )
     assert arrays["clip_crops"].shape == (4 + 1 + 2, 32, 32, 3) and arrays["clip_crops"].dtype == np.uint8
     assert arrays["frames"].shape[1:3] == arrays["source"].shape[1:3] != (32, 32)
-    assert "clip_crops" not in only_crops and only_crops["frames"].shape == (4, 32, 32, 3)
-    assert "source" not in only_crops
-    assert np.array_equal(only_crops["frames"], arrays["clip_crops"][:4])  # the same video, the same crops
+    assert set(only_crops) == set(with_references) == {"clip_crops", "crops_only"}
+    assert only_crops["clip_crops"].shape == (4, 32, 32, 3)
+    assert np.array_equal(only_crops["clip_crops"], arrays["clip_crops"][:4])  # same video, same crops
+    assert np.array_equal(with_references["clip_crops"], arrays["clip_crops"])
+    assert with_references["crops_only"].tolist() == [4, 1] and only_crops["crops_only"].tolist() == [4, 0]
     direct, staged = actor(rows).to_pylist(), actor(decoded).to_pylist()
-    assert [r["status"] for r in staged] == ["ok", "ok", "error"]
+    assert [r["status"] for r in staged] == ["ok", "ok", "error", "ok"]
     assert (
         staged[2]["retryable"] is False and "'c'" in staged[2]["error"] and "not found" in staged[2]["error"]
     )
@@ -535,6 +549,7 @@ def test_the_decode_stage_gives_the_actor_the_inputs_it_would_read_itself(data_d
             assert one[name] == other[name]  # the same crops, whichever process made them
         assert json.loads(other["params"]) == json.loads(one["params"])  # no bookkeeping column leaked
     assert staged[0]["outside_mask_psnr"] == float("inf")  # the source is the video itself
+    assert None not in (staged[3]["clip_image"], staged[3]["clip_style"])  # found in the crops-only layout
 
 
 def test_jobs_built_in_python_get_the_released_defaults_too():
