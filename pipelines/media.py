@@ -125,9 +125,12 @@ def _path_of(uri: str) -> str:
 
 def join_under(base: str, *parts: str) -> str:
     """`join`, refusing a result that does not lie inside `base` (a part such as '..' or a row id's
-    '../../x'), so that no name taken from input data can make anima write outside its output."""
+    '../../x') or that fsspec would cut short ('::' chains URLs: 'a::1' opens 'a'), so that no name
+    taken from input data can make anima write outside its output, or over another row's files in it."""
     out = join(base, *parts)
     root, inner = _path_of(base), _path_of(out)
+    if any("::" in part for part in parts):
+        raise ValueError(f"{'/'.join(parts)!r} holds '::', fsspec's URL chaining; refusing it as a path")
     if inner == root or not inner.startswith(root.rstrip("/") + "/") or "\x00" in out:
         raise ValueError(f"{'/'.join(parts)!r} leads outside {base}; refusing to use it as a path there")
     return out

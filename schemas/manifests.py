@@ -116,8 +116,10 @@ def _type_matches(actual: pa.DataType, expected: pa.DataType) -> bool:
 
 
 # A row id names the row's artifact folder, OUTPUT/artifacts/<id>/, so it must be one plain path component.
+# fsspec reads "::" anywhere in a URL as a chain of filesystems and opens only the part before it, so an
+# id holding it would write into another row's folder, or onto OUTPUT/artifacts itself.
 ID_MAX_BYTES = 200
-_UNSAFE_ID_CHARACTERS = r"[/\\\x00-\x1f\x7f-\x9f]"
+_UNSAFE_ID_CHARACTERS = r"[/\\\x00-\x1f\x7f-\x9f]|::"
 # Every offending id is named, up to this many (a manifest of a million bad ids would not fit a message).
 _UNSAFE_IDS_SHOWN = 1000
 
@@ -127,7 +129,7 @@ def unsafe_id_reason(row_id: str) -> str | None:
     if row_id in ("", ".", ".."):
         return "empty" if not row_id else f"is {row_id!r}"
     if re.search(_UNSAFE_ID_CHARACTERS, row_id):
-        return "contains '/', '\\', NUL or a control character"
+        return "contains '/', '\\', '::', NUL or a control character"
     if len(row_id.encode("utf-8")) > ID_MAX_BYTES:
         return f"longer than {ID_MAX_BYTES} bytes"
     return None
@@ -191,7 +193,7 @@ def validate(table: pa.Table, kind: str) -> list[str]:
         if count:
             problems.append(
                 f"{count} id(s) cannot name an artifact folder (an id is 1-{ID_MAX_BYTES} bytes, not '.' or "
-                f"'..', without '/', '\\', NUL or control characters): {', '.join(unsafe)}"
+                f"'..', without '/', '\\', '::', NUL or control characters): {', '.join(unsafe)}"
             )
         for name in spec.required:
             if name == "id" or name not in names or name in duplicated:

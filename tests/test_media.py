@@ -407,6 +407,10 @@ def test_join_under_refuses_paths_that_leave_the_base(tmp_path):
             media.join_under(base, *parts)
     with pytest.raises(ValueError, match="leads outside"):
         media.join_under("s3://bucket/out", "artifacts", "../../other")
+    for parts in [("artifacts", "a::1"), ("artifacts", "::"), ("artifacts", "x", "zip::f")]:
+        with pytest.raises(ValueError, match="URL chaining"):  # fsspec would open artifacts/a, artifacts, ...
+            media.join_under(base, *parts)
+    assert media.join_under("simplecache::s3://b/out", "a") == "simplecache::s3://b/out/a"  # the user's own
 
 
 def test_svg_bombs_and_oversized_inputs_are_refused(tmp_path):

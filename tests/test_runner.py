@@ -224,7 +224,7 @@ def _tree(root: Path) -> set[str]:
 
 
 def test_hostile_ids_stop_the_job_before_anything_is_written(tmp_path, capsys):
-    hostile = ["../../escape_dir", "../x", "a/b", "..", "", "x" * 300]
+    hostile = ["../../escape_dir", "../x", "a/b", "..", "", "x" * 300, "fine::x"]
     manifest = tmp_path / "jobs" / "eval.parquet"
     manifest.parent.mkdir()
     ids = [*hostile, "fine"]
@@ -256,6 +256,8 @@ def test_an_actor_given_a_hostile_id_anyway_writes_nothing_outside_output(tmp_pa
     ]
     results = {r["id"]: r for r in actor(pa.Table.from_pylist(rows)).to_pylist()}
     assert "cannot name an artifact folder" in results["../../escape_dir"]["error"]
+    with pytest.raises(RowError, match="'::'"):  # would write into the folder of the row with id "good"
+        actor.config.artifacts_dir("good::x")
     assert results["../../escape_dir"]["retryable"] is False
     assert "not found" in results["good"]["error"]
     assert {p for p in _tree(tmp_path) - before if not p.startswith("a/out")} == set()

@@ -82,7 +82,8 @@ def test_result_rows_fill_the_fixed_schema():
         ResultRow(id="c", method="m", metrics={"fid": 1.0}).as_record()
 
 
-HOSTILE_IDS = ["../x", "a/b", "..", "", "x" * 300, "back\\slash", "nul\x00byte", "tab\tid", "."]
+# "a::1" and "::": fsspec would open OUTPUT/artifacts/a (another row's folder) and OUTPUT/artifacts.
+HOSTILE_IDS = ["../x", "a/b", "..", "", "x" * 300, "back\\slash", "nul\x00byte", "tab\tid", ".", "a::1", "::"]
 
 
 def test_ids_that_cannot_name_a_folder_are_refused_and_every_one_is_named():
@@ -97,7 +98,7 @@ def test_ids_that_cannot_name_a_folder_are_refused_and_every_one_is_named():
     for row_id in safe:
         assert repr(row_id) not in text
     assert "'..' (is '..')" in text and "'' (empty)" in text and "(longer than 200 bytes)" in text
-    assert "'a/b' (contains '/', '\\', NUL or a control character)" in text
+    assert "'a/b' (contains '/', '\\', '::', NUL or a control character)" in text
     assert validate(pa.table({"id": ["é" * 101], "video": ["v.mp4"]}), "eval")  # 202 bytes
 
 
@@ -107,6 +108,6 @@ def test_unsafe_id_reason_agrees_with_the_columnwise_check():
     for row_id in [*HOSTILE_IDS, "\x7f", "\x85"]:
         assert unsafe_id_reason(row_id), row_id
         assert validate(pa.table({"id": [row_id], "video": ["v.mp4"]}), "eval"), row_id
-    for row_id in ["ok", "...", "white space", "ü" * 100]:
+    for row_id in ["ok", "...", "white space", "ü" * 100, "youtube:abc", "a:b:c"]:  # one colon is fine
         assert unsafe_id_reason(row_id) is None
         assert not validate(pa.table({"id": [row_id], "video": ["v.mp4"]}), "eval")
