@@ -26,20 +26,19 @@ import pyarrow as pa
 
 from pipelines import media
 from schemas import ERROR, MANIFEST_KINDS, OK, ResultRow, result_table, unsafe_id_reason
+from schemas.manifests import (
+    ATTEMPT_COLUMN,
+    DECODE_ERROR_COLUMN,
+    DECODE_RETRYABLE_COLUMN,
+    DECODED_COLUMN,
+    RESERVED_COLUMNS,
+)
 
 T = TypeVar("T")
 
 if TYPE_CHECKING:
     import torch
 
-# Columns the driver and the decode stage add to each row; they are bookkeeping, never method parameters.
-ATTEMPT_COLUMN = "_attempt"
-DECODED_COLUMN = "_decoded"  # the row's inputs, read by the decode stage (`decode_rows`), packed arrays
-DECODE_ERROR_COLUMN = "_decode_error"  # or why they could not be read
-DECODE_RETRYABLE_COLUMN = "_decode_retryable"
-BOOKKEEPING_COLUMNS = frozenset(
-    {ATTEMPT_COLUMN, DECODED_COLUMN, DECODE_ERROR_COLUMN, DECODE_RETRYABLE_COLUMN}
-)
 # Kill the worker process on the first attempt at this row id: the chaos test of fault tolerance.
 CHAOS_KILL_ENV = "ANIMA_CHAOS_KILL_ROW"
 _FATAL_CUDA_MARKERS = (
@@ -295,11 +294,7 @@ class RowActor:
         params = {**cls.defaults, **(model_defaults or {}), **job_params}
         known = MANIFEST_KINDS[cls.kind].columns
         for name, value in row.items():
-            if (
-                value is not None
-                and name not in BOOKKEEPING_COLUMNS
-                and (name in params or name not in known)
-            ):
+            if value is not None and name not in RESERVED_COLUMNS and (name in params or name not in known):
                 params[name] = value
         return params
 

@@ -31,11 +31,12 @@ from ray.data import ActorPoolStrategy, DataContext
 from ray.data.datasource.filename_provider import FilenameProvider
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.base import ATTEMPT_COLUMN, JobConfig, RowActor, decode_rows, quiet_progress_bars
+from actors.base import JobConfig, RowActor, decode_rows, quiet_progress_bars
 from jobs import progress, resume, summary
 from pipelines import media
 from pipelines.model_cache import ModelLoadError
 from schemas import ERROR, ResultRow, check, result_table
+from schemas.manifests import ATTEMPT_COLUMN
 
 # Method name -> its actor class, as "module:Class" so only the chosen method's code is imported.
 METHODS: dict[str, str] = {
@@ -176,8 +177,6 @@ def pending_rows(table: pa.Table, results_uri: str, retry_errors: bool) -> tuple
     Column-wise (Arrow compute), so a million settled ids resolve in seconds, in manifest order.
     """
     settled, attempts = resume.settled_and_attempts(results_uri, retry_errors)
-    if ATTEMPT_COLUMN in table.column_names:
-        table = table.drop_columns([ATTEMPT_COLUMN])
     todo = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=settled))) if len(settled) else table
     where = pc.index_in(todo.column("id"), value_set=attempts.column("id"))
     earlier = pc.fill_null(pc.take(attempts.column("attempts"), where), 0)

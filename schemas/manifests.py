@@ -115,6 +115,15 @@ def _type_matches(actual: pa.DataType, expected: pa.DataType) -> bool:
     return actual == expected
 
 
+# Columns anima adds to each row on its way to the actors: the attempt number, and the decode stage's
+# packed input arrays (`actors.base.decode_rows`) or why they could not be read. A manifest may not bring
+# them: its rows would choose their own inputs (frames no limit checked) and so their metrics.
+ATTEMPT_COLUMN = "_attempt"
+DECODED_COLUMN = "_decoded"
+DECODE_ERROR_COLUMN = "_decode_error"
+DECODE_RETRYABLE_COLUMN = "_decode_retryable"
+RESERVED_COLUMNS = frozenset({ATTEMPT_COLUMN, DECODED_COLUMN, DECODE_ERROR_COLUMN, DECODE_RETRYABLE_COLUMN})
+
 # A row id names the row's artifact folder, OUTPUT/artifacts/<id>/, so it must be one plain path component.
 # fsspec reads "::" anywhere in a URL as a chain of filesystems and opens only the part before it, so an
 # id holding it would write into another row's folder, or onto OUTPUT/artifacts itself.
@@ -177,6 +186,12 @@ def validate(table: pa.Table, kind: str) -> list[str]:
     duplicated = [c for c, n in Counter(names).items() if n > 1]
     if duplicated:
         problems.append(f"duplicate column name(s): {', '.join(duplicated)}")
+    reserved = sorted(set(names) & RESERVED_COLUMNS)
+    if reserved:
+        problems.append(
+            f"column(s) {', '.join(map(repr, reserved))} are reserved for what anima adds to each row (the "
+            "attempt number, the decoded inputs); rename or drop them"
+        )
 
     ids = table.column("id") if "id" in names and not duplicated else None
     if ids is not None:  # column-wise: only offending rows reach Python, so a million rows check in seconds

@@ -111,3 +111,16 @@ def test_unsafe_id_reason_agrees_with_the_columnwise_check():
     for row_id in ["ok", "...", "white space", "ü" * 100, "youtube:abc", "a:b:c"]:  # one colon is fine
         assert unsafe_id_reason(row_id) is None
         assert not validate(pa.table({"id": [row_id], "video": ["v.mp4"]}), "eval")
+
+
+@pytest.mark.parametrize("column", ["_decoded", "_decode_error", "_decode_retryable", "_attempt"])
+def test_columns_anima_adds_to_rows_cannot_come_from_a_manifest(column):
+    """A `_decoded` cell would be taken for the decode stage's frames: a row pointing at no file would be
+    scored on frames of the manifest's choosing, past every media limit."""
+    table = pa.table({"id": ["a"], "video": ["missing.mp4"], column: pa.array([None], pa.binary())})
+    problems = validate(table, "eval")
+    assert problems == [
+        f"column(s) {column!r} are reserved for what anima adds to each row (the attempt number, the decoded "
+        "inputs); rename or drop them"
+    ]
+    assert not validate(table.rename_columns(["id", "video", "decoded"]), "eval")  # any other name is fine
