@@ -344,12 +344,15 @@ class RowActor:
         return media.join_under(self.config.output, "_inflight", f"{digest}.json")
 
     def _note_start(self, marker: str, ids: list[str]) -> int:
-        """Record that work on a batch began; return how many processes died on it before.
+        """Record that work on a batch began; return how many processes died on it before in this run.
 
         The marker outlives a killed process, so its count says how many processes died on this batch
-        (a row that kills its process kills its batch, so every row of it counts the same).
+        (a row that kills its process kills its batch, so every row of it counts the same). A marker of
+        an earlier run is left by a driver that died (preempted, killed), which is not the rows' doing:
+        it counts from zero again.
         """
-        starts = json.loads(media.read_bytes(marker))["starts"] if media.exists(marker) else 0
+        earlier = json.loads(media.read_bytes(marker)) if media.exists(marker) else {}
+        starts = earlier["starts"] if earlier.get("run_id") == self.config.run_id else 0
         if starts < self.config.max_row_crashes:
             media.write_text(json.dumps({"starts": starts + 1, "run_id": self.config.run_id}), marker)
         victim = os.environ.get(CHAOS_KILL_ENV)

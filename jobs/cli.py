@@ -52,7 +52,7 @@ def _pool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dreamsim", default=None, metavar="DIR", help="DreamSim weights dir (PIC metric)")
     p.add_argument("--lpips", default=None, metavar="DIR", help="LPIPS weights dir (alex.pth + alexnet*.pth)")
     p.add_argument(
-        "--max-row-crashes", type=int, default=2, help="give up on a row after it killed N workers"
+        "--max-row-crashes", type=int, default=2, help="give up on a row after it killed N workers in one run"
     )
     p.add_argument("--retry-errors", action="store_true", help="also rerun rows that failed on bad input")
     p.add_argument(

@@ -146,6 +146,22 @@ def test_a_row_that_keeps_killing_workers_is_given_up(ray_cluster, data_dir, tmp
     assert rows["ok-01"]["status"] == "ok"
 
 
+def test_only_this_runs_worker_deaths_count_against_a_row(tmp_path):
+    """A batch's in-flight marker left by a run whose driver died (preempted twice with the row in flight)
+    does not make the next run give the row up: only deaths in the same run are the row's doing."""
+    from actors.base import JobConfig
+    from actors.evaluate import EvaluateActor
+
+    rows = pa.Table.from_pylist([{"id": "x", "video": str(tmp_path / "missing.mp4"), "prompt": None}])
+    for marker_run, gives_up in [("earlier-run", False), ("this-run", True)]:
+        config = JobConfig(method="evaluate", output=str(tmp_path / "out"), run_id="this-run", models={})
+        actor = EvaluateActor(config)
+        media.write_text(json.dumps({"starts": 2, "run_id": marker_run}), actor._marker(["x"]))
+        (result,) = actor(rows).to_pylist()
+        assert ("died 2 times" in result["error"]) is gives_up, result["error"]
+        assert ("not found" in result["error"]) is not gives_up  # the row itself was run
+
+
 def test_cli_refuses_a_broken_manifest_before_any_work(ray_cluster, tmp_path, capsys):
     manifest = tmp_path / "broken.parquet"
     pq.write_table(pa.table({"id": ["a", "a"], "prompt": ["x", None]}), manifest)
