@@ -19,6 +19,8 @@ from fractions import Fraction
 from typing import IO, Any
 
 import av
+import defusedxml
+import defusedxml.ElementTree as DefusedElementTree
 import fsspec
 import numpy as np
 import numpy.typing as npt
@@ -596,13 +598,18 @@ def fit_masks(masks: npt.NDArray[np.bool_], size: tuple[int, int]) -> npt.NDArra
 def read_svg(uri: str) -> str:
     """The document's text, after checking it is SVG, so renderers fail here with a clear message."""
     data = _read(uri, "SVG", MAX_SVG_BYTES)
-    if b"<!ENTITY" in data:
-        raise MediaError(f"not accepted as SVG: {uri} declares XML entities (an entity bomb?)")
     try:
         text = data.decode("utf-8-sig")
-        root = ElementTree.fromstring(data)
     except UnicodeDecodeError:
-        raise MediaError(f"not an SVG document: {uri} (not UTF-8 text)") from None
+        text = None
+    if text is None or "\x00" in text:  # UTF-16 and UTF-32 documents decode "validly", with NULs
+        raise MediaError(f"not an SVG document: {uri} (not UTF-8 text)")
+    try:
+        # defusedxml refuses entity declarations as the XML parser meets them, in whatever encoding the
+        # parser detects, before any is expanded.
+        root = DefusedElementTree.fromstring(data)
+    except defusedxml.DefusedXmlException:
+        raise MediaError(f"not accepted as SVG: {uri} declares XML entities (an entity bomb?)") from None
     except ElementTree.ParseError as exc:
         raise MediaError(f"not an SVG document: {uri} (invalid XML: {exc})") from exc
     if root.tag not in ("svg", f"{{{_SVG_NAMESPACE}}}svg"):

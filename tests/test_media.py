@@ -421,6 +421,21 @@ def test_svg_bombs_and_oversized_inputs_are_refused(tmp_path):
     )
     with pytest.raises(media.MediaError, match="entities"):
         media.read_svg(str(entities))
+    # The same bomb in UTF-16 (no BOM): no "<!ENTITY" among its bytes, yet the XML parser reads it.
+    declaration = '<?xml version="1.0"?><!DOCTYPE s [<!ENTITY e "' + "A" * 10_000 + '">]>'
+    bomb = declaration + "<svg>" + "&e;" * 1000 + "</svg>"
+    for encoding, problem in [("utf-16-le", "not UTF-8"), ("utf-16", "not UTF-8"), ("utf-8-sig", "entities")]:
+        encoded = tmp_path / f"bomb-{encoding}.svg"
+        encoded.write_bytes(bomb.encode(encoding))
+        with pytest.raises(media.MediaError, match=problem):
+            media.read_svg(str(encoded))
+    # A DOCTYPE naming the SVG DTD, as editors write it, declares no entity and stays accepted.
+    doctype = tmp_path / "doctype.svg"
+    doctype.write_text(
+        '<?xml version="1.0"?><!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" '
+        '"http://www.w3.org/Graphics/SVG/1.1/DTD/svg11.dtd"><svg xmlns="http://www.w3.org/2000/svg"/>'
+    )
+    assert media.read_svg(str(doctype)).startswith("<?xml")
     huge = tmp_path / "huge.svg"
     with huge.open("w") as f:
         f.write('<svg xmlns="http://www.w3.org/2000/svg">')
