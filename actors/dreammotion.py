@@ -16,24 +16,20 @@ from pipelines.dreammotion.edit import EditParams, edit_video
 from pipelines.metrics import load_scorer, outside_mask_psnr, to_signed, to_uint8
 
 
-def match_mask(
-    mask: np.ndarray, uri: str, total: int, picked: np.ndarray, size: tuple[int, int]
-) -> np.ndarray:
-    """The mask's frames for the edited video frames `picked`: one per video frame (picked with the same
-    indices), one per edited frame, or one for all.
+def mask_frames(count: int, uri: str, total: int, picked: np.ndarray) -> list[int]:
+    """Which of a mask's `count` frames go with the edited video frames `picked`: one per video frame
+    (picked with the same indices), one per edited frame, or one for all.
 
-    A mask whose frame count or size cannot be matched to the video is the row's error, never guessed.
+    A mask whose frame count cannot be matched to the video is the row's error, never guessed.
     """
-    if mask.shape[1:] != size:
-        raise RowError(f"mask {uri} is {mask.shape[2]}x{mask.shape[1]}, the video is {size[1]}x{size[0]}")
-    if len(mask) == total:
-        return mask[picked]
-    if len(mask) == len(picked):
-        return mask
-    if len(mask) == 1:
-        return np.repeat(mask, len(picked), 0)
+    if count == total:
+        return picked.tolist()
+    if count == len(picked):
+        return list(range(count))
+    if count == 1:
+        return [0] * len(picked)
     raise RowError(
-        f"mask {uri} has {len(mask)} frames; the video has {total} and {len(picked)} are edited "
+        f"mask {uri} has {count} frames; the video has {total} and {len(picked)} are edited "
         "(give one mask frame per video frame, per edited frame, or a single frame)"
     )
 
@@ -72,9 +68,11 @@ class DreamMotionActor(RowActor):
         source = media.read_video(row["video"], size=size, indices=picked)
         mask = None
         if row.get("mask"):
-            native = match_mask(
-                media.read_mask(row["mask"]), row["mask"], info.num_frames, picked, (info.height, info.width)
-            )
+            uri = row["mask"]
+            native = media.read_mask(uri, select=lambda n: mask_frames(n, uri, info.num_frames, picked))
+            if native.shape[1:] != (info.height, info.width):
+                mask_h, mask_w = native.shape[1:]
+                raise RowError(f"mask {uri} is {mask_w}x{mask_h}, the video is {info.width}x{info.height}")
             mask = media.fit_masks(native, size)
         frames = to_signed(source)
         result = edit_video(

@@ -7,6 +7,7 @@ models, and CLIP runs over the frames of a whole batch of rows at once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -86,11 +87,15 @@ class EvaluateActor(RowActor):
         for n, uri in enumerate(row.get("style") or []):
             arrays[f"{_STYLE}{n}"] = media.read_image(uri)
         if row.get("mask") and "source" in arrays:
-            mask = media.read_mask(row["mask"], size=size)
-            if len(mask) == total:
-                mask = mask[media.frame_indices(total, len(frames))]
-            elif len(mask) != 1:
-                raise RowError(f"mask {row['mask']} has {len(mask)} frames, video has {total}")
+
+            def same_frames(count: int) -> Sequence[int]:  # only these of the mask's frames are decoded
+                if count == total:
+                    return media.frame_indices(total, len(frames)).tolist()
+                if count == 1:
+                    return [0]
+                raise RowError(f"mask {row['mask']} has {count} frames, video has {total}")
+
+            mask = media.read_mask(row["mask"], size=size, select=same_frames)
             arrays["mask"] = np.broadcast_to(mask, frames.shape[:3])
         if "clip_crop" in config.decode:
             crop = ClipCrop.from_dict(config.decode["clip_crop"])

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from fsspec.core import OpenFile, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
-from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 try:
     import decord
@@ -222,30 +222,45 @@ def _check_decoded(uri: str, frames: int, height: int, width: int) -> None:
         )
 
 
-def _decode_images(uri: str, data: bytes, what: str, all_frames: bool) -> npt.NDArray[np.uint8] | None:
-    """(F,H,W,3) RGB of a file PIL recognises by its content; None when it is no image at all.
+def _decode_images(
+    uri: str, data: bytes, what: str, frames: Callable[[int], list[int]] | None = None
+) -> npt.NDArray[np.uint8] | None:
+    """(F,H,W,3) RGB of a file PIL recognises by its content; None when it is no image at all. The
+    first frame, or those `frames` picks (sorted, unique) given the file's frame count.
 
-    The header's size is checked before any pixel is decoded.
+    Sizes are checked from the headers before any pixel is decoded: the first frame's for them all, and
+    each frame's before it is decoded (a TIFF's pages may each have their own size).
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            count = getattr(image, "n_frames", 1) if all_frames else 1
-            _check_decoded(uri, count, image.height, image.width)
-            sequence = ImageSequence.Iterator(image) if all_frames else [image]
-            frames = [np.asarray(_to_rgb(ImageOps.exif_transpose(frame))) for frame in sequence]
+        image = Image.open(io.BytesIO(data))
+        count = getattr(image, "n_frames", 1)
     except UnidentifiedImageError:
         return None
-    except Image.DecompressionBombError as exc:
-        raise MediaError(
-            f"cannot decode {what} {uri}: over the pixel limit (a decompression bomb?): {exc}"
-        ) from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise MediaError(f"cannot decode {what} {uri}: {exc}") from exc
-    return _stack(uri, frames)
+    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+        raise _image_error(uri, what, exc) from exc
+    with image:
+        picked = frames(count) if frames else [0]
+        _check_decoded(uri, len(picked), image.height, image.width)
+        size, decoded = image.size, []
+        for n in picked:
+            try:
+                image.seek(n)
+                if image.size != size:
+                    raise MediaError(f"frames of {uri} differ in size")
+                decoded.append(np.asarray(_to_rgb(ImageOps.exif_transpose(image))))
+            except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+                raise _image_error(uri, what, exc) from exc
+    return np.stack(decoded)
+
+
+def _image_error(uri: str, what: str, exc: Exception) -> MediaError:
+    if isinstance(exc, Image.DecompressionBombError):
+        return MediaError(f"cannot decode {what} {uri}: over the pixel limit (a decompression bomb?): {exc}")
+    return MediaError(f"cannot decode {what} {uri}: {exc}")
 
 
 def _read_still(uri: str, what: str) -> npt.NDArray[np.uint8]:
-    frames = _decode_images(uri, _read(uri, what), what, all_frames=False)
+    frames = _decode_images(uri, _read(uri, what), what)
     if frames is None:
         raise MediaError(f"not an image file: {uri}")
     return frames[0]
@@ -549,7 +564,17 @@ def write_video(frames: npt.NDArray[np.uint8], uri: str, fps: float = 8.0) -> st
 # -- masks ----------------------------------------------------------------------------------------
 
 
-def _mask_frames(uri: str) -> npt.NDArray[np.uint8]:
+def _mask_frames(uri: str, select: Callable[[int], Sequence[int]] | None) -> npt.NDArray[np.uint8]:
+    """The mask's frames that `select` picks given their count (every frame without it), decoding only
+    those: a long mask video or animation is never decoded whole for the few frames a row uses."""
+    wanted: list[int] = []
+
+    def unique(count: int) -> list[int]:
+        wanted[:] = [int(i) for i in (select(count) if select else range(count))]
+        if any(not 0 <= i < count for i in wanted):
+            raise MediaError(f"mask {uri} has {count} frames; frames {sorted(set(wanted))} were asked for")
+        return sorted(set(wanted))
+
     fs, path = url_to_fs(uri)
     if fs.isdir(path):
         names = sorted(
@@ -559,20 +584,30 @@ def _mask_frames(uri: str) -> npt.NDArray[np.uint8]:
         )
         if not names:
             raise MediaError(f"mask folder has no PNG frames: {uri}")
-        return _stack(uri, [_read_still(join(uri, name), "mask frame") for name in names])
-    data = _read(uri, "mask")
-    # Still and animated images go through PIL, everything else through the video decoders.
-    images = _decode_images(uri, data, "mask", all_frames=True)
-    return images if images is not None else _decode_video(uri, data, None)[0]
+        picked = unique(len(names))
+        frames = _stack(uri, [_read_still(join(uri, names[i]), "mask frame") for i in picked])
+    else:
+        data = _read(uri, "mask")
+        # Still and animated images go through PIL, everything else through the video decoders.
+        images = _decode_images(uri, data, "mask", unique)
+        if images is None:
+            picked = unique(_info(uri, data).num_frames)
+            images = _decode_video(uri, data, None, picked=picked)[0]
+        frames, picked = images, sorted(set(wanted))
+    return frames[np.searchsorted(picked, wanted)]
 
 
-def read_mask(uri: str, size: tuple[int, int] | None = None) -> npt.NDArray[np.bool_]:
+def read_mask(
+    uri: str, size: tuple[int, int] | None = None, select: Callable[[int], Sequence[int]] | None = None
+) -> npt.NDArray[np.bool_]:
     """(F,H,W) bool from a mask video, one image (F=1) or a folder of PNG frames in name order.
 
-    Pixels count as inside when their luminance is above 127. `size` (h, w) resizes with nearest
-    neighbour, which keeps values binary, and never crops, so no masked area is cut away.
+    `select` maps the mask's frame count to the frames wanted, in order and possibly repeated (it
+    raises when the count does not fit the row); only those are decoded. Pixels count as inside when
+    their luminance is above 127. `size` (h, w) resizes with nearest neighbour, which keeps values
+    binary, and never crops, so no masked area is cut away.
     """
-    masks = _mask_frames(uri) @ _LUMA > 127
+    masks = np.stack([frame @ _LUMA > 127 for frame in _mask_frames(uri, select)])  # float per frame only
     if size is not None and masks.shape[1:] != tuple(size):
         (h, w), (old_h, old_w) = size, masks.shape[1:]
         rows = ((np.arange(h) + 0.5) * old_h / h).astype(np.int64)

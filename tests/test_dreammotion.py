@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler
 from torch import nn
 
 from actors.base import RowError
-from actors.dreammotion import match_mask
+from actors.dreammotion import mask_frames
 from pipelines import media
 from pipelines.backbone import Backbone, load_backbone
 from pipelines.distill import dds_gradient, sample_noise, sample_timesteps
@@ -214,7 +214,12 @@ def test_frames_are_consecutive_from_start_at_the_stride_and_masks_follow(tmp_pa
     mask = np.zeros((20, 16, 16), bool)
     for i in range(20):
         mask[i].flat[:i] = True
-    chosen = match_mask(mask, "m", 20, picked, (16, 16))
+    folder = str(tmp_path / "mask")
+    media.write_png_frames(mask, folder)
+    chosen = media.read_mask(folder, select=lambda n: mask_frames(n, folder, 20, picked))
     assert chosen.sum((1, 2)).tolist() == picked.tolist()
+    media.write_png_frames(mask[:3], str(tmp_path / "three"))
     with pytest.raises(RowError, match="has 3 frames"):
-        match_mask(mask[:3], "m", 20, picked, (16, 16))
+        media.read_mask(str(tmp_path / "three"), select=lambda n: mask_frames(n, "m", 20, picked))
+    single = media.read_mask(str(tmp_path / "three" / "frame_0002.png"), select=lambda n: [0] * len(picked))
+    assert single.shape == (len(picked), 16, 16) and (single.sum((1, 2)) == 2).all()

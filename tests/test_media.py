@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from pipelines import media
 from pipelines.media import MediaError
 
 # CI clones the repository to X/main with the example inputs at X/shared.
+REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -451,3 +454,49 @@ def test_a_decompression_bomb_is_refused_before_its_pixels_are_decoded(tmp_path)
     assert bomb.stat().st_size < 10**6
     with pytest.raises(media.MediaError, match="pixel limit"):
         media.read_image(str(bomb))
+
+
+def test_a_mask_decodes_only_the_frames_its_row_uses(tmp_path, monkeypatch):
+    """A long mask is never decoded whole for the few frames a row scores or edits."""
+    masks = binary_masks(frames=6)
+    folder = tmp_path / "mask"
+    media.write_png_frames(masks, str(folder))
+    (folder / "frame_0003.png").write_bytes(b"not a png")  # never read: frame 3 is not picked
+    picked = media.read_mask(str(folder), select=lambda n: [n - 1, 0, 0])
+    assert np.array_equal(picked, masks[[5, 0, 0]])
+    with pytest.raises(MediaError, match=r"frame_0003\.png"):
+        media.read_mask(str(folder))  # every frame: the broken one is read
+
+    rgb = np.repeat(masks[..., None], 3, axis=3).astype(np.uint8) * 255
+    video = media.write_video(rgb, str(tmp_path / "m.mp4"))
+    seen = []
+    decode = media._decode_video
+    monkeypatch.setattr(media, "_decode_video", lambda *a, **k: seen.append(k["picked"]) or decode(*a, **k))
+    assert media.read_mask(video, select=lambda n: [n - 1, 2]).shape == (2, 24, 32)
+    assert seen == [[2, 5]]  # sorted, once each, then put back in the order asked for
+    with pytest.raises(MediaError, match="has 6 frames"):
+        media.read_mask(video, select=lambda n: [n])
+
+
+def test_a_tiff_page_of_another_size_is_refused_before_it_is_decoded(tmp_path):
+    """A TIFF's pages each have their own size: a 1x1 first page does not vouch for an 8400x8400 second
+    page (70 Mpixel, 211 MB as RGB), which is refused from its header."""
+    path = tmp_path / "pages.tif"
+    pages = [Image.new("1", (1, 1)), Image.new("1", (8400, 8400))]
+    pages[0].save(path, save_all=True, append_images=pages[1:], compression="group4")
+    assert path.stat().st_size < 100_000
+    script = (
+        "import resource, sys\n"
+        "from pipelines import media\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        f"    media.read_mask({str(path)!r})\n"
+        "except media.MediaError as exc:\n"
+        "    print(exc)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout.splitlines()
+    assert "differ in size" in out[0]
+    assert int(out[1]) < 50, f"{out[1]} MB taken"
