@@ -95,7 +95,13 @@ def _read(uri: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
     fs, path = url_to_fs(uri)
     try:
         size = fs.size(path)
-        if size is not None and size > limit:
+        if size is None:  # not told (an HTTP server streaming chunks): read no more than one byte over
+            with fs.open(path, "rb") as file:
+                data = file.read(limit + 1)
+            if len(data) > limit:
+                raise MediaError(f"{what} {uri} is over the {limit / 2**20:.0f} MiB limit")
+            return data
+        if size > limit:
             raise MediaError(
                 f"{what} {uri} is {size / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB limit"
             )

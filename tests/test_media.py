@@ -500,3 +500,15 @@ def test_a_tiff_page_of_another_size_is_refused_before_it_is_decoded(tmp_path):
     ).stdout.splitlines()
     assert "differ in size" in out[0]
     assert int(out[1]) < 50, f"{out[1]} MB taken"
+
+
+def test_a_file_of_unknown_size_is_read_no_further_than_the_limit(memory_root, monkeypatch):
+    """A server streaming chunks tells no size: the limit then holds on the bytes read."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    uri = media.write_bytes(b"x" * 3000, media.join(memory_root, "stream.bin"))
+    monkeypatch.setattr(MemoryFileSystem, "size", lambda self, path: None)
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", lambda *a, **k: pytest.fail("read whole"))
+    with pytest.raises(MediaError, match="over the 0 MiB limit"):
+        media._read(uri, "file", limit=2999)
+    assert media._read(uri, "file", limit=3000) == b"x" * 3000
