@@ -76,6 +76,9 @@ class EvaluateActor(RowActor):
         prompt = row.get("prompt")
         if prompt is not None and not prompt.strip():
             raise RowError("empty prompt (leave it null to skip text metrics)")
+        for name, value in (("num_frames", params["num_frames"]), ("max_frames", params["max_frames"])):
+            if (value is not None or name == "max_frames") and (type(value) is not int or value < 1):
+                raise RowError(f"bad parameter: {name} must be a whole number >= 1, got {value!r}")
         frames, total = media.read_sampled_video(row["video"], params["num_frames"], params["max_frames"])
         size = frames.shape[1:3]
         arrays = {"frames": frames}

@@ -235,6 +235,23 @@ def test_a_bad_method_parameter_becomes_that_rows_error():
     assert row_params(StyleParams.from_dict, {"steps": 3}).steps == 3
 
 
+@pytest.mark.parametrize(
+    "params", [{"max_frames": 0}, {"max_frames": -1}, {"num_frames": -2}, {"num_frames": 2.5}]
+)
+def test_a_bad_frame_count_is_that_evaluation_rows_error(data_dir, tmp_path, params):
+    """max_frames=0 would read every frame (up to the 4 GiB cap), a negative count failed as retryable."""
+    from actors.base import JobConfig
+    from actors.evaluate import EvaluateActor
+
+    video = str(sorted((data_dir / "videos").glob("*.mp4"))[0])
+    actor = EvaluateActor(JobConfig(method="evaluate", output=str(tmp_path), run_id="r", models={}))
+    rows = pa.Table.from_pylist([{"id": "a", "video": video, **params}, {"id": "b", "video": video}])
+    bad, good = actor(rows).to_pylist()
+    assert bad["status"] == "error" and bad["retryable"] is False
+    assert f"bad parameter: {next(iter(params))} must be a whole number >= 1" in bad["error"]
+    assert good["status"] == "ok"
+
+
 def _tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
