@@ -96,11 +96,14 @@ def _read(uri: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
     try:
         size = fs.size(path)
         if size is None:  # not told (an HTTP server streaming chunks): read no more than one byte over
-            with fs.open(path, "rb") as file:
-                data = file.read(limit + 1)
-            if len(data) > limit:
+            chunks, total = [], 0
+            with fs.open(path, "rb") as file:  # a stream's read returns what has arrived: loop to the end
+                while total <= limit and (chunk := file.read(limit + 1 - total)):
+                    chunks.append(chunk)
+                    total += len(chunk)
+            if total > limit:
                 raise MediaError(f"{what} {uri} is over the {limit / 2**20:.0f} MiB limit")
-            return data
+            return b"".join(chunks)
         if size > limit:
             raise MediaError(
                 f"{what} {uri} is {size / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB limit"
@@ -239,12 +242,15 @@ def _decode_images(
     """
     try:
         image = Image.open(io.BytesIO(data))
-        count = getattr(image, "n_frames", 1)
     except UnidentifiedImageError:
         return None
-    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+    except _PIL_ERRORS as exc:
         raise _image_error(uri, what, exc) from exc
     with image:
+        try:  # a damaged animation can fail while its frames are counted: only masks count them
+            count = getattr(image, "n_frames", 1) if frames else 1
+        except _PIL_ERRORS as exc:
+            raise _image_error(uri, what, exc) from exc
         picked = frames(count) if frames else [0]
         _check_decoded(uri, len(picked), image.height, image.width)
         size, decoded = image.size, []
@@ -254,9 +260,22 @@ def _decode_images(
                 if image.size != size:
                     raise MediaError(f"frames of {uri} differ in size")
                 decoded.append(np.asarray(_to_rgb(ImageOps.exif_transpose(image))))
-            except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+            except _PIL_ERRORS as exc:
                 raise _image_error(uri, what, exc) from exc
     return np.stack(decoded)
+
+
+# What PIL raises on damaged files besides OSError: truncated animations fail with IndexError, TypeError
+# or EOFError while their frames are counted or sought.
+_PIL_ERRORS = (
+    Image.DecompressionBombError,
+    OSError,
+    ValueError,
+    SyntaxError,
+    TypeError,
+    IndexError,
+    EOFError,
+)
 
 
 def _image_error(uri: str, what: str, exc: Exception) -> MediaError:
@@ -597,8 +616,11 @@ def _mask_frames(uri: str, select: Callable[[int], Sequence[int]] | None) -> npt
         # Still and animated images go through PIL, everything else through the video decoders.
         images = _decode_images(uri, data, "mask", unique)
         if images is None:
-            picked = unique(_info(uri, data).num_frames)
-            images = _decode_video(uri, data, None, picked=picked)[0]
+            count = _info(uri, data).num_frames
+            images = _decode_video(uri, data, None, picked=unique(count))[0]
+            if len(images) != len(set(wanted)):  # PyAV stops where the stream ends, not where its header says
+                missing = sorted(set(wanted))[len(images)]
+                raise MediaError(f"mask {uri}: its header lists {count} frames; frame {missing} won't decode")
         frames, picked = images, sorted(set(wanted))
     return frames[np.searchsorted(picked, wanted)]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import subprocess
@@ -512,3 +513,41 @@ def test_a_file_of_unknown_size_is_read_no_further_than_the_limit(memory_root, m
     with pytest.raises(MediaError, match="over the 0 MiB limit"):
         media._read(uri, "file", limit=2999)
     assert media._read(uri, "file", limit=3000) == b"x" * 3000
+
+    class Trickle(io.BytesIO):  # a stream whose read gives what has arrived: 1000 bytes at a time
+        def read(self, size: int | None = -1) -> bytes:
+            return super().read(1000 if size is None or size < 0 else min(size, 1000))
+
+    monkeypatch.setattr(MemoryFileSystem, "open", lambda self, path, mode="rb", **kw: Trickle(b"y" * 3000))
+    assert media._read(uri, "file", limit=3000) == b"y" * 3000  # every chunk, not the first
+    with pytest.raises(MediaError, match="over the 0 MiB limit"):
+        media._read(uri, "file", limit=2500)
+
+
+def test_a_damaged_animation_keeps_its_first_frame_as_an_image_and_is_a_clear_mask_error(tmp_path):
+    """Counting a truncated GIF's or TIFF's frames fails inside PIL (IndexError, TypeError): a still read
+    never counts them, and a mask read reports the file."""
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(4)]
+    for fmt in ("GIF", "TIFF"):
+        buffer = io.BytesIO()
+        frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:])
+        truncated = tmp_path / f"cut.{fmt.lower()}"
+        truncated.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        assert media.read_image(str(truncated)).shape == (64, 64, 3)
+        with pytest.raises(MediaError, match=f"cannot decode mask {re.escape(str(truncated))}"):
+            media.read_mask(str(truncated))
+
+
+def test_a_mask_video_whose_header_lists_more_frames_than_decode_is_refused(tmp_path, monkeypatch):
+    """PyAV stops where the stream ends (an edit list cut frames the header still counts): the mask is
+    refused by name instead of indexing past its frames."""
+    masks = binary_masks(frames=6)
+    uri = media.write_video(
+        np.repeat(masks[..., None], 3, axis=3).astype(np.uint8) * 255, str(tmp_path / "m.mp4")
+    )
+    info = media._pyav_info
+    monkeypatch.setattr(media, "decord", None)
+    monkeypatch.setattr(media, "_pyav_info", lambda u, d: dataclasses.replace(info(u, d), num_frames=9))
+    with pytest.raises(MediaError, match=r"header lists 9 frames; frame 6 won't decode"):
+        media.read_mask(uri)
