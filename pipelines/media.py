@@ -407,6 +407,10 @@ def _decode_pyav(
         raise MediaError(f"cannot decode video {uri}: {_av_reason(exc)}") from exc
     if not frames:
         raise MediaError(f"cannot decode video {uri}: no frames")
+    if wanted is not None and len(frames) < len(wanted):  # the stream ended before its header's count
+        missing = sorted(wanted)[len(frames)]
+        count = info.num_frames
+        raise MediaError(f"cannot decode video {uri}: its header lists {count} frames; frame {missing} won't")
     if indices is None and (num_frames is not None or picked is not None):  # the container had no count
         frames = [frames[i] for i in _pick(uri, len(frames), num_frames, picked)]
     return np.stack(frames)
@@ -616,11 +620,7 @@ def _mask_frames(uri: str, select: Callable[[int], Sequence[int]] | None) -> npt
         # Still and animated images go through PIL, everything else through the video decoders.
         images = _decode_images(uri, data, "mask", unique)
         if images is None:
-            count = _info(uri, data).num_frames
-            images = _decode_video(uri, data, None, picked=unique(count))[0]
-            if len(images) != len(set(wanted)):  # PyAV stops where the stream ends, not where its header says
-                missing = sorted(set(wanted))[len(images)]
-                raise MediaError(f"mask {uri}: its header lists {count} frames; frame {missing} won't decode")
+            images = _decode_video(uri, data, None, picked=unique(_info(uri, data).num_frames))[0]
         frames, picked = images, sorted(set(wanted))
     return frames[np.searchsorted(picked, wanted)]
 

@@ -539,9 +539,10 @@ def test_a_damaged_animation_keeps_its_first_frame_as_an_image_and_is_a_clear_ma
             media.read_mask(str(truncated))
 
 
-def test_a_mask_video_whose_header_lists_more_frames_than_decode_is_refused(tmp_path, monkeypatch):
-    """PyAV stops where the stream ends (an edit list cut frames the header still counts): the mask is
-    refused by name instead of indexing past its frames."""
+def test_a_video_whose_header_lists_more_frames_than_decode_is_refused(tmp_path, monkeypatch):
+    """PyAV stops where the stream ends (an edit list cut frames the header still counts): a read of
+    frames past it is refused by name, for videos and masks, instead of returning fewer frames or
+    indexing past them."""
     masks = binary_masks(frames=6)
     uri = media.write_video(
         np.repeat(masks[..., None], 3, axis=3).astype(np.uint8) * 255, str(tmp_path / "m.mp4")
@@ -549,5 +550,9 @@ def test_a_mask_video_whose_header_lists_more_frames_than_decode_is_refused(tmp_
     info = media._pyav_info
     monkeypatch.setattr(media, "decord", None)
     monkeypatch.setattr(media, "_pyav_info", lambda u, d: dataclasses.replace(info(u, d), num_frames=9))
-    with pytest.raises(MediaError, match=r"header lists 9 frames; frame 6 won't decode"):
+    assert media.video_info(uri).num_frames == 9  # the header's word, which the reads below cannot keep
+    with pytest.raises(MediaError, match=r"header lists 9 frames; frame 6 won't"):
         media.read_mask(uri)
+    with pytest.raises(MediaError, match=r"header lists 9 frames; frame 8 won't"):
+        media.read_video(uri, num_frames=4)  # frames 0, 3, 5, 8
+    assert len(media.read_video(uri, indices=[0, 5])) == 2  # frames the stream has still read
