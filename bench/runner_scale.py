@@ -3,7 +3,8 @@
 For each size, in a fresh driver process on a local Ray instance: time to the first result file,
 total wall time, driver peak RSS, result files left, and the time of a resume with nothing to do. Then
 the evaluation job vs a plain loop over the same real-clip rows (`--clip none`, the default batch size),
-and the job's rows/s with its CPU decode stage vs with the actors reading their own inputs (tiny CLIP).
+and the job's rows/s with its CPU decode stage vs with the actors reading their own inputs (tiny CLIP);
+last, the plain loop again while Ray is up and idle: what Ray's own processes cost a loop on this host.
 
     python bench/runner_scale.py [--rows 10000 100000 1000000] [--loop-rows 2000]
 
@@ -77,10 +78,11 @@ def one_size(rows: int) -> dict:
     }
 
 
-def loop_vs_job(rows: int) -> tuple[float, float, float, float, float]:
+def loop_vs_job(rows: int) -> tuple[float, float, float, float, float, float]:
     """Seconds of the evaluation job and of a plain loop doing the same per-row work (no CLIP); then of
-    the job with tiny CLIP with and without its decode stage; last, the job's rows' summed seconds in
-    its actor (the rest of the job is start-up and hand-offs)."""
+    the job with tiny CLIP with and without its decode stage; then the job's rows' summed seconds in
+    its actor (the rest of the job is start-up and hand-offs); last, the same plain loop again while Ray
+    is up and idle, which tells Ray's own background cost on this host from the runner's."""
     import ray
 
     from actors.base import JobConfig
@@ -96,11 +98,16 @@ def loop_vs_job(rows: int) -> tuple[float, float, float, float, float]:
     actor = EvaluateActor(
         JobConfig(method="evaluate", output=str(directory / "loop"), run_id="loop", models={})
     )
-    start = time.perf_counter()
-    for row in table.to_pylist():
-        actor.process_row(row, actor.effective_params(row))
-    loop = time.perf_counter() - start
+
+    def plain_loop() -> float:
+        start = time.perf_counter()
+        for row in table.to_pylist():
+            actor.process_row(row, actor.effective_params(row))
+        return time.perf_counter() - start
+
+    loop = plain_loop()
     ray.init(address="local", log_to_driver=False, ignore_reinit_error=True)
+    loop_with_ray = plain_loop()
     seconds, reports = [], []
     for name, models, decode in [
         ("job", {}, None),  # the default: no decode stage on a CPU-only pool
@@ -112,7 +119,7 @@ def loop_vs_job(rows: int) -> tuple[float, float, float, float, float]:
         reports.append(run_job(JobSpec("evaluate", manifest, output, models=models, decode_stage=decode)))
         seconds.append(time.perf_counter() - start)
     in_actor = reports[0]["seconds_per_row"] * reports[0]["processed"]
-    return seconds[0], loop, seconds[1], seconds[2], in_actor
+    return seconds[0], loop, seconds[1], seconds[2], in_actor, loop_with_ray
 
 
 def main() -> None:
@@ -139,11 +146,15 @@ def main() -> None:
         print(f"{line}  {m['driver_peak_rss_mb']:>7.0f} MB  {m['result_files']:>12}  {m['resume_s']:>5.1f} s")
     if not args.loop_rows:
         return
-    job, loop, staged, bare, in_actor = loop_vs_job(args.loop_rows)
+    job, loop, staged, bare, in_actor, loop_with_ray = loop_vs_job(args.loop_rows)
     print(
         f"{args.loop_rows} real-clip rows: job {job:.1f} s, plain loop {loop:.1f} s, "
         f"job / loop {job / loop:.2f}; the job's rows took {in_actor:.1f} s in its actor "
         f"({in_actor / loop:.2f}x the loop), the other {job - in_actor:.1f} s were start-up and hand-offs"
+    )
+    print(
+        f"the plain loop again with Ray up and idle: {loop_with_ray:.1f} s ({loop_with_ray / loop:.2f}x); "
+        f"the job's rows in its actor / that loop {in_actor / loop_with_ray:.2f}"
     )
     print(
         f"with tiny CLIP: decode stage {args.loop_rows / staged:.1f} rows/s, actors reading their own inputs "
