@@ -12,7 +12,7 @@ import importlib
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +70,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         step = resumed_from = state["step"]
 
-    autocast = (
-        torch.autocast("cuda", model_dtype(device, config.precision)) if device == "cuda" else nullcontext()
-    )
+    autocast = training_autocast(device, config.precision)
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rank * 7919 + step)
     sources = recipe.sources(config)
     names = list(sources)
@@ -100,6 +98,13 @@ def train_worker(cfg: dict[str, Any]) -> None:
             metrics = {"step": step, "loss": loss_sum / count, "resumed_from": resumed_from or 0}
             _report(model, params, optimizer, step, metrics, rank)
             loss_sum, count = 0.0, 0
+
+
+def training_autocast(device: str, precision: str) -> AbstractContextManager[Any]:
+    """The forward pass's mixed precision: bf16 autocast on GPUs (fp16 without bf16), or what `precision`
+    names; none on CPU unless `precision` asks for a half type (then CPU autocast, as the tests run it)."""
+    dtype = model_dtype(device, precision)
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device, dtype)
 
 
 def average_gradients(params: list[torch.nn.Parameter], world: int, bucket: int = BUCKET_ELEMENTS) -> None:
