@@ -3,7 +3,8 @@
     OUTPUT/report/index.html    the page: runs, error reasons, a histogram per metric, and a table of the
                                 latest row of every id (sortable, filtered by status, method and text,
                                 paged), with a playing preview of its output beside its inputs
-    OUTPUT/report/thumbs/       small animated WebPs (or copies of small SVGs) that the page shows
+    OUTPUT/report/thumbs/       small animated WebPs (or small SVGs rebuilt from their shapes) that the
+                                page shows
 
 The page needs no server and nothing from the internet: its CSS, JS and the table's data are in the
 file; the rows are a JSON blob that the page's script pages through, so 10⁵ rows stay one quick page
@@ -42,7 +43,7 @@ from schemas import METRIC_COLUMNS, OK
 REPORT_DIR = "report"
 THUMB_PX = 160
 THUMB_FRAMES = 8
-THUMB_SVG_BYTES = 512 * 2**10  # an SVG this small is shown as itself (an <img> runs no script in it)
+THUMB_SVG_BYTES = 512 * 2**10  # an SVG this small is shown as its shapes (media.shapes_only_svg)
 HISTOGRAM_BINS = 20
 TEXT_CHARS = 1000  # error, prompt and notes are cut to this in the page; the Parquet rows keep them whole
 _WEBP = features.check("webp")
@@ -161,7 +162,7 @@ def make_thumbnail(thumb: Thumb, report: str) -> str | None:
             text = media.read_svg(thumb.uri)
             if len(text.encode()) > THUMB_SVG_BYTES:
                 return "too large to preview"
-            media.write_text(text, target)
+            media.write_text(media.shapes_only_svg(text), target)
             return None
         lower = thumb.uri.lower()
         if lower.endswith(_IMAGE_SUFFIXES):

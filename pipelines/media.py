@@ -680,6 +680,44 @@ def read_svg(uri: str) -> str:
     return text
 
 
+# What `shapes_only_svg` keeps: shapes, their geometry and paint, and SMIL animation of those (how
+# LiveSketch's animated SVG loops). Everything else goes: scripts, event handlers, links, foreignObject,
+# CSS, and references to other documents.
+_SVG_SHAPES = {"svg", "g", "path", "line", "polyline", "polygon", "rect", "circle", "ellipse"}
+_SVG_PAINT = {
+    "fill", "fill-opacity", "fill-rule", "stroke", "stroke-opacity", "stroke-width", "stroke-linecap",
+    "stroke-linejoin", "stroke-miterlimit", "stroke-dasharray", "stroke-dashoffset", "opacity",
+}  # fmt: skip
+_SVG_GEOMETRY = {"d", "points", "transform", "x", "y", "x1", "y1", "x2", "y2", "cx", "cy", "r", "rx", "ry"}
+_SVG_ATTRIBUTES = _SVG_PAINT | _SVG_GEOMETRY | {"width", "height", "viewBox", "preserveAspectRatio"}
+_SVG_ANIMATION = {"attributeName", "values", "from", "to", "dur", "begin", "repeatCount", "calcMode"}
+
+
+def shapes_only_svg(text: str) -> str:
+    """An SVG (checked by `read_svg`) rebuilt from its shapes alone, for showing a document someone else
+    wrote as a file of our own: a browser runs the scripts of an SVG opened by itself, and no list of
+    what is dangerous in SVG stays complete, so this keeps a short list of what is not."""
+
+    def kept(element: ElementTree.Element) -> ElementTree.Element | None:
+        namespace, _, tag = element.tag.rpartition("}")
+        if namespace not in ("", f"{{{_SVG_NAMESPACE}"):
+            return None
+        names = _SVG_ATTRIBUTES | (_SVG_ANIMATION if tag == "animate" else set())
+        attributes = {k: v for k, v in element.attrib.items() if k in names and "url(" not in v.lower()}
+        animated = attributes.get("attributeName")
+        if tag not in _SVG_SHAPES and not (tag == "animate" and animated in _SVG_PAINT | _SVG_GEOMETRY):
+            return None
+        out = ElementTree.Element(tag, attributes)
+        out.extend(child for child in map(kept, element) if child is not None)
+        return out
+
+    root = kept(DefusedElementTree.fromstring(text))
+    if root is None or root.tag != "svg":
+        raise MediaError("not an SVG document (root element is not svg)")
+    root.set("xmlns", _SVG_NAMESPACE)
+    return ElementTree.tostring(root, encoding="unicode") + "\n"
+
+
 def pack_arrays(arrays: dict[str, npt.NDArray[Any]]) -> bytes:
     """Arrays as one uncompressed .npz: how decoded inputs travel between Ray stages as a binary cell."""
     buffer = io.BytesIO()

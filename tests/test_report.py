@@ -148,3 +148,38 @@ def test_two_outputs_side_by_side_pair_the_same_ids(bad_output, chromium, tmp_pa
     assert sorted(seen["ids"]) == ["deleted", "failed", "kept"]
     assert seen["states"] == ["missing", "missing", "no output"]
     assert seen["errors"] == [] and console == []
+
+
+def test_an_svg_thumbnail_keeps_the_shapes_and_nothing_that_runs(data_dir, tmp_path):
+    """A browser runs the scripts of an SVG opened by itself, and an input sketch is the manifest's: its
+    thumbnail, a file of the report, is the document's shapes alone (their paint and SMIL animation)."""
+    from jobs.report import Thumb, make_thumbnail
+    from pipelines.livesketch.svg import animated_svg, load_sketch, parse_svg
+
+    hostile = tmp_path / "hostile.svg"
+    hostile.write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" width="64"'
+        ' height="64" onload="alert(1)"><script>alert(2)</script>'
+        '<a xlink:href="javascript:alert(3)"><path d="M0 0 L5 5"/></a>'
+        '<foreignObject><div xmlns="http://www.w3.org/1999/xhtml" onclick="alert(4)">x</div></foreignObject>'
+        '<path d="M1 1 L20 20" stroke="red" style="fill:red" fill="url(http://tracker/p)" onclick="alert(5)">'
+        '<animate attributeName="href" to="javascript:alert(6)"/><set attributeName="onclick" to="x()"/>'
+        '<animate attributeName="stroke-width" values="1;3" dur="1s"/></path>'
+        '<use href="http://elsewhere/x.svg#a"/><image href="http://elsewhere/p.png"/></svg>'
+    )
+    sketch_uri = str(sorted((data_dir / "sketches").glob("*.svg"))[0])
+    sketch = load_sketch(sketch_uri)
+    animated = tmp_path / "animated.svg"
+    animated.write_text(animated_svg(sketch, np.stack([sketch.points.numpy()] * 3), fps=8))
+    report = str(tmp_path / "report")
+    for name, uri in (("hostile", hostile), ("sketch", sketch_uri), ("animated", animated)):
+        assert make_thumbnail(Thumb(str(uri), f"thumbs/{name}.svg"), report) is None
+    shown = (tmp_path / "report" / "thumbs" / "hostile.svg").read_text()
+    assert shown.startswith('<svg width="64" height="64" xmlns="http://www.w3.org/2000/svg">')
+    for word in ("alert", "script", "onload", "onclick", "href", "foreignObject", "style", "url(", "<use"):
+        assert word not in shown, (word, shown)
+    assert '<path d="M1 1 L20 20" stroke="red">' in shown and 'attributeName="stroke-width"' in shown
+    same = parse_svg((tmp_path / "report" / "thumbs" / "sketch.svg").read_text())
+    assert np.array_equal(same.points, sketch.points) and len(same.paths) == len(sketch.paths)
+    loop = (tmp_path / "report" / "thumbs" / "animated.svg").read_text()
+    assert loop.count('<animate attributeName="d"') == len(sketch.paths)
