@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import re
 import uuid
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Iterator, Sequence
@@ -691,6 +692,10 @@ _SVG_PAINT = {
 _SVG_GEOMETRY = {"d", "points", "transform", "x", "y", "x1", "y1", "x2", "y2", "cx", "cy", "r", "rx", "ry"}
 _SVG_ATTRIBUTES = _SVG_PAINT | _SVG_GEOMETRY | {"width", "height", "viewBox", "preserveAspectRatio"}
 _SVG_ANIMATION = {"attributeName", "values", "from", "to", "dur", "begin", "repeatCount", "calcMode"}
+# Values of numbers, names, colours and path data only: no backslash (a CSS escape makes `u\rl(` a URL to
+# a browser), quote, slash, `<` or `&`.
+_SVG_PLAIN_VALUE = re.compile(r"[\w\s#.,;:%()+-]*", re.ASCII)
+_SVG_MAX_DEPTH = 256
 
 
 def shapes_only_svg(text: str) -> str:
@@ -703,17 +708,33 @@ def shapes_only_svg(text: str) -> str:
         if namespace not in ("", f"{{{_SVG_NAMESPACE}"):
             return None
         names = _SVG_ATTRIBUTES | (_SVG_ANIMATION if tag == "animate" else set())
-        attributes = {k: v for k, v in element.attrib.items() if k in names and "url(" not in v.lower()}
+        attributes = {
+            k: v
+            for k, v in element.attrib.items()
+            if k in names and _SVG_PLAIN_VALUE.fullmatch(v) and "url(" not in v.lower()
+        }
         animated = attributes.get("attributeName")
         if tag not in _SVG_SHAPES and not (tag == "animate" and animated in _SVG_PAINT | _SVG_GEOMETRY):
             return None
-        out = ElementTree.Element(tag, attributes)
-        out.extend(child for child in map(kept, element) if child is not None)
-        return out
+        return ElementTree.Element(tag, attributes)
 
-    root = kept(DefusedElementTree.fromstring(text))
+    try:
+        source = DefusedElementTree.fromstring(text)
+    except ElementTree.ParseError as exc:  # read_svg parsed the bytes, in the encoding they declare
+        raise MediaError(f"not an SVG document (invalid XML as text: {exc})") from exc
+    root = kept(source)
     if root is None or root.tag != "svg":
         raise MediaError("not an SVG document (root element is not svg)")
+    todo = [(source, root, 1)]  # a loop, not recursion: nesting depth is the document's choice
+    while todo:
+        element, out, depth = todo.pop()
+        if depth > _SVG_MAX_DEPTH:
+            raise MediaError(f"not shown: SVG elements nested more than {_SVG_MAX_DEPTH} deep")
+        for child in element:
+            rebuilt = kept(child)
+            if rebuilt is not None:
+                out.append(rebuilt)
+                todo.append((child, rebuilt, depth + 1))
     root.set("xmlns", _SVG_NAMESPACE)
     return ElementTree.tostring(root, encoding="unicode") + "\n"
 

@@ -183,3 +183,22 @@ def test_an_svg_thumbnail_keeps_the_shapes_and_nothing_that_runs(data_dir, tmp_p
     assert np.array_equal(same.points, sketch.points) and len(same.paths) == len(sketch.paths)
     loop = (tmp_path / "report" / "thumbs" / "animated.svg").read_text()
     assert loop.count('<animate attributeName="d"') == len(sketch.paths)
+
+    # A CSS escape is url( to a browser; a nesting deep enough to exhaust recursion, and a file whose
+    # declared encoding parses as bytes but not as the UTF-8 text read_svg returns, cost the preview only.
+    escaped = tmp_path / "escaped.svg"
+    escaped.write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg"><rect width="9" height="9"'
+        ' fill="u\\rl(http://tracker/a#g) red" stroke="\\75 rl(http://tracker/b#g)"/></svg>'
+    )
+    deep = tmp_path / "deep.svg"
+    deep.write_text('<svg xmlns="http://www.w3.org/2000/svg">' + "<g>" * 2000 + "</g>" * 2000 + "</svg>")
+    latin = tmp_path / "latin.svg"
+    latin.write_text(
+        '<?xml version="1.0" encoding="ISO-8859-1"?><svg xmlns="http://www.w3.org/2000/svg">'
+        '<path d="M0 0 \ufffe"/></svg>'
+    )
+    assert make_thumbnail(Thumb(str(escaped), "thumbs/escaped.svg"), report) is None
+    assert "rl(" not in (tmp_path / "report" / "thumbs" / "escaped.svg").read_text()
+    assert "nested more than 256 deep" in make_thumbnail(Thumb(str(deep), "thumbs/deep.svg"), report)
+    assert "invalid XML" in make_thumbnail(Thumb(str(latin), "thumbs/latin.svg"), report)
