@@ -4,7 +4,9 @@ Ray Data drops a whole block when a task raises, so nothing a row does may escap
 bad inputs, model errors and CUDA out-of-memory become `status="error"` rows and the batch goes on.
 Only a fault that leaves the process unusable (a fatal CUDA error) ends the process, so that Ray
 restarts the actor and retries the batch elsewhere; a row that keeps killing its process is given up
-after `max_row_crashes` tries instead of looping forever.
+after `max_row_crashes` tries instead of looping forever. A row that runs past `row_time_limit_s` (a
+parameter bomb such as `steps=10**9`, a hung read) is stopped the same way, since only ending the process
+stops a GPU computation, and given up when it runs past the limit alone.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -61,6 +65,8 @@ class JobConfig:
     models: dict[str, str | None] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     max_row_crashes: int = 2
+    # Seconds a row may run in its actor (a call of B rows: B times as long); None: no limit.
+    row_time_limit_s: float | None = None
     verbose: bool = False  # the model libraries' progress bars in the workers' logs too
     # What the decode stage needs of the loaded models (`RowActor.decode_settings`), found where they are
     # prepared: the stage's CPU tasks may run on nodes that have no model.
@@ -223,29 +229,63 @@ class RowActor:
         return result_table([results[i] for i in range(len(rows))])
 
     def _guarded(self, rows: list[dict[str, Any]], indices: list[int]) -> dict[int, ResultRow]:
-        """Run rows under their in-flight marker. If a process died on them before, a batch is split
-        into its rows, each under its own marker, so that only a row that kills its process is given up
-        (after `max_row_crashes` deaths)."""
+        """Run rows under their in-flight marker and time limit. If a process died on them before (or was
+        stopped at the limit), a batch is split into its rows, each under its own marker, so that only a
+        row that kills its process (after `max_row_crashes` deaths) or runs past the limit alone is given
+        up."""
         ids = [rows[i]["id"] for i in indices]
         marker = self._marker(ids)
-        crashes = self._note_start(marker, ids)
+        record = self._note_start(marker, ids)
+        crashes, stopped = record["starts"] - 1, record.get("stopped_after_s")
         if crashes and len(indices) > 1:
             results = {}
             for i in indices:
                 results |= self._guarded(rows, [i])
-        elif crashes >= self.config.max_row_crashes:
+        elif stopped is not None or crashes >= self.config.max_row_crashes:
             message = (
-                f"the worker process died {crashes} times while processing this row (killed, out of host "
-                "memory, or a fatal GPU error); giving up on it"
+                f"ran past the row time limit ({stopped:g} s) and its worker process was restarted to stop "
+                "it; giving up on it (raise --row-time-limit if rows take this long)"
+                if stopped is not None
+                else f"the worker process died {crashes} times while processing this row (killed, out of "
+                "host memory, or a fatal GPU error); giving up on it"
             )
-            results = {i: self._error_row(rows[i], {}, message, retryable=True, seconds=0.0) for i in indices}
+            ran = stopped or 0.0
+            results = {i: self._error_row(rows[i], {}, message, retryable=True, seconds=ran) for i in indices}
         else:
-            results = self._run(rows, indices)
+            with self._time_limit(marker, record, len(indices)):
+                results = self._run(rows, indices)
             if crashes:
                 for i in indices:
                     results[i].notes.append(f"the worker process died {crashes} time(s) on this row before")
         media.remove(marker)
         return results
+
+    @contextmanager
+    def _time_limit(self, marker: str, record: dict[str, Any], rows: int) -> Iterator[None]:
+        """End the process if the rows run past the job's row time limit, noting why in their marker, so
+        that the retry Ray makes after restarting the actor knows to split the batch or give the row up.
+        A thread cannot interrupt a GPU kernel or a blocking read; ending the process can."""
+        limit = self.config.row_time_limit_s
+        if not limit:
+            yield
+            return
+
+        def stop() -> None:
+            media.write_text(json.dumps({**record, "stopped_after_s": limit * rows}), marker)
+            print(
+                f"[anima] {rows} row(s) ran past the row time limit ({limit * rows:g} s); restarting worker",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(1)
+
+        timer = threading.Timer(limit * rows, stop)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
 
     def _run(self, rows: list[dict[str, Any]], indices: list[int]) -> dict[int, ResultRow]:
         """Run rows together; if the batch as a whole fails, run them one by one to isolate the culprit."""
@@ -343,8 +383,10 @@ class RowActor:
         digest = hashlib.sha1("\n".join(ids).encode("utf-8")).hexdigest()
         return media.join_under(self.config.output, "_inflight", f"{digest}.json")
 
-    def _note_start(self, marker: str, ids: list[str]) -> int:
-        """Record that work on a batch began; return how many processes died on it before in this run.
+    def _note_start(self, marker: str, ids: list[str]) -> dict[str, Any]:
+        """Record that work on a batch began; return its marker: `starts`, the attempts in this run
+        including this one (a process died on each earlier one), and `stopped_after_s` when the last was
+        stopped at the time limit.
 
         The marker outlives a killed process, so its count says how many processes died on this batch
         (a row that kills its process kills its batch, so every row of it counts the same). A marker of
@@ -352,14 +394,17 @@ class RowActor:
         it counts from zero again.
         """
         earlier = json.loads(media.read_bytes(marker)) if media.exists(marker) else {}
-        starts = earlier["starts"] if earlier.get("run_id") == self.config.run_id else 0
+        if earlier.get("run_id") != self.config.run_id:
+            earlier = {}
+        starts = earlier.get("starts", 0)
+        record = {**earlier, "starts": starts + 1, "run_id": self.config.run_id}
         if starts < self.config.max_row_crashes:
             media.write_text(json.dumps({"starts": starts + 1, "run_id": self.config.run_id}), marker)
         victim = os.environ.get(CHAOS_KILL_ENV)
         if starts == 0 and victim in ids:
             print(f"[anima] chaos: killing worker process on row {victim!r}", file=sys.stderr, flush=True)
             os._exit(1)
-        return starts
+        return record
 
 
 def quiet_progress_bars(config: JobConfig) -> None:

@@ -75,6 +75,10 @@ class JobSpec:
     cpus_per_actor: float = 1.0
     batch_size: int | None = None  # None: the method's `RowActor.default_batch_size`
     max_row_crashes: int = 2
+    # Seconds a row may run in its actor before its process is restarted and the row given up (a call
+    # of B rows: B times as long). None: no limit. Keep it under no_progress_timeout_s, or on a pool of
+    # one actor the whole job is aborted before the row is given up.
+    row_time_limit_s: float | None = 3000.0
     retry_errors: bool = False
     no_progress_timeout_s: float = 3600.0
     rows_per_task: int | None = None  # None: the method's choice (see `task_rows`)
@@ -209,6 +213,8 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         raise JobError(f"unknown parameter(s) {', '.join(unknown)} for {spec.method}; known: {known}")
     if (spec.batch_size or 1) < 1 or spec.actors < 1:
         raise JobError("--batch-size and --actors must be at least 1")
+    if spec.row_time_limit_s is not None and spec.row_time_limit_s <= 0:
+        raise JobError("--row-time-limit must be positive (0 on the command line: no limit)")
     started = time.time()
     table = check(read_manifest(spec.manifest), actor.kind, spec.manifest)
     check_output_writable(spec.output)
@@ -226,6 +232,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         models=spec.models,
         params=spec.params,
         max_row_crashes=spec.max_row_crashes,
+        row_time_limit_s=spec.row_time_limit_s,
         verbose=spec.verbose,
     )
     print(f"[anima] run {run_id}: {table.num_rows} rows, {skipped} settled earlier, {todo.num_rows} to run")

@@ -170,6 +170,55 @@ def test_only_this_runs_worker_deaths_count_against_a_row(tmp_path):
         assert ("not found" in result["error"]) is not gives_up  # the row itself was run
 
 
+def test_a_row_stopped_at_the_time_limit_is_given_up_only_in_the_run_that_stopped_it(tmp_path):
+    """The marker the time limit leaves makes the retry give the row up, with the limit in its error and
+    no second run of it; a later run (perhaps with a higher limit) tries the row again."""
+    from actors.base import JobConfig
+    from actors.evaluate import EvaluateActor
+
+    rows = pa.Table.from_pylist([{"id": "x", "video": str(tmp_path / "missing.mp4"), "prompt": None}])
+    for marker_run, gives_up in [("earlier-run", False), ("this-run", True)]:
+        config = JobConfig(method="evaluate", output=str(tmp_path / "out"), run_id="this-run", models={})
+        actor = EvaluateActor(config)
+        stopped = {"starts": 1, "run_id": marker_run, "stopped_after_s": 30.0}
+        media.write_text(json.dumps(stopped), actor._marker(["x"]))
+        (result,) = actor(rows).to_pylist()
+        assert ("row time limit (30 s)" in result["error"]) is gives_up, result["error"]
+        assert ("not found" in result["error"]) is not gives_up  # the row itself was run
+        assert result["retryable"] is gives_up  # a missing file is not retryable; a stopped row is
+
+
+def test_a_parameter_bomb_is_stopped_at_the_row_time_limit_and_the_job_finishes(
+    ray_cluster, data_dir, tmp_path
+):
+    """LiveSketch with steps=10**9 in one row's column would hold its actor for years: the row time
+    limit restarts the worker, the row is given up with the limit in its error, and its batch-mate,
+    which shared the stopped call, is rerun alone and finishes."""
+    sketches = data_dir / "sketches"
+    manifest = tmp_path / "bomb.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["fish", "bomb"],
+                "svg": [str(sketches / "fish_scaled1.svg"), str(sketches / "surfer0_scaled1.svg")],
+                "prompt": ["A fish swimming.", "A surfer riding waves."],
+                "steps": [2, 10**9],
+            }
+        ),
+        manifest,
+    )
+    sets = ["num_frames=3", "height=32", "width=32", "dim=16", "video_size=48"]
+    args = ["generate", "livesketch", "--manifest", str(manifest), "--output", str(tmp_path / "out")]
+    args += ["--backbone", "tiny", "--clip", "none", "--xclip", "none", "--batch-size", "2"]
+    args += ["--row-time-limit", "4", *(a for s in sets for a in ("--set", s))]
+    assert main(args) == 0
+    rows = _latest(tmp_path / "out")
+    assert rows["fish"]["status"] == "ok", rows["fish"]["error"]
+    assert rows["bomb"]["status"] == "error" and rows["bomb"]["retryable"]
+    assert "row time limit (4 s)" in rows["bomb"]["error"] and "bomb" in rows["bomb"]["error"]
+    assert not (tmp_path / "out" / "artifacts" / "bomb" / "animation.svg").exists()
+
+
 def test_cli_refuses_a_broken_manifest_before_any_work(ray_cluster, tmp_path, capsys):
     manifest = tmp_path / "broken.parquet"
     pq.write_table(pa.table({"id": ["a", "a"], "prompt": ["x", None]}), manifest)
