@@ -12,6 +12,7 @@ stops a GPU computation, and given up when it runs past the limit alone.
 from __future__ import annotations
 
 import datetime as dt
+import faulthandler
 import hashlib
 import json
 import os
@@ -122,6 +123,8 @@ class RowActor:
     # task costs; see runner.task_rows.
     default_batch_size: ClassVar[int] = 1
     rows_per_task: ClassVar[int] = 1
+    # Seconds a row may run without --row-time-limit: far above a row of the released model on a GPU.
+    row_time_limit_s: ClassVar[float] = 3000.0
     # True: a CPU stage before the pool reads each row's inputs (`read_inputs`, run by `decode_rows`), so
     # that the accelerator's actors spend their time in the models; see runner.run_job.
     decode_stage: ClassVar[bool] = False
@@ -242,15 +245,9 @@ class RowActor:
             for i in indices:
                 results |= self._guarded(rows, [i])
         elif stopped is not None or crashes >= self.config.max_row_crashes:
-            message = (
-                f"ran past the row time limit ({stopped:g} s) and its worker process was restarted to stop "
-                "it; giving up on it (raise --row-time-limit if rows take this long)"
-                if stopped is not None
-                else f"the worker process died {crashes} times while processing this row (killed, out of "
-                "host memory, or a fatal GPU error); giving up on it"
-            )
-            ran = stopped or 0.0
-            results = {i: self._error_row(rows[i], {}, message, retryable=True, seconds=ran) for i in indices}
+            # The marker stays until the run ends: a retry of this batch (its task fails again when a
+            # batch-mate is stopped) gives the row up at once instead of running it again.
+            return {i: self._given_up(rows[i], crashes, stopped) for i in indices}
         else:
             with self._time_limit(marker, record, len(indices)):
                 results = self._run(rows, indices)
@@ -260,32 +257,63 @@ class RowActor:
         media.remove(marker)
         return results
 
+    def _given_up(self, row: dict[str, Any], crashes: int, stopped: float | None) -> ResultRow:
+        if stopped is None:
+            message = (
+                f"the worker process died {crashes} times while processing this row (killed, out of host "
+                "memory, or a fatal GPU error); giving up on it"
+            )
+            return self._error_row(row, {}, message, retryable=True, seconds=0.0)
+        # Not retryable: a row this slow (a parameter bomb such as steps=10**9) would cost every rerun of
+        # the job the limit and a model load again.
+        message = (
+            f"ran past the row time limit ({stopped:g} s) and its worker process was restarted to stop it; "
+            "giving up on it (to try it again, rerun with a higher --row-time-limit and --retry-errors)"
+        )
+        return self._error_row(row, {}, message, retryable=False, seconds=stopped)
+
     @contextmanager
     def _time_limit(self, marker: str, record: dict[str, Any], rows: int) -> Iterator[None]:
         """End the process if the rows run past the job's row time limit, noting why in their marker, so
         that the retry Ray makes after restarting the actor knows to split the batch or give the row up.
-        A thread cannot interrupt a GPU kernel or a blocking read; ending the process can."""
+        A thread cannot interrupt a GPU kernel or a blocking read; ending the process can. Where the rows
+        were goes to the worker's log."""
         limit = self.config.row_time_limit_s
         if not limit:
             yield
             return
+        seconds = limit * rows
+        lock, finished = threading.Lock(), threading.Event()
 
         def stop() -> None:
-            media.write_text(json.dumps({**record, "stopped_after_s": limit * rows}), marker)
-            print(
-                f"[anima] {rows} row(s) ran past the row time limit ({limit * rows:g} s); restarting worker",
-                file=sys.stderr,
-                flush=True,
-            )
-            os._exit(1)
+            with lock:  # the call finishing and the stop exclude each other: one of them happens whole
+                if finished.is_set():
+                    return
+                try:
+                    print(
+                        f"[anima] {rows} row(s) ran past the row time limit ({seconds:g} s); restarting the "
+                        "worker. Where they were:",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    faulthandler.dump_traceback(sys.stderr)
+                    media.write_text(json.dumps({**record, "stopped_after_s": seconds}), marker)
+                finally:
+                    os._exit(1)
 
-        timer = threading.Timer(limit * rows, stop)
+        timer = threading.Timer(seconds, stop)
         timer.daemon = True
         timer.start()
+        # Code that holds the GIL starves the timer's thread: faulthandler's own thread ends the process
+        # a minute later all the same (without a note, so the retry counts it as a crash).
+        faulthandler.dump_traceback_later(seconds + 60, exit=True)
         try:
             yield
         finally:
+            with lock:
+                finished.set()
             timer.cancel()
+            faulthandler.cancel_dump_traceback_later()
 
     def _run(self, rows: list[dict[str, Any]], indices: list[int]) -> dict[int, ResultRow]:
         """Run rows together; if the batch as a whole fails, run them one by one to isolate the culprit."""
@@ -385,8 +413,8 @@ class RowActor:
 
     def _note_start(self, marker: str, ids: list[str]) -> dict[str, Any]:
         """Record that work on a batch began; return its marker: `starts`, the attempts in this run
-        including this one (a process died on each earlier one), and `stopped_after_s` when the last was
-        stopped at the time limit.
+        including this one (a process died on each earlier one), and `stopped_after_s` when one was
+        stopped at the time limit (kept: a row stopped alone is given up on every later attempt).
 
         The marker outlives a killed process, so its count says how many processes died on this batch
         (a row that kills its process kills its batch, so every row of it counts the same). A marker of
@@ -399,7 +427,7 @@ class RowActor:
         starts = earlier.get("starts", 0)
         record = {**earlier, "starts": starts + 1, "run_id": self.config.run_id}
         if starts < self.config.max_row_crashes:
-            media.write_text(json.dumps({"starts": starts + 1, "run_id": self.config.run_id}), marker)
+            media.write_text(json.dumps(record), marker)
         victim = os.environ.get(CHAOS_KILL_ENV)
         if starts == 0 and victim in ids:
             print(f"[anima] chaos: killing worker process on row {victim!r}", file=sys.stderr, flush=True)

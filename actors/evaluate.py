@@ -38,6 +38,8 @@ class EvaluateActor(RowActor):
     # Rows take a second or less: calls of 32 rows amortise the per-call cost, tasks of 256 a few minutes.
     default_batch_size: ClassVar[int] = 32
     rows_per_task: ClassVar[int] = 256
+    # A row reads one video and runs the metric models: seconds, a minute on a CPU with every model.
+    row_time_limit_s: ClassVar[float] = 120.0
     decode_stage: ClassVar[bool] = True
 
     @classmethod

@@ -57,13 +57,17 @@ def _pool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--row-time-limit",
         type=float,
-        default=3000.0,
+        default=None,
         metavar="S",
-        help="give up on a row that runs longer than S seconds, restarting its worker (0: no limit)",
+        help="give up on a row that runs longer than S seconds, restarting its worker (default: 3000, "
+        "evaluate 120; 0: no limit)",
     )
     p.add_argument("--retry-errors", action="store_true", help="also rerun rows that failed on bad input")
     p.add_argument(
-        "--no-progress-timeout", type=float, default=3600.0, help="seconds without progress to abort"
+        "--no-progress-timeout",
+        type=float,
+        default=None,
+        help="seconds without progress to abort (default: 3600, more when --row-time-limit needs it)",
     )
     p.add_argument(
         "--verbose", action="store_true", help="also Ray Data's progress blocks and the workers' tqdm bars"
@@ -141,7 +145,7 @@ def spec_from_args(args: argparse.Namespace, method: str) -> JobSpec:
         cpus_per_actor=args.cpus_per_actor,
         batch_size=args.batch_size,
         max_row_crashes=args.max_row_crashes,
-        row_time_limit_s=args.row_time_limit or None,
+        row_time_limit_s=args.row_time_limit,
         retry_errors=args.retry_errors,
         no_progress_timeout_s=args.no_progress_timeout,
         verbose=args.verbose,

@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import glob
 import importlib
+import math
 import os
 import time
 import uuid
@@ -76,11 +77,12 @@ class JobSpec:
     batch_size: int | None = None  # None: the method's `RowActor.default_batch_size`
     max_row_crashes: int = 2
     # Seconds a row may run in its actor before its process is restarted and the row given up (a call
-    # of B rows: B times as long). None: no limit. Keep it under no_progress_timeout_s, or on a pool of
-    # one actor the whole job is aborted before the row is given up.
-    row_time_limit_s: float | None = 3000.0
+    # of B rows: B times as long). None: the method's `RowActor.row_time_limit_s`; 0: no limit.
+    row_time_limit_s: float | None = None
     retry_errors: bool = False
-    no_progress_timeout_s: float = 3600.0
+    # Seconds without progress before the job is aborted. None: an hour, or more where a row stopped at
+    # its time limit could stall a one-actor pool longer (see `no_progress_timeout`).
+    no_progress_timeout_s: float | None = None
     rows_per_task: int | None = None  # None: the method's choice (see `task_rows`)
     # The CPU decode stage of methods that have one: None = when the pool has accelerators to keep busy (on
     # CPU-only pools it would compete with the actors for the same cores); True/False to force it.
@@ -213,8 +215,9 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         raise JobError(f"unknown parameter(s) {', '.join(unknown)} for {spec.method}; known: {known}")
     if (spec.batch_size or 1) < 1 or spec.actors < 1:
         raise JobError("--batch-size and --actors must be at least 1")
-    if spec.row_time_limit_s is not None and spec.row_time_limit_s <= 0:
-        raise JobError("--row-time-limit must be positive (0 on the command line: no limit)")
+    limit = actor.row_time_limit_s if spec.row_time_limit_s is None else spec.row_time_limit_s
+    if not 0 <= limit < math.inf:
+        raise JobError(f"--row-time-limit must be a number of seconds >= 0 (0: no limit), got {limit}")
     started = time.time()
     table = check(read_manifest(spec.manifest), actor.kind, spec.manifest)
     check_output_writable(spec.output)
@@ -232,7 +235,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         models=spec.models,
         params=spec.params,
         max_row_crashes=spec.max_row_crashes,
-        row_time_limit_s=spec.row_time_limit_s,
+        row_time_limit_s=limit or None,
         verbose=spec.verbose,
     )
     print(f"[anima] run {run_id}: {table.num_rows} rows, {skipped} settled earlier, {todo.num_rows} to run")
@@ -243,7 +246,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         progress.quiet_ray_data(spec.verbose)
         ctx = DataContext.get_current()
         ctx.max_errored_blocks = -1  # a failed task's rows are backfilled as error rows below
-        ctx.execution_no_progress_timeout_s = spec.no_progress_timeout_s
+        ctx.execution_no_progress_timeout_s = no_progress_timeout(spec, limit)
         rows = task_rows(spec, actor, todo.num_rows)
         results_fs, results_path = fsspec.core.url_to_fs(results_uri)
         blocks = [todo.slice(i, rows) for i in range(0, todo.num_rows, rows)]
@@ -293,6 +296,22 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     report = summary.build(table, spec, run_id, skipped, todo.num_rows, time.time() - started)
     summary.save(report, spec.output)
     return report
+
+
+def no_progress_timeout(spec: JobSpec, row_time_limit: float) -> float:
+    """Seconds without progress before Ray Data aborts the job: the job's, or an hour, raised to outlast
+    what a row that runs past its time limit costs a one-actor pool before it is given up (its call,
+    the row alone after the split, and the actor's restarts), so that the row is given up, not the job."""
+    needed = (spec.batch_size + 1) * row_time_limit + 600 if row_time_limit else 0.0
+    if spec.no_progress_timeout_s is None:
+        return max(3600.0, needed)
+    if spec.no_progress_timeout_s < needed:
+        print(
+            f"[anima] warning: --no-progress-timeout {spec.no_progress_timeout_s:g} s is below the "
+            f"{needed:g} s a row stopped at --row-time-limit can take to give up; on a small pool the "
+            "whole job may be aborted first"
+        )
+    return spec.no_progress_timeout_s
 
 
 def writer_args(spec: JobSpec) -> dict[str, Any]:

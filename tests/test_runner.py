@@ -172,7 +172,8 @@ def test_only_this_runs_worker_deaths_count_against_a_row(tmp_path):
 
 def test_a_row_stopped_at_the_time_limit_is_given_up_only_in_the_run_that_stopped_it(tmp_path):
     """The marker the time limit leaves makes the retry give the row up, with the limit in its error and
-    no second run of it; a later run (perhaps with a higher limit) tries the row again."""
+    no second run of it, and stays, so that every later retry in the run does the same; a later run
+    (perhaps with a higher limit) tries the row again."""
     from actors.base import JobConfig
     from actors.evaluate import EvaluateActor
 
@@ -185,7 +186,11 @@ def test_a_row_stopped_at_the_time_limit_is_given_up_only_in_the_run_that_stoppe
         (result,) = actor(rows).to_pylist()
         assert ("row time limit (30 s)" in result["error"]) is gives_up, result["error"]
         assert ("not found" in result["error"]) is not gives_up  # the row itself was run
-        assert result["retryable"] is gives_up  # a missing file is not retryable; a stopped row is
+        assert (
+            result["retryable"] is False
+        )  # a rerun would cost the limit again, as a missing file fails again
+        # A given-up row's marker stays for the run: a retry of its batch gives it up again at once.
+        assert media.exists(actor._marker(["x"])) is gives_up
 
 
 def test_a_parameter_bomb_is_stopped_at_the_row_time_limit_and_the_job_finishes(
@@ -214,9 +219,22 @@ def test_a_parameter_bomb_is_stopped_at_the_row_time_limit_and_the_job_finishes(
     assert main(args) == 0
     rows = _latest(tmp_path / "out")
     assert rows["fish"]["status"] == "ok", rows["fish"]["error"]
-    assert rows["bomb"]["status"] == "error" and rows["bomb"]["retryable"]
+    assert rows["bomb"]["status"] == "error" and not rows["bomb"]["retryable"]
     assert "row time limit (4 s)" in rows["bomb"]["error"] and "bomb" in rows["bomb"]["error"]
     assert not (tmp_path / "out" / "artifacts" / "bomb" / "animation.svg").exists()
+
+
+def test_the_no_progress_timeout_outlasts_a_row_stopped_at_its_time_limit(tmp_path, capsys):
+    from jobs.runner import no_progress_timeout
+
+    spec = JobSpec("livesketch", "m.parquet", str(tmp_path), batch_size=1)
+    assert no_progress_timeout(spec, 0.0) == 3600  # no limit: an hour, as Ray Data's own default
+    assert no_progress_timeout(spec, 600.0) == 3600
+    batched = dataclasses.replace(spec, batch_size=4)
+    assert no_progress_timeout(batched, 3000.0) == 5 * 3000 + 600  # the call, the row alone, restarts
+    chosen = dataclasses.replace(batched, no_progress_timeout_s=7200.0)
+    assert no_progress_timeout(chosen, 3000.0) == 7200  # the user's own value stands, with a warning
+    assert "below the 15600 s a row stopped at --row-time-limit" in capsys.readouterr().out
 
 
 def test_cli_refuses_a_broken_manifest_before_any_work(ray_cluster, tmp_path, capsys):
