@@ -449,6 +449,28 @@ def test_svg_bombs_and_oversized_inputs_are_refused(tmp_path):
         media.read_svg(str(huge))
 
 
+def test_pipes_and_devices_are_refused_without_reading_them(tmp_path):
+    """A manifest may name any path: a pipe blocked the read forever and /dev/zero filled memory."""
+    import os
+    import threading
+
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+
+    def feed() -> None:  # if the pipe were opened, this writer would let the read finish with an image
+        with open(pipe, "wb") as f:
+            Image.new("RGB", (4, 4)).save(f, format="PNG")
+
+    threading.Thread(target=feed, daemon=True).start()
+    for uri in [str(pipe), "/dev/null", f"simplecache::{pipe}"]:
+        with pytest.raises(MediaError, match="not a regular file"):
+            media.read_image(uri)
+    with pytest.raises(MediaError, match="not a regular file"):
+        media.read_bytes("/dev/null")  # read, it would give b"" and no error
+    with pytest.raises(MediaError, match="it is a directory"):
+        media.read_image(str(tmp_path))
+
+
 def test_a_decompression_bomb_is_refused_before_its_pixels_are_decoded(tmp_path):
     bomb = tmp_path / "bomb.png"
     Image.new("1", (20_000, 20_000)).save(bomb)
@@ -508,7 +530,8 @@ def test_a_file_of_unknown_size_is_read_no_further_than_the_limit(memory_root, m
     from fsspec.implementations.memory import MemoryFileSystem
 
     uri = media.write_bytes(b"x" * 3000, media.join(memory_root, "stream.bin"))
-    monkeypatch.setattr(MemoryFileSystem, "size", lambda self, path: None)
+    unknown = {"type": "file", "size": None}  # what fsspec's HTTP filesystem says of such a server
+    monkeypatch.setattr(MemoryFileSystem, "info", lambda self, path, **kw: {"name": path, **unknown})
     monkeypatch.setattr(MemoryFileSystem, "cat_file", lambda *a, **k: pytest.fail("read whole"))
     with pytest.raises(MediaError, match="over the 0 MiB limit"):
         media._read(uri, "file", limit=2999)

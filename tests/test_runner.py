@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -407,11 +408,16 @@ def test_media_bombs_become_error_rows_and_the_other_rows_finish(ray_cluster, da
         for _ in range(100_000):
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
+    pipe = tmp_path / "pipe.mp4"
+    os.mkfifo(pipe)
     videos = sorted((data_dir / "videos").glob("*.mp4")) or sorted(data_dir.glob("*.mp4"))
     records = [
         {"id": "bomb_image", "video": str(videos[0]), "image": str(bomb), "num_frames": 4},
         {"id": "long_video", "video": str(long_video), "image": None, "num_frames": 16},
         {"id": "fine", "video": str(videos[0]), "image": None, "num_frames": 4},
+        # A pipe blocked its reader forever; a device such as /dev/zero was read until memory ran out.
+        {"id": "pipe", "video": str(pipe), "image": None, "num_frames": 4},
+        {"id": "device", "video": str(videos[0]), "image": "/dev/null", "num_frames": 4},
     ]
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "bombs.parquet")
     output = tmp_path / "out"
@@ -420,6 +426,8 @@ def test_media_bombs_become_error_rows_and_the_other_rows_finish(ray_cluster, da
     )
     rows = _latest(output)
     assert "pixel limit" in rows["bomb_image"]["error"]
+    for name in ("pipe", "device"):
+        assert "not a regular file" in rows[name]["error"] and not rows[name]["retryable"]
     assert rows["long_video"]["status"] == "ok" and rows["fine"]["status"] == "ok"
     assert rows["long_video"]["peak_memory_mb"] < 2000  # 16 of its 10^5 frames were decoded
 
