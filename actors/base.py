@@ -6,7 +6,8 @@ Only a fault that leaves the process unusable (a fatal CUDA error) ends the proc
 restarts the actor and retries the batch elsewhere; a row that keeps killing its process is given up
 after `max_row_crashes` tries instead of looping forever. A row that runs past `row_time_limit_s` (a
 parameter bomb such as `steps=10**9`, a hung read) is stopped the same way, since only ending the process
-stops a GPU computation, and given up when it runs past the limit alone.
+stops a GPU computation, and given up when it runs past the limit alone. The decode stage's CPU tasks
+(`decode_rows`) keep the same accounting per row.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy.typing as npt
@@ -272,48 +274,16 @@ class RowActor:
         )
         return self._error_row(row, {}, message, retryable=False, seconds=stopped)
 
-    @contextmanager
-    def _time_limit(self, marker: str, record: dict[str, Any], rows: int) -> Iterator[None]:
+    def _time_limit(self, marker: str, record: dict[str, Any], rows: int) -> AbstractContextManager[None]:
         """End the process if the rows run past the job's row time limit, noting why in their marker, so
-        that the retry Ray makes after restarting the actor knows to split the batch or give the row up.
-        A thread cannot interrupt a GPU kernel or a blocking read; ending the process can. Where the rows
-        were goes to the worker's log."""
+        that the retry Ray makes after restarting the actor knows to split the batch or give the row up."""
         limit = self.config.row_time_limit_s
-        if not limit:
-            yield
-            return
-        seconds = limit * rows
-        lock, finished = threading.Lock(), threading.Event()
-
-        def stop() -> None:
-            with lock:  # the call finishing and the stop exclude each other: one of them happens whole
-                if finished.is_set():
-                    return
-                try:
-                    print(
-                        f"[anima] {rows} row(s) ran past the row time limit ({seconds:g} s); restarting the "
-                        "worker. Where they were:",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    faulthandler.dump_traceback(sys.stderr)
-                    media.write_text(json.dumps({**record, "stopped_after_s": seconds}), marker)
-                finally:
-                    os._exit(1)
-
-        timer = threading.Timer(seconds, stop)
-        timer.daemon = True
-        timer.start()
-        # Code that holds the GIL starves the timer's thread: faulthandler's own thread ends the process
-        # a minute later all the same (without a note, so the retry counts it as a crash).
-        faulthandler.dump_traceback_later(seconds + 60, exit=True)
-        try:
-            yield
-        finally:
-            with lock:
-                finished.set()
-            timer.cancel()
-            faulthandler.cancel_dump_traceback_later()
+        seconds = limit * rows if limit else None
+        return _stop_after(
+            seconds,
+            f"{rows} row(s)",
+            lambda: media.write_text(json.dumps({**record, "stopped_after_s": seconds}), marker),
+        )
 
     def _run(self, rows: list[dict[str, Any]], indices: list[int]) -> dict[int, ResultRow]:
         """Run rows together; if the batch as a whole fails, run them one by one to isolate the culprit."""
@@ -404,12 +374,7 @@ class RowActor:
     # -- crash accounting -------------------------------------------------------------------
 
     def _marker(self, ids: list[str]) -> str:
-        """The in-flight marker of a batch: OUTPUT/_inflight/<digest of its ids>.json.
-
-        Ray retries a failed task with the same block, so the same batch finds its marker again.
-        """
-        digest = hashlib.sha1("\n".join(ids).encode("utf-8")).hexdigest()
-        return media.join_under(self.config.output, "_inflight", f"{digest}.json")
+        return _marker(self.config, ids)
 
     def _note_start(self, marker: str, ids: list[str]) -> dict[str, Any]:
         """Record that work on a batch began; return its marker: `starts`, the attempts in this run
@@ -421,9 +386,7 @@ class RowActor:
         an earlier run is left by a driver that died (preempted, killed), which is not the rows' doing:
         it counts from zero again.
         """
-        earlier = json.loads(media.read_bytes(marker)) if media.exists(marker) else {}
-        if earlier.get("run_id") != self.config.run_id:
-            earlier = {}
+        earlier = _this_runs_record(marker, self.config.run_id)
         starts = earlier.get("starts", 0)
         record = {**earlier, "starts": starts + 1, "run_id": self.config.run_id}
         if starts < self.config.max_row_crashes:
@@ -433,6 +396,63 @@ class RowActor:
             print(f"[anima] chaos: killing worker process on row {victim!r}", file=sys.stderr, flush=True)
             os._exit(1)
         return record
+
+
+def _marker(config: JobConfig, ids: list[str], stage: str = "") -> str:
+    """The in-flight marker of a batch: OUTPUT/_inflight/<stage><digest of its ids>.json.
+
+    Ray retries a failed task with the same block, so the same batch finds its marker again.
+    """
+    digest = hashlib.sha1("\n".join(ids).encode("utf-8")).hexdigest()
+    return media.join_under(config.output, "_inflight", f"{stage}{digest}.json")
+
+
+def _this_runs_record(marker: str, run_id: str) -> dict[str, Any]:
+    """The marker's record if this run wrote it, else empty: a marker of an earlier run was left by a
+    driver that died (preempted, killed), which is not the rows' doing."""
+    earlier = json.loads(media.read_bytes(marker)) if media.exists(marker) else {}
+    return earlier if earlier.get("run_id") == run_id else {}
+
+
+@contextmanager
+def _stop_after(seconds: float | None, what: str, note: Callable[[], None]) -> Iterator[None]:
+    """End the process if the block runs past `seconds` (None: no limit), after `note()` records why for
+    the retry. A thread cannot interrupt a GPU kernel or a blocking read; ending the process can. Where
+    the work was goes to the worker's log."""
+    if not seconds:
+        yield
+        return
+    lock, finished = threading.Lock(), threading.Event()
+
+    def stop() -> None:
+        with lock:  # the block finishing and the stop exclude each other: one of them happens whole
+            if finished.is_set():
+                return
+            try:
+                print(
+                    f"[anima] {what} ran past the row time limit ({seconds:g} s); restarting the worker. "
+                    "Where it was:",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                faulthandler.dump_traceback(sys.stderr)
+                note()
+            finally:
+                os._exit(1)
+
+    timer = threading.Timer(seconds, stop)
+    timer.daemon = True
+    timer.start()
+    # Code that holds the GIL starves the timer's thread: faulthandler's own thread ends the process
+    # a minute later all the same (without a note, so the retry counts it as a crash).
+    faulthandler.dump_traceback_later(seconds + 60, exit=True)
+    try:
+        yield
+    finally:
+        with lock:
+            finished.set()
+        timer.cancel()
+        faulthandler.cancel_dump_traceback_later()
 
 
 def quiet_progress_bars(config: JobConfig) -> None:
@@ -453,22 +473,58 @@ def quiet_progress_bars(config: JobConfig) -> None:
 
 def decode_rows(batch: pa.Table, actor: type[RowActor], config: JobConfig) -> pa.Table:
     """The decode stage, run as Ray Data CPU tasks: each row's inputs read and packed, or the reason they
-    could not be, which the actor turns into that row's error row (every row still gets one)."""
+    could not be, which the actor turns into that row's error row (every row still gets one).
+
+    Ray Data retries a task whose process died without end, so the stage keeps the actors' accounting
+    in its batch's marker: a read that runs past the row time limit is stopped and its row given up on
+    the retry; after a death, the retry notes each row before reading it, so a row whose read kills the
+    process (a decoder crash) is given up after `max_row_crashes` deaths. Its batch-mates are read.
+    """
+    rows = batch.to_pylist()
+    marker = _marker(config, [row["id"] for row in rows], "decode-")
+    record = {**_this_runs_record(marker, config.run_id), "run_id": config.run_id}
+    record["starts"] = record.get("starts", 0) + 1
+    stopped, deaths = record.setdefault("stopped", {}), record.setdefault("deaths", {})
+    reading = record.pop("reading", None)  # the row the last process ended in
+    if reading is not None and reading not in stopped:
+        deaths[reading] = deaths.get(reading, 0) + 1
+    media.write_text(json.dumps(record), marker)
     decoded: list[bytes | None] = []
     errors: list[str | None] = []
     retryable: list[bool | None] = []
-    for row in batch.to_pylist():
-        try:
-            arrays = actor.read_inputs(row, actor.merge_params(row, config.params), config)
-        except Exception as exc:
-            message, again = _describe(exc)
-            decoded.append(None)
-            errors.append(message)
-            retryable.append(again)
+    for row in rows:
+        row_id = row["id"]
+        arrays, error, again = None, None, None
+        if row_id in stopped:
+            error, again = (
+                f"reading its inputs ran past the row time limit ({stopped[row_id]:g} s) and its worker "
+                "process was restarted to stop it (a stalled read?); giving up on it (to try it again, rerun "
+                "with a higher --row-time-limit and --retry-errors)",
+                False,
+            )
+        elif deaths.get(row_id, 0) >= config.max_row_crashes:
+            error, again = (
+                f"the worker process died {deaths[row_id]} times while reading this row's inputs (a decoder "
+                "crash, or out of host memory); giving up on it",
+                True,
+            )
         else:
-            decoded.append(media.pack_arrays(arrays))
-            errors.append(None)
-            retryable.append(None)
+            if record["starts"] > 1:  # a process died on this batch: note the row it may die in
+                media.write_text(json.dumps({**record, "reading": row_id}), marker)
+            limit = config.row_time_limit_s
+            stop_note = json.dumps({**record, "reading": row_id, "stopped": {**stopped, row_id: limit}})
+            try:
+                with _stop_after(
+                    limit, f"reading row {row_id!r}", partial(media.write_text, stop_note, marker)
+                ):
+                    arrays = actor.read_inputs(row, actor.merge_params(row, config.params), config)
+            except Exception as exc:
+                error, again = _describe(exc)
+        decoded.append(None if arrays is None else media.pack_arrays(arrays))
+        errors.append(error)
+        retryable.append(again)
+    if not stopped and not any(n >= config.max_row_crashes for n in deaths.values()):
+        media.remove(marker)  # else kept for the run: a retry of the task gives those rows up at once
     return (
         batch.append_column(DECODED_COLUMN, pa.array(decoded, pa.large_binary()))
         .append_column(DECODE_ERROR_COLUMN, pa.array(errors, pa.string()))

@@ -702,3 +702,67 @@ def test_a_job_that_names_no_model_starts_no_prepare_task(monkeypatch):
     with pytest.raises(AssertionError, match="looked for nodes"):
         named = JobConfig(method="evaluate", output="out", run_id="r", models={"clip": "tiny"})
         runner.prepare_on_nodes(named, JobSpec("evaluate", "m", "out"))
+
+
+def test_the_decode_stage_gives_up_a_read_stopped_at_the_limit_or_killing_its_process(data_dir, tmp_path):
+    """Ray Data retries a decode task whose process died without end: the batch's marker tells the retry
+    which row's read was stopped at the time limit or died, so that only that row is given up (a stop at
+    once, deaths after `max_row_crashes`), and only within the run that saw it."""
+    from actors.base import (
+        DECODE_ERROR_COLUMN,
+        DECODE_RETRYABLE_COLUMN,
+        DECODED_COLUMN,
+        JobConfig,
+        decode_rows,
+    )
+    from actors.base import _marker as marker_of
+    from actors.evaluate import EvaluateActor
+
+    video = str((sorted((data_dir / "videos").glob("*.mp4")) or sorted(data_dir.glob("*.mp4")))[0])
+    rows = pa.Table.from_pylist([{"id": i, "video": video, "prompt": None} for i in ("x", "y")])
+    config = JobConfig(method="evaluate", output=str(tmp_path / "out"), run_id="this-run", max_row_crashes=2)
+    marker = marker_of(config, ["x", "y"], "decode-")
+    for record, x_error, kept in [
+        ({"starts": 1, "run_id": "this-run", "stopped": {"x": 30.0}}, "row time limit (30 s)", True),
+        ({"starts": 2, "run_id": "this-run", "reading": "x", "deaths": {"x": 1}}, "died 2 times", True),
+        ({"starts": 2, "run_id": "this-run", "reading": "x"}, None, False),  # one death: read it again
+        ({"starts": 1, "run_id": "earlier-run", "stopped": {"x": 30.0}}, None, False),  # not this run's
+    ]:
+        media.write_text(json.dumps(record), marker)
+        out = decode_rows(rows, EvaluateActor, config).to_pylist()
+        assert out[1][DECODED_COLUMN] is not None and out[1][DECODE_ERROR_COLUMN] is None  # y is read
+        assert (out[0][DECODED_COLUMN] is None) is (x_error is not None)
+        if x_error:
+            assert x_error in out[0][DECODE_ERROR_COLUMN]
+            assert out[0][DECODE_RETRYABLE_COLUMN] is ("died" in x_error)  # a stop is not retryable
+        assert media.exists(marker) is kept  # a given-up row's marker stays for the run's later retries
+
+
+def test_a_stalled_read_in_the_decode_stage_is_stopped_at_the_row_time_limit(ray_cluster, data_dir, tmp_path):
+    """A server that accepts the connection and never answers held a decode task forever, and so the
+    whole job: the read is stopped at the limit, the row given up, and its batch-mate finishes."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept_and_say_nothing() -> None:
+        while True:
+            held.append(server.accept()[0])
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
+    video = str((sorted((data_dir / "videos").glob("*.mp4")) or sorted(data_dir.glob("*.mp4")))[0])
+    stalled = f"http://127.0.0.1:{server.getsockname()[1]}/clip.mp4"
+    records = [{"id": "fine", "video": video, "num_frames": 4}, {"id": "stalled", "video": stalled}]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "m.parquet")
+    output = tmp_path / "out"
+    spec = JobSpec(
+        "evaluate", str(tmp_path / "m.parquet"), str(output), models={}, batch_size=2, decode_stage=True
+    )
+    report = run_job(dataclasses.replace(spec, row_time_limit_s=3))
+    rows = _latest(output)
+    assert report["processed"] == 2 and rows["fine"]["status"] == "ok"
+    assert "reading its inputs ran past the row time limit (3 s)" in rows["stalled"]["error"]
+    assert not rows["stalled"]["retryable"]
+    server.close()
