@@ -36,7 +36,7 @@ except ImportError:  # no decord wheels for some platforms (e.g. macOS arm64); P
 
 # A PUT to these is atomic on its own, and they have no cheap rename.
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
-_SVG_NAMESPACE = "http://www.w3.org/2000/svg"
+SVG_NAMESPACE = "http://www.w3.org/2000/svg"
 # ITU-R BT.601 weights, the ones PIL uses for "L".
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _JPEG_QUALITY = 95
@@ -681,17 +681,25 @@ def read_svg(uri: str) -> str:
         text = None
     if text is None or "\x00" in text:  # UTF-16 and UTF-32 documents decode "validly", with NULs
         raise MediaError(f"not an SVG document: {uri} (not UTF-8 text)")
+    svg_root(data, uri)
+    return text
+
+
+def svg_root(data: bytes, source: str) -> ElementTree.Element:
+    """The root element of an SVG document; MediaError naming `source` when the bytes are not one.
+
+    defusedxml refuses entity declarations as the XML parser meets them, in whatever encoding the parser
+    detects, before any is expanded.
+    """
     try:
-        # defusedxml refuses entity declarations as the XML parser meets them, in whatever encoding the
-        # parser detects, before any is expanded.
         root = DefusedElementTree.fromstring(data)
     except defusedxml.DefusedXmlException:
-        raise MediaError(f"not accepted as SVG: {uri} declares XML entities (an entity bomb?)") from None
+        raise MediaError(f"not accepted as SVG: {source} declares XML entities (an entity bomb?)") from None
     except ElementTree.ParseError as exc:
-        raise MediaError(f"not an SVG document: {uri} (invalid XML: {exc})") from exc
-    if root.tag not in ("svg", f"{{{_SVG_NAMESPACE}}}svg"):
-        raise MediaError(f"not an SVG document: {uri} (root element is {root.tag!r})")
-    return text
+        raise MediaError(f"not an SVG document: {source} (invalid XML: {exc})") from exc
+    if root.tag not in ("svg", f"{{{SVG_NAMESPACE}}}svg"):
+        raise MediaError(f"not an SVG document: {source} (root element is {root.tag!r})")
+    return root
 
 
 # What `shapes_only_svg` keeps: shapes, their geometry and paint, and SMIL animation of those (how
@@ -718,7 +726,7 @@ def shapes_only_svg(text: str) -> str:
 
     def kept(element: ElementTree.Element) -> ElementTree.Element | None:
         namespace, _, tag = element.tag.rpartition("}")
-        if namespace not in ("", f"{{{_SVG_NAMESPACE}"):
+        if namespace not in ("", f"{{{SVG_NAMESPACE}"):
             return None
         names = _SVG_ATTRIBUTES | (_SVG_ANIMATION if tag == "animate" else set())
         attributes = {
@@ -748,7 +756,7 @@ def shapes_only_svg(text: str) -> str:
             if rebuilt is not None:
                 out.append(rebuilt)
                 todo.append((child, rebuilt, depth + 1))
-    root.set("xmlns", _SVG_NAMESPACE)
+    root.set("xmlns", SVG_NAMESPACE)
     return ElementTree.tostring(root, encoding="unicode") + "\n"
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import math
-import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,7 +21,6 @@ import torch
 
 from pipelines import media
 
-_SVG_NAMESPACE = "http://www.w3.org/2000/svg"
 # Presentation attributes written back as they were; the rasterizer itself always draws round caps.
 _KEPT_ATTRS = (
     "stroke-linecap",
@@ -123,16 +121,6 @@ def _length(value: str | None) -> float | None:
         return None
 
 
-def _root(text: str, source: str) -> ElementTree.Element:
-    try:
-        root = ElementTree.fromstring(text.lstrip("\ufeff").encode("utf-8"))
-    except ElementTree.ParseError as exc:
-        raise SketchError(f"{source}: not an SVG document (invalid XML: {exc})") from None
-    if root.tag not in ("svg", f"{{{_SVG_NAMESPACE}}}svg"):
-        raise SketchError(f"{source}: not an SVG document (root element is {root.tag!r})")
-    return root
-
-
 def _rgba(color: Any, opacity: float) -> RGBA | None:
     if color is None or getattr(color, "value", None) is None:
         return None
@@ -231,7 +219,10 @@ def _raw_path(shape: Any) -> _RawPath | None:
 
 def parse_svg(text: str, size: int = 256, source: str = "<svg>") -> Sketch:
     """Parse SVG text into a sketch on a size×size canvas, normalized as the official preprocessing."""
-    root = _root(text, source)
+    try:
+        root = media.svg_root(text.lstrip("\ufeff").encode("utf-8"), source)
+    except media.MediaError as exc:
+        raise SketchError(str(exc)) from None
     width, height = _length(root.get("width")), _length(root.get("height"))
     viewbox = root.get("viewBox")
     kwargs: dict[str, float] = {}
@@ -358,7 +349,7 @@ def _escape(value: str) -> str:
 
 
 def _header(size: int) -> str:
-    return (f'<svg xmlns="{_SVG_NAMESPACE}" width="{size}" height="{size}" '
+    return (f'<svg xmlns="{media.SVG_NAMESPACE}" width="{size}" height="{size}" '
             f'viewBox="0 0 {size} {size}">')  # fmt: skip
 
 
