@@ -766,3 +766,23 @@ def test_a_stalled_read_in_the_decode_stage_is_stopped_at_the_row_time_limit(ray
     assert "reading its inputs ran past the row time limit (3 s)" in rows["stalled"]["error"]
     assert not rows["stalled"]["retryable"]
     server.close()
+
+
+def test_a_decode_worker_reports_a_bad_row_without_importing_torch(data_dir, tmp_path):
+    """The decode stage's CPU workers read media only: the first error row made each import torch (1.6 s
+    and about 170 MB a process) to tell a missing file from a CUDA out-of-memory error."""
+    import subprocess
+    import sys
+
+    check = f"""
+import sys, pyarrow as pa
+from actors.base import DECODE_ERROR_COLUMN, JobConfig, decode_rows
+from actors.evaluate import EvaluateActor
+rows = pa.Table.from_pylist([{{"id": "a", "video": {str(tmp_path / "missing.mp4")!r}, "prompt": None}}])
+config = JobConfig(method="evaluate", output={str(tmp_path / "out")!r}, run_id="r")
+(row,) = decode_rows(rows, EvaluateActor, config).to_pylist()
+print("torch" in sys.modules, row[DECODE_ERROR_COLUMN])
+"""
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    imported, error = out.stdout.strip().split(" ", 1)
+    assert "not found" in error and imported == "False"
