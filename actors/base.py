@@ -478,15 +478,24 @@ def decode_rows(batch: pa.Table, actor: type[RowActor], config: JobConfig) -> pa
     Ray Data retries a task whose process died without end, so the stage keeps the actors' accounting
     in its batch's marker: a read that runs past the row time limit is stopped and its row given up on
     the retry; after a death, the retry notes each row before reading it, so a row whose read kills the
-    process (a decoder crash) is given up after `max_row_crashes` deaths. Its batch-mates are read.
+    process (a decoder crash) is given up after `max_row_crashes` deaths charged to it (a first death,
+    before rows were noted, is charged only to a batch of one, as the actors do). Its batch-mates are
+    read again. A batch that finished keeps its marker only while it holds given-up rows, marked
+    finished, so that a retry of its task (failed in a later batch) charges it no death.
     """
     rows = batch.to_pylist()
-    marker = _marker(config, [row["id"] for row in rows], "decode-")
+    ids = [row["id"] for row in rows]
+    marker = _marker(config, ids, "decode-")
     record = {**_this_runs_record(marker, config.run_id), "run_id": config.run_id}
+    # An earlier attempt that wrote the marker and did not finish the batch ended in it.
+    died = "starts" in record and not record.pop("finished", False)
     record["starts"] = record.get("starts", 0) + 1
     stopped, deaths = record.setdefault("stopped", {}), record.setdefault("deaths", {})
-    reading = record.pop("reading", None)  # the row the last process ended in
-    if reading is not None and reading not in stopped:
+    reading = record.pop("reading", None)  # the row it ended in, when noted
+    if died and reading is None:  # it died before rows were noted: whose death is known if one row ran
+        unsettled = [i for i in ids if i not in stopped and deaths.get(i, 0) < config.max_row_crashes]
+        reading = unsettled[0] if len(unsettled) == 1 else None
+    if died and reading is not None and reading not in stopped:
         deaths[reading] = deaths.get(reading, 0) + 1
     media.write_text(json.dumps(record), marker)
     decoded: list[bytes | None] = []
@@ -504,12 +513,12 @@ def decode_rows(batch: pa.Table, actor: type[RowActor], config: JobConfig) -> pa
             )
         elif deaths.get(row_id, 0) >= config.max_row_crashes:
             error, again = (
-                f"the worker process died {deaths[row_id]} times while reading this row's inputs (a decoder "
-                "crash, or out of host memory); giving up on it",
+                f"the worker process died {deaths.get(row_id, 0)} times while reading this row's inputs (a "
+                "decoder crash, or out of host memory); giving up on it",
                 True,
             )
         else:
-            if record["starts"] > 1:  # a process died on this batch: note the row it may die in
+            if died:  # a process died on this batch: note the row it may die in
                 media.write_text(json.dumps({**record, "reading": row_id}), marker)
             limit = config.row_time_limit_s
             stop_note = json.dumps({**record, "reading": row_id, "stopped": {**stopped, row_id: limit}})
@@ -523,13 +532,16 @@ def decode_rows(batch: pa.Table, actor: type[RowActor], config: JobConfig) -> pa
         decoded.append(None if arrays is None else media.pack_arrays(arrays))
         errors.append(error)
         retryable.append(again)
-    if not stopped and not any(n >= config.max_row_crashes for n in deaths.values()):
-        media.remove(marker)  # else kept for the run: a retry of the task gives those rows up at once
-    return (
+    table = (
         batch.append_column(DECODED_COLUMN, pa.array(decoded, pa.large_binary()))
         .append_column(DECODE_ERROR_COLUMN, pa.array(errors, pa.string()))
         .append_column(DECODE_RETRYABLE_COLUMN, pa.array(retryable, pa.bool_()))
     )
+    if not stopped and not any(n >= config.max_row_crashes for n in deaths.values()):
+        media.remove(marker)
+    else:  # kept for the run: a retry of the task (failed in another batch) gives those rows up at once
+        media.write_text(json.dumps({**record, "finished": True}), marker)
+    return table
 
 
 def model_dtype(device: str, precision: str) -> torch.dtype:

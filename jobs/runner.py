@@ -213,8 +213,14 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     if unknown:
         known = ", ".join(sorted(actor.defaults))
         raise JobError(f"unknown parameter(s) {', '.join(unknown)} for {spec.method}; known: {known}")
-    if (spec.batch_size or 1) < 1 or spec.actors < 1:
-        raise JobError("--batch-size and --actors must be at least 1")
+    counts = {
+        "--batch-size": spec.batch_size or 1,
+        "--actors": spec.actors,
+        "--max-row-crashes": spec.max_row_crashes,
+    }
+    for option, value in counts.items():
+        if value < 1:
+            raise JobError(f"{option} must be at least 1, got {value}")
     limit = actor.row_time_limit_s if spec.row_time_limit_s is None else spec.row_time_limit_s
     if not 0 <= limit < math.inf:
         raise JobError(f"--row-time-limit must be a number of seconds >= 0 (0: no limit), got {limit}")

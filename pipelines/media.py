@@ -46,7 +46,7 @@ MAX_INPUT_BYTES = 2 * 2**30  # one input file, fetched whole
 MAX_IMAGE_PIXELS = 64 * 2**20  # per frame (8192²); PIL's own bomb check allows 89M and warns only
 MAX_DECODED_BYTES = 4 * 2**30  # the RGB frames one read may return
 MAX_SVG_BYTES = 10 * 2**20
-_READ_PIECE = 16 * 2**20  # bytes per read of a file whose size is not known
+_READ_PIECE = 16 * 2**20  # bytes per read of an input
 
 
 class MediaError(Exception):
@@ -97,32 +97,29 @@ def _read(uri: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
     faults propagate so the task retries.
 
     A manifest may name any path: a pipe would block the read forever and a device such as /dev/zero
-    would fill memory, so only regular files are read (fsspec's type "other", also through its caching
-    layers). A size that is unknown or 0 (an HTTP stream, a /proc file) is not trusted either: such
-    files are read no further than one byte over the limit.
+    would fill memory, so only regular files are read (fsspec's type "file", also through its caching
+    layers). The size a store reports is checked first but not trusted (an HTTP server may send more
+    than it said, a stream or a /proc file says nothing or 0): no read goes past one byte over the limit.
     """
     fs, path = url_to_fs(uri)
     try:
         info = fs.info(path)
-        if info.get("type") == "other":
-            raise MediaError(f"{what} {uri} is not a regular file (a pipe, device or socket); not reading it")
         if info.get("type") == "directory":  # an object store's prefix too, whose size is 0
             raise MediaError(f"cannot read {what} {uri}: it is a directory")
-        size = info.get("size")
-        if not size:
-            chunks, total = [], 0
-            with fs.open(path, "rb") as file:  # in pieces: a read of n bytes may set aside n at once
-                while total <= limit and (chunk := file.read(min(limit + 1 - total, _READ_PIECE))):
-                    chunks.append(chunk)
-                    total += len(chunk)
-            if total > limit:
-                raise MediaError(f"{what} {uri} is over the {limit / 2**20:.0f} MiB limit")
-            return b"".join(chunks)
-        if size > limit:
+        if info.get("type") != "file":
+            raise MediaError(f"{what} {uri} is not a regular file (a pipe, device or socket); not reading it")
+        if (info.get("size") or 0) > limit:
             raise MediaError(
-                f"{what} {uri} is {size / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB limit"
+                f"{what} {uri} is {info['size'] / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB limit"
             )
-        return fs.cat_file(path)
+        chunks, total = [], 0
+        with fs.open(path, "rb") as file:  # in pieces: a read of n bytes may set aside n at once
+            while total <= limit and (chunk := file.read(min(limit + 1 - total, _READ_PIECE))):
+                chunks.append(chunk)
+                total += len(chunk)
+        if total > limit:
+            raise MediaError(f"{what} {uri} is over the {limit / 2**20:.0f} MiB limit")
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
     except FileNotFoundError:
         raise MediaError(f"{what} not found: {uri}") from None
     except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:

@@ -259,6 +259,9 @@ def test_cli_exit_codes_for_unknown_parameters_missing_manifest_and_unloadable_m
     assert "unknown parameter(s) stesp" in capsys.readouterr().err
     assert main(["evaluate", "--manifest", str(tmp_path / "none.parquet"), "--output", out]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # 0 gave every row up before it ran, and a decode task's accounting failed on its first row.
+    assert main(["evaluate", "--manifest", str(manifest), "--output", out, "--max-row-crashes", "0"]) == 2
+    assert "--max-row-crashes must be at least 1" in capsys.readouterr().err.replace("\n", " ")
     assert (
         main(["evaluate", "--manifest", str(manifest), "--output", out, "--clip", str(tmp_path / "no-clip")])
         == 3
@@ -707,7 +710,8 @@ def test_a_job_that_names_no_model_starts_no_prepare_task(monkeypatch):
 def test_the_decode_stage_gives_up_a_read_stopped_at_the_limit_or_killing_its_process(data_dir, tmp_path):
     """Ray Data retries a decode task whose process died without end: the batch's marker tells the retry
     which row's read was stopped at the time limit or died, so that only that row is given up (a stop at
-    once, deaths after `max_row_crashes`), and only within the run that saw it."""
+    once, deaths after `max_row_crashes`), and only within the run that saw it. A retry of a task that
+    failed in another batch charges no death to this one."""
     from actors.base import (
         DECODE_ERROR_COLUMN,
         DECODE_RETRYABLE_COLUMN,
@@ -719,28 +723,38 @@ def test_the_decode_stage_gives_up_a_read_stopped_at_the_limit_or_killing_its_pr
     from actors.evaluate import EvaluateActor
 
     video = str((sorted((data_dir / "videos").glob("*.mp4")) or sorted(data_dir.glob("*.mp4")))[0])
-    rows = pa.Table.from_pylist([{"id": i, "video": video, "prompt": None} for i in ("x", "y")])
     config = JobConfig(method="evaluate", output=str(tmp_path / "out"), run_id="this-run", max_row_crashes=2)
-    marker = marker_of(config, ["x", "y"], "decode-")
-    for record, x_error, kept in [
-        ({"starts": 1, "run_id": "this-run", "stopped": {"x": 30.0}}, "row time limit (30 s)", True),
-        ({"starts": 2, "run_id": "this-run", "reading": "x", "deaths": {"x": 1}}, "died 2 times", True),
-        ({"starts": 2, "run_id": "this-run", "reading": "x"}, None, False),  # one death: read it again
-        ({"starts": 1, "run_id": "earlier-run", "stopped": {"x": 30.0}}, None, False),  # not this run's
+    run = {"run_id": "this-run"}
+    stop = {**run, "reading": "x", "stopped": {"x": 30.0}}  # what the time limit leaves
+    for ids, record, x_error, kept in [
+        (["x", "y"], {**stop, "starts": 1}, "row time limit (30 s)", True),
+        (["x", "y"], {**run, "starts": 2, "reading": "x", "deaths": {"x": 1}}, "died 2 times", True),
+        (["x", "y"], {**run, "starts": 2, "reading": "x"}, None, False),  # one death: read it again
+        (["x", "y"], {**stop, "starts": 1, "run_id": "earlier-run"}, None, False),  # not this run's
+        # Kept after x was given up; the task failed later, in another batch: y did not die.
+        (["x", "y"], {**run, "starts": 2, "stopped": {"x": 30.0}, "finished": True}, "row time limit", True),
+        # A batch of one died before its rows were noted (the first attempt): the death is x's.
+        (["x"], {**run, "starts": 1}, None, False),
+        (["x"], {**run, "starts": 2, "deaths": {"x": 1}}, "died 2 times", True),
     ]:
+        rows = pa.Table.from_pylist([{"id": i, "video": video, "prompt": None} for i in ids])
+        marker = marker_of(config, ids, "decode-")
         media.write_text(json.dumps(record), marker)
         out = decode_rows(rows, EvaluateActor, config).to_pylist()
-        assert out[1][DECODED_COLUMN] is not None and out[1][DECODE_ERROR_COLUMN] is None  # y is read
+        assert all(r[DECODED_COLUMN] is not None and r[DECODE_ERROR_COLUMN] is None for r in out[1:])  # y
         assert (out[0][DECODED_COLUMN] is None) is (x_error is not None)
         if x_error:
             assert x_error in out[0][DECODE_ERROR_COLUMN]
             assert out[0][DECODE_RETRYABLE_COLUMN] is ("died" in x_error)  # a stop is not retryable
         assert media.exists(marker) is kept  # a given-up row's marker stays for the run's later retries
+        if kept:
+            assert "y" not in json.loads(media.read_bytes(marker))["deaths"]
 
 
 def test_a_stalled_read_in_the_decode_stage_is_stopped_at_the_row_time_limit(ray_cluster, data_dir, tmp_path):
     """A server that accepts the connection and never answers held a decode task forever, and so the
     whole job: the read is stopped at the limit, the row given up, and its batch-mate finishes."""
+    import contextlib
     import socket
     import threading
 
@@ -748,8 +762,9 @@ def test_a_stalled_read_in_the_decode_stage_is_stopped_at_the_row_time_limit(ray
     held: list[socket.socket] = []
 
     def accept_and_say_nothing() -> None:
-        while True:
-            held.append(server.accept()[0])
+        with contextlib.suppress(OSError):  # closed at the end
+            while True:
+                held.append(server.accept()[0])
 
     threading.Thread(target=accept_and_say_nothing, daemon=True).start()
     video = str((sorted((data_dir / "videos").glob("*.mp4")) or sorted(data_dir.glob("*.mp4")))[0])
@@ -757,15 +772,18 @@ def test_a_stalled_read_in_the_decode_stage_is_stopped_at_the_row_time_limit(ray
     records = [{"id": "fine", "video": video, "num_frames": 4}, {"id": "stalled", "video": stalled}]
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "m.parquet")
     output = tmp_path / "out"
+    # A GPU pool, as in the jobs that have the stage: its CPU tasks are then not fused with the actors.
     spec = JobSpec(
-        "evaluate", str(tmp_path / "m.parquet"), str(output), models={}, batch_size=2, decode_stage=True
+        "evaluate", str(tmp_path / "m.parquet"), str(output), models={}, batch_size=2, gpus_per_actor=1
     )
-    report = run_job(dataclasses.replace(spec, row_time_limit_s=3))
+    try:
+        report = run_job(dataclasses.replace(spec, row_time_limit_s=3))
+    finally:
+        server.close()
     rows = _latest(output)
     assert report["processed"] == 2 and rows["fine"]["status"] == "ok"
     assert "reading its inputs ran past the row time limit (3 s)" in rows["stalled"]["error"]
     assert not rows["stalled"]["retryable"]
-    server.close()
 
 
 def test_a_decode_worker_reports_a_bad_row_without_importing_torch(data_dir, tmp_path):
