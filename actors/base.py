@@ -532,6 +532,8 @@ def decode_rows(batch: pa.Table, actor: type[RowActor], config: JobConfig) -> pa
         decoded.append(None if arrays is None else media.pack_arrays(arrays))
         errors.append(error)
         retryable.append(again)
+    if died:  # every read ended: a death while the table is built is no row's
+        media.write_text(json.dumps(record), marker)
     table = (
         batch.append_column(DECODED_COLUMN, pa.array(decoded, pa.large_binary()))
         .append_column(DECODE_ERROR_COLUMN, pa.array(errors, pa.string()))

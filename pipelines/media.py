@@ -107,13 +107,19 @@ def _read(uri: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
         if info.get("type") == "directory":  # an object store's prefix too, whose size is 0
             raise MediaError(f"cannot read {what} {uri}: it is a directory")
         if info.get("type") != "file":
-            raise MediaError(f"{what} {uri} is not a regular file (a pipe, device or socket); not reading it")
+            raise MediaError(
+                f"{what} {uri} is not a regular file (a pipe, device or socket: fsspec type "
+                f"{info.get('type')!r}); not reading it"
+            )
         if (info.get("size") or 0) > limit:
             raise MediaError(
                 f"{what} {uri} is {info['size'] / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB limit"
             )
         chunks, total = [], 0
-        with fs.open(path, "rb") as file:  # in pieces: a read of n bytes may set aside n at once
+        # Over HTTP one streamed GET (block_size 0): fsspec's range reads fail on servers without Range
+        # support, cut gzip-encoded bodies to their compressed length, and take a 206 body whole.
+        streamed = {"block_size": 0} if "http" in _protocols(fs) else {}
+        with fs.open(path, "rb", **streamed) as file:  # in pieces: a read of n bytes may set aside n at once
             while total <= limit and (chunk := file.read(min(limit + 1 - total, _READ_PIECE))):
                 chunks.append(chunk)
                 total += len(chunk)
@@ -124,6 +130,11 @@ def _read(uri: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
         raise MediaError(f"{what} not found: {uri}") from None
     except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         raise MediaError(f"cannot read {what} {uri}: {exc}") from exc
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    """The names a filesystem answers to ("s3", "s3a"; "http", "https")."""
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -166,8 +177,7 @@ def atomic_write(uri: str) -> Iterator[IO[bytes]]:
     filesystems get a hidden temporary sibling that is renamed; object stores get one PUT of a buffer.
     """
     fs, path = url_to_fs(uri)
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if protocols & _OBJECT_STORES:
+    if set(_protocols(fs)) & _OBJECT_STORES:
         buffer = io.BytesIO()
         yield buffer
         fs.pipe_file(path, buffer.getvalue())

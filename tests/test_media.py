@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import re
@@ -576,3 +577,57 @@ def test_a_video_whose_header_lists_more_frames_than_decode_is_refused(tmp_path,
     with pytest.raises(MediaError, match=r"header lists 9 frames; frame 8 won't"):
         media.read_video(uri, num_frames=4)  # frames 0, 3, 5, 8
     assert len(media.read_video(uri, indices=[0, 5])) == 2  # frames the stream has still read
+
+
+def test_http_inputs_are_read_as_one_bounded_stream(tmp_path):
+    """Over HTTP a read is one GET, bounded by the limit: fsspec's range reads failed on a server without
+    Range support, cut a gzip-encoded body to its compressed length, and took a 206 body of any size."""
+    import functools
+    import gzip
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    (tmp_path / "big.bin").write_bytes(b"v" * (30 * 2**20))
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg">' + b" " * 50_000 + b"</svg>"
+
+    class Quiet(SimpleHTTPRequestHandler):  # the standard library's server: no Range support
+        def log_message(self, *args: object) -> None:
+            pass
+
+    class Odd(Quiet):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(gzip.compress(svg)) if self.path == "/g.svg" else 10))
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            if self.path == "/g.svg":  # stored gzip-encoded, as object stores and CDNs serve such files
+                body = gzip.compress(svg)
+                self.send_response(200)
+                self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            self.send_response(206)  # said 10 bytes, sends 40 MiB
+            self.send_header("Connection", "close")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(40):
+                    self.wfile.write(b"x" * 2**20)
+
+    servers = [
+        ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path))),
+        ThreadingHTTPServer(("127.0.0.1", 0), Odd),
+    ]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    plain, odd = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
+    try:
+        assert len(media.read_bytes(f"{plain}/big.bin")) == 30 * 2**20
+        assert media.read_svg(f"{odd}/g.svg").encode() == svg
+        with pytest.raises(MediaError, match="over the 1 MiB limit"):
+            media._read(f"{odd}/endless.bin", "file", limit=2**20)
+    finally:
+        for server in servers:
+            server.shutdown()
