@@ -498,6 +498,13 @@ def decode_rows(batch: pa.Table, actor: type[RowActor], config: JobConfig) -> pa
     if died and reading is not None and reading not in stopped:
         deaths[reading] = deaths.get(reading, 0) + 1
     media.write_text(json.dumps(record), marker)
+    limit = config.row_time_limit_s
+
+    def note_stop(row_id: str) -> None:  # what the retry reads: this row's read ran past the limit
+        media.write_text(
+            json.dumps({**record, "reading": row_id, "stopped": {**stopped, row_id: limit}}), marker
+        )
+
     decoded: list[bytes | None] = []
     errors: list[str | None] = []
     retryable: list[bool | None] = []
@@ -520,12 +527,8 @@ def decode_rows(batch: pa.Table, actor: type[RowActor], config: JobConfig) -> pa
         else:
             if died:  # a process died on this batch: note the row it may die in
                 media.write_text(json.dumps({**record, "reading": row_id}), marker)
-            limit = config.row_time_limit_s
-            stop_note = json.dumps({**record, "reading": row_id, "stopped": {**stopped, row_id: limit}})
             try:
-                with _stop_after(
-                    limit, f"reading row {row_id!r}", partial(media.write_text, stop_note, marker)
-                ):
+                with _stop_after(limit, f"reading row {row_id!r}", partial(note_stop, row_id)):
                     arrays = actor.read_inputs(row, actor.merge_params(row, config.params), config)
             except Exception as exc:
                 error, again = _describe(exc)
