@@ -25,7 +25,8 @@ import defusedxml.ElementTree as DefusedElementTree
 import fsspec
 import numpy as np
 import numpy.typing as npt
-from fsspec.core import OpenFile, url_to_fs
+from fsspec.core import OpenFile, split_protocol, url_to_fs
+from fsspec.implementations.cached import CachingFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -100,7 +101,14 @@ def _read(uri: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
     would fill memory, so only regular files are read (fsspec's type "file", also through its caching
     layers). The size a store reports is checked first but not trusted (an HTTP server may send more
     than it said, a stream or a /proc file says nothing or 0): no read goes past one byte over the limit.
+    fsspec's caching layers are refused: they copy the whole object to local disk, outside OUTPUT,
+    before any bound applies (a server that never stops sending filled the disk).
     """
+    if caches := [name for name in _chain_protocols(uri) if _caches_locally(name)]:
+        raise MediaError(
+            f"{what} {uri} is read through fsspec's local cache ({caches[0]}::), which copies the whole "
+            "object to local disk before its size can be bounded; name the object itself"
+        )
     fs, path = url_to_fs(uri)
     try:
         info = fs.info(path)
@@ -130,6 +138,20 @@ def _read(uri: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
         raise MediaError(f"{what} not found: {uri}") from None
     except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         raise MediaError(f"cannot read {what} {uri}: {exc}") from exc
+
+
+def _chain_protocols(uri: str) -> list[str]:
+    """The protocol of every filesystem in an fsspec URL chain ('simplecache::s3://b/k': simplecache, s3),
+    read as fsspec reads it: a link before '::' may be a bare protocol name."""
+    *outer, target = uri.split("::")
+    return [link.partition("://")[0] for link in outer] + [split_protocol(target)[0] or "file"]
+
+
+def _caches_locally(protocol: str) -> bool:
+    try:
+        return issubclass(fsspec.get_filesystem_class(protocol), CachingFileSystem)
+    except (ValueError, ImportError):  # unknown or not installed: url_to_fs says so in its own words
+        return False
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
