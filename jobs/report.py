@@ -44,6 +44,9 @@ REPORT_DIR = "report"
 THUMB_PX = 160
 THUMB_FRAMES = 8
 THUMB_SVG_BYTES = 512 * 2**10  # an SVG this small is shown as its shapes (media.shapes_only_svg)
+# Thumbnails are made on the driver, several at once: a manifest's 2 GiB inputs (media.MAX_INPUT_BYTES)
+# read whole for a preview would take gigabytes of the head node's memory each.
+THUMB_INPUT_BYTES = 256 * 2**20
 HISTOGRAM_BINS = 20
 TEXT_CHARS = 1000  # error, prompt and notes are cut to this in the page; the Parquet rows keep them whole
 _WEBP = features.check("webp")
@@ -166,9 +169,9 @@ def make_thumbnail(thumb: Thumb, report: str) -> str | None:
             return None
         lower = thumb.uri.lower()
         if lower.endswith(_IMAGE_SUFFIXES):
-            frames = media.read_image(thumb.uri)[None]
+            frames = media.read_image(thumb.uri, max_bytes=THUMB_INPUT_BYTES)[None]
         else:
-            frames, _ = media.read_sampled_video(thumb.uri, None, THUMB_FRAMES)
+            frames, _ = media.read_sampled_video(thumb.uri, None, THUMB_FRAMES, THUMB_INPUT_BYTES)
         media.write_bytes(_encode(frames, thumb.name.rsplit(".", 1)[-1]), target)
     except (media.MediaError, OSError, ValueError) as exc:  # one bad file costs its preview, not the report
         return f"unreadable: {exc}"

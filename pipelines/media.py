@@ -327,19 +327,22 @@ def _image_error(uri: str, what: str, exc: Exception) -> MediaError:
     return MediaError(f"cannot decode {what} {uri}: {exc}")
 
 
-def _read_still(uri: str, what: str) -> npt.NDArray[np.uint8]:
-    frames = _decode_images(uri, _read(uri, what), what)
+def _read_still(uri: str, what: str, max_bytes: int = MAX_INPUT_BYTES) -> npt.NDArray[np.uint8]:
+    frames = _decode_images(uri, _read(uri, what, max_bytes), what)
     if frames is None:
         raise MediaError(f"not an image file: {uri}")
     return frames[0]
 
 
 def read_image(
-    uri: str, size: tuple[int, int] | None = None, resample: str = "bicubic"
+    uri: str,
+    size: tuple[int, int] | None = None,
+    resample: str = "bicubic",
+    max_bytes: int = MAX_INPUT_BYTES,
 ) -> npt.NDArray[np.uint8]:
     """(H,W,3) RGB (an animation's first frame); the format is sniffed from the bytes, not the name.
     `size` (h, w) covers and crops (`fit_frame`)."""
-    frame = _read_still(uri, "image")
+    frame = _read_still(uri, "image", max_bytes)
     return frame if size is None or frame.shape[:2] == tuple(size) else fit_frame(frame, size, resample)
 
 
@@ -528,11 +531,11 @@ def read_video(
 
 
 def read_sampled_video(
-    uri: str, num_frames: int | None, max_frames: int
+    uri: str, num_frames: int | None, max_frames: int, max_bytes: int = MAX_INPUT_BYTES
 ) -> tuple[npt.NDArray[np.uint8], int]:
     """`num_frames` frames spread evenly over the clip (None: every frame, at most `max_frames`, spread
     evenly), and the clip's frame count, from one fetch of the file."""
-    frames, info = _decode_video(uri, _read(uri, "video"), num_frames, limit=max_frames)
+    frames, info = _decode_video(uri, _read(uri, "video", max_bytes), num_frames, limit=max_frames)
     return frames, info.num_frames
 
 

@@ -202,3 +202,21 @@ def test_an_svg_thumbnail_keeps_the_shapes_and_nothing_that_runs(data_dir, tmp_p
     assert "rl(" not in (tmp_path / "report" / "thumbs" / "escaped.svg").read_text()
     assert "nested more than 256 deep" in make_thumbnail(Thumb(str(deep), "thumbs/deep.svg"), report)
     assert "invalid XML" in make_thumbnail(Thumb(str(latin), "thumbs/latin.svg"), report)
+
+
+def test_a_thumbnail_never_reads_an_input_past_its_own_limit(tmp_path, monkeypatch):
+    """Thumbnails are made on the driver, several at once: an input is read for one only up to
+    THUMB_INPUT_BYTES (a manifest's 2 GiB inputs would each take gigabytes of the head node)."""
+    from jobs import report
+    from jobs.report import Thumb, make_thumbnail
+
+    demo_data = Path(__file__).resolve().parents[1] / "jobs" / "demo_data"
+    clip, image = demo_data / "bird000.mp4", demo_data / "dance1.jpeg"
+    out = str(tmp_path / "report")
+    assert make_thumbnail(Thumb(str(clip), "thumbs/clip.webp"), out) is None
+    assert make_thumbnail(Thumb(str(image), "thumbs/image.webp"), out) is None
+    monkeypatch.setattr(report, "THUMB_INPUT_BYTES", 40_000)  # under both files' sizes
+    for uri, name in ((clip, "big-clip"), (image, "big-image")):
+        why = make_thumbnail(Thumb(str(uri), f"thumbs/{name}.webp"), out)
+        assert why is not None and why.startswith("unreadable") and "MiB limit" in why, why
+        assert not (tmp_path / "report" / "thumbs" / f"{name}.webp").exists()
