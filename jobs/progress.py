@@ -3,15 +3,18 @@
     [anima] 12/100 rows (ok 11, error 1), 0.42 rows/s, ETA 3m 30s, 37.8 items/GPU-h
 
 Result rows pass a tap (a pass-through stage fused with the Parquet writer) that reports their id and
-status to a small actor; a driver thread drains it. On a terminal the line redraws in place about once
-a second; in logs it is one line per update: at most one every `LOG_INTERVAL_S` while rows finish, so
-a job of minutes-long rows prints one per finished row, and a heartbeat when nothing finished for
-`HEARTBEAT_S`. Every error row's message is printed once, with its id. Ray Data's own progress blocks
-and INFO lines go only to its log file (`ray-data.log` in the session's logs) unless `--verbose`.
+status to a small actor on the driver's node; a driver thread drains it. The count serves only the
+line: when it fails, the job goes on, and the summary, built from the results, counts every row. On a
+terminal the line redraws in place about once a second; in logs it is one line per update: at most
+one every `LOG_INTERVAL_S` while rows finish, so a job of minutes-long rows prints one per finished
+row, and a heartbeat when nothing finished for `HEARTBEAT_S`. Every error row's message is printed
+once, with its id. Ray Data's own progress blocks and INFO lines go only to its log file
+(`ray-data.log` in the session's logs) unless `--verbose`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -20,6 +23,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import pyarrow as pa
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from schemas import OK
 
@@ -67,9 +71,12 @@ class _Tally:
 
 
 def _report(batch: pa.Table, tally: Any) -> pa.Table:
-    """The tap: tell the tally which rows finished (waiting for it, so none is counted after the job)."""
+    """The tap: tell the tally which rows finished (waiting for it, so none is counted after the job).
+    A tally that is gone costs the progress line these rows, never the rows: the writer fused with
+    this stage would fail the block, and Ray Data the job."""
     columns = [batch.column(name).to_pylist() for name in ("id", "status", "error")]
-    ray.get(tally.add.remote(list(zip(*columns, strict=True))))
+    with contextlib.suppress(ray.exceptions.RayActorError):
+        ray.get(tally.add.remote(list(zip(*columns, strict=True))))
     return batch
 
 
@@ -100,7 +107,10 @@ class Progress:
     def tap(self, dataset: Dataset, ray_remote_args: dict[str, Any]) -> Dataset:
         """`dataset` passing the tally; `ray_remote_args` must be the next stage's (the Parquet writer's),
         so that Ray Data fuses the two into one task per block (it fuses only equal remote args)."""
-        self._tally = self._tally or _Tally.remote()
+        # On the driver's node, which the job cannot outlive anyway: on any other node, a preempted
+        # node took the tally with it, and every block written after failed the job.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._tally = self._tally or _Tally.options(scheduling_strategy=here).remote()
         return dataset.map_batches(
             _report,
             fn_kwargs={"tally": self._tally},
@@ -151,7 +161,11 @@ class Progress:
             self._update()
 
     def _update(self, final: bool = False) -> None:
-        rows = ray.get(self._tally.drain.remote()) if self._tally is not None else []
+        try:
+            rows = ray.get(self._tally.drain.remote()) if self._tally is not None else []
+        except ray.exceptions.RayActorError:
+            rows, self._tally = [], None
+            self.stream.write("[anima] the progress count was lost (its actor died); the job goes on\n")
         errors = self.add(rows)
         now = time.monotonic()
         if self.terminal:

@@ -804,3 +804,65 @@ print("torch" in sys.modules, row[DECODE_ERROR_COLUMN])
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     imported, error = out.stdout.strip().split(" ", 1)
     assert "not found" in error and imported == "False"
+
+
+def test_a_node_lost_mid_job_takes_no_row_with_it(ray_cluster, data_dir, tmp_path):
+    """A GPU node preempted with a batch in flight: its actor comes back on another node, the batch is
+    run again, and every row ends ok. Two GPUs are held while the job starts, so its one actor lands on
+    the node that is then removed; its batch is held in the read of a row served from loopback until the
+    node is gone."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import ray
+
+    video = (sorted((data_dir / "videos").glob("*.mp4")) or sorted(data_dir.glob("*.mp4")))[0]
+    asked, node_gone = threading.Event(), threading.Event()
+
+    class HeldUntilTheNodeIsGone(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.set()
+            node_gone.wait(120)
+            body = video.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HeldUntilTheNodeIsGone)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    held_uri = f"http://127.0.0.1:{server.server_address[1]}/clip.mp4"
+    records = [{"id": f"r{i}", "video": str(video)} for i in range(6)] + [{"id": "held", "video": held_uri}]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "m.parquet")
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    class Hold:
+        def ready(self) -> None:
+            pass
+
+    holds = [Hold.remote() for _ in range(2)]  # the two GPUs of the session's nodes
+    ray.get([h.ready.remote() for h in holds])
+    spare = ray_cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=150 * 2**20)
+    spec = JobSpec("evaluate", str(tmp_path / "m.parquet"), str(tmp_path / "out"), params=dict(FAST),
+                   gpus_per_actor=1, batch_size=7, decode_stage=False)  # fmt: skip
+    report: dict = {}
+    job = threading.Thread(target=lambda: report.update(run_job(spec)))
+    try:
+        job.start()
+        assert asked.wait(120), "the held row was never read"
+        ray.kill(holds[0])  # room for the actor to come back
+        ray_cluster.remove_node(spare)
+        node_gone.set()
+        job.join(240)
+    finally:
+        node_gone.set()
+        server.shutdown()
+        for h in holds[1:]:
+            ray.kill(h)
+    assert not job.is_alive() and report["processed"] == 7
+    rows = _latest(tmp_path / "out")
+    assert {r["status"] for r in rows.values()} == {"ok"} and len(rows) == 7
+    assert spare.node_id not in {r["node"] for r in rows.values()}  # the whole batch ran again elsewhere
