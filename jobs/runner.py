@@ -148,7 +148,8 @@ def prepare_on_nodes(config: JobConfig, spec: JobSpec) -> dict[str, Any]:
     """Fetch weights once on every node that can host an actor, before the pool starts; return what the
     decode stage needs of them (`RowActor.decode_settings`, the same on every node).
 
-    Nodes that join later (autoscaling) prepare lazily: actors build or download under a file lock.
+    Nodes that join later (autoscaling) prepare lazily: actors build or download under a file lock. A
+    node that leaves meanwhile (preempted) is left out: it will host no actor.
     A job that names no model (evaluate with `--clip none` and no other metric model) has nothing to
     fetch or check, and skips the tasks' start-up.
     """
@@ -168,10 +169,16 @@ def prepare_on_nodes(config: JobConfig, spec: JobSpec) -> dict[str, Any]:
         ).remote(config)
         for node in nodes
     ]
-    try:
-        settings = ray.get(refs)
-    except ray.exceptions.RayTaskError as exc:
-        raise ModelLoadError(f"preparing models failed: {exc.cause or exc}") from exc
+    settings = []
+    for node, ref in zip(nodes, refs, strict=True):
+        try:
+            settings.append(ray.get(ref))
+        except ray.exceptions.TaskUnschedulableError:  # pinned to a node that is gone
+            print(f"[anima] node {node} left the cluster while it prepared models; going on without it")
+        except ray.exceptions.RayTaskError as exc:
+            raise ModelLoadError(f"preparing models failed: {exc.cause or exc}") from exc
+    if nodes and not settings:
+        raise ModelLoadError("every node that could host an actor left the cluster while preparing models")
     if any(other != settings[0] for other in settings):
         raise ModelLoadError(f"nodes prepared the same models differently (their caches differ): {settings}")
     return settings[0] if settings else {}

@@ -707,6 +707,30 @@ def test_a_job_that_names_no_model_starts_no_prepare_task(monkeypatch):
         runner.prepare_on_nodes(named, JobSpec("evaluate", "m", "out"))
 
 
+def test_a_node_that_leaves_while_models_are_prepared_is_left_out(ray_cluster, tmp_path, monkeypatch, capsys):
+    """The preparation task pinned to a node preempted after it was listed cannot run anywhere: the job
+    goes on with the nodes left (before, the job failed with Ray's TaskUnschedulableError)."""
+    import ray
+
+    from actors.base import JobConfig
+    from jobs import runner
+
+    leaving = ray_cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=150 * 2**20)
+    ray_cluster.wait_for_nodes()
+    listing = ray.nodes
+
+    def listed_then_preempted() -> list:
+        nodes = listing()
+        ray_cluster.remove_node(leaving)
+        return nodes
+
+    monkeypatch.setattr(runner.ray, "nodes", listed_then_preempted)
+    config = JobConfig(method="evaluate", output=str(tmp_path), run_id="r", models={"clip": "tiny"})
+    settings = runner.prepare_on_nodes(config, JobSpec("evaluate", "m", str(tmp_path), gpus_per_actor=1))
+    assert "clip_crop" in settings
+    assert f"node {leaving.node_id} left the cluster while it prepared models" in capsys.readouterr().out
+
+
 def test_the_decode_stage_gives_up_a_read_stopped_at_the_limit_or_killing_its_process(data_dir, tmp_path):
     """Ray Data retries a decode task whose process died without end: the batch's marker tells the retry
     which row's read was stopped at the time limit or died, so that only that row is given up (a stop at
