@@ -129,6 +129,8 @@ class Thumb:
 
 def _thumb(uri: str, stamp: str) -> Thumb | None:
     lower = uri.lower()
+    if media.is_url_chain(uri):
+        return None  # opening one may fetch or index whole objects (media._read refuses them as inputs)
     if lower.endswith(".svg"):
         suffix = "svg"
     elif lower.endswith(_IMAGE_SUFFIXES + _VIDEO_SUFFIXES):

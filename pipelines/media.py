@@ -25,8 +25,7 @@ import defusedxml.ElementTree as DefusedElementTree
 import fsspec
 import numpy as np
 import numpy.typing as npt
-from fsspec.core import OpenFile, split_protocol, url_to_fs
-from fsspec.implementations.cached import CachingFileSystem
+from fsspec.core import OpenFile, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -93,23 +92,41 @@ def remove_tree(uri: str) -> None:
             fs.rm(path, recursive=True)
 
 
+def is_url_chain(uri: str) -> bool:
+    """fsspec reads '::' as a chain of filesystems, each over the next ('simplecache::s3://b/k')."""
+    return "::" in uri
+
+
 def _read(uri: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
+    """An input's bytes (`_read_bounded`), named by a manifest, which may name any path or URL but no
+    fsspec URL chain: caches copy the whole object to local disk, outside OUTPUT (a server that never
+    stopped sending filled the disk), and reference files and archives are fetched or indexed whole
+    when the chain is opened, all before any bound applies. Inputs are named on their own store."""
+    _refuse_url_chain(uri, what)
+    return _read_bounded(uri, what, limit)
+
+
+def _refuse_url_chain(uri: str, what: str) -> None:
+    if is_url_chain(uri):
+        raise MediaError(
+            f"{what} {uri} is an fsspec URL chain ('::'), which may fetch, copy to local disk or index "
+            "whole objects before anima's size limits apply; name the file on its own store"
+        )
+
+
+def _read_bounded(uri: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
     """The file's bytes, at most `limit`. Only errors that retrying cannot fix become MediaError; network
     faults propagate so the task retries.
 
-    A manifest may name any path: a pipe would block the read forever and a device such as /dev/zero
-    would fill memory, so only regular files are read (fsspec's type "file", also through its caching
-    layers). The size a store reports is checked first but not trusted (an HTTP server may send more
-    than it said, a stream or a /proc file says nothing or 0): no read goes past one byte over the limit.
-    fsspec's caching layers are refused: they copy the whole object to local disk, outside OUTPUT,
-    before any bound applies (a server that never stops sending filled the disk).
+    A pipe would block the read forever and a device such as /dev/zero would fill memory, so only
+    regular files are read (fsspec's type "file"). The size a store reports is checked first but not
+    trusted (an HTTP server may send more than it said, a stream or a /proc file says nothing or 0): no
+    read goes past one byte over the limit.
     """
-    if caches := [name for name in _chain_protocols(uri) if _caches_locally(name)]:
-        raise MediaError(
-            f"{what} {uri} is read through fsspec's local cache ({caches[0]}::), which copies the whole "
-            "object to local disk before its size can be bounded; name the object itself"
-        )
-    fs, path = url_to_fs(uri)
+    try:
+        fs, path = url_to_fs(uri)
+    except (ValueError, TypeError, ImportError) as exc:  # an unknown protocol, or one missing its options
+        raise MediaError(f"cannot open {what} {uri}: {exc}") from exc
     try:
         info = fs.info(path)
         if info.get("type") == "directory":  # an object store's prefix too, whose size is 0
@@ -140,27 +157,14 @@ def _read(uri: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
         raise MediaError(f"cannot read {what} {uri}: {exc}") from exc
 
 
-def _chain_protocols(uri: str) -> list[str]:
-    """The protocol of every filesystem in an fsspec URL chain ('simplecache::s3://b/k': simplecache, s3),
-    read as fsspec reads it: a link before '::' may be a bare protocol name."""
-    *outer, target = uri.split("::")
-    return [link.partition("://")[0] for link in outer] + [split_protocol(target)[0] or "file"]
-
-
-def _caches_locally(protocol: str) -> bool:
-    try:
-        return issubclass(fsspec.get_filesystem_class(protocol), CachingFileSystem)
-    except (ValueError, ImportError):  # unknown or not installed: url_to_fs says so in its own words
-        return False
-
-
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     """The names a filesystem answers to ("s3", "s3a"; "http", "https")."""
     return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
 def read_bytes(uri: str) -> bytes:
-    return _read(uri, "file")
+    """A file of anima's own or the user's (markers, checkpoints, adapters): URL chains allowed."""
+    return _read_bounded(uri, "file")
 
 
 def join(base: str, *parts: str) -> str:
@@ -650,6 +654,7 @@ def _mask_frames(uri: str, select: Callable[[int], Sequence[int]] | None) -> npt
             raise MediaError(f"mask {uri} has {count} frames; frames {sorted(set(wanted))} were asked for")
         return sorted(set(wanted))
 
+    _refuse_url_chain(uri, "mask")  # before the chain is opened
     fs, path = url_to_fs(uri)
     if fs.isdir(path):
         names = sorted(

@@ -630,13 +630,20 @@ def test_http_inputs_are_read_as_one_bounded_stream(tmp_path):
         assert media.read_svg(f"{odd}/g.svg").encode() == svg
         with pytest.raises(MediaError, match="over the 1 MiB limit"):
             media._read(f"{odd}/endless.bin", "file", limit=2**20)
-        # fsspec's caches copied the whole endless body to local disk before any bound applied; they
-        # are refused before anything is fetched, wherever they sit in the chain.
+        # fsspec's caches copied the whole endless body to local disk before any bound applied, and a
+        # reference file is fetched whole when its chain is opened: an input's URL chain is refused
+        # before anything is fetched.
         gets.clear()
-        for chain in ["simplecache::", "filecache::", "blockcache::", "zip://a.png::simplecache::"]:
-            with pytest.raises(MediaError, match="local cache"):
+        chains = ["simplecache::", "filecache::", "blockcache::", "zip://a.png::simplecache::", "reference::"]
+        for chain in chains:
+            with pytest.raises(MediaError, match="URL chain"):
                 media._read(f"{chain}{odd}/endless.bin", "file", limit=2**20)
+        with pytest.raises(MediaError, match="URL chain"):
+            media.read_mask(f"reference::{odd}/endless.json")
         assert gets == []
+        # A file of anima's own (a marker under an OUTPUT the user chained) is read through its chain.
+        (tmp_path / "marker.json").write_text("{}")
+        assert media.read_bytes(f"simplecache::file://{tmp_path}/marker.json") == b"{}"
     finally:
         for server in servers:
             server.shutdown()
