@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 # cost it about a second of CPU and 100 MB while the job's other processes start beside it.
 
 LOG_INTERVAL_S = 5.0
+TALLY_TIMEOUT_S = 60.0  # a tally that does not answer in this long is skipped: the count is not the job
 HEARTBEAT_S = 60.0
 TERMINAL_INTERVAL_S = 1.0
 
@@ -75,8 +76,8 @@ def _report(batch: pa.Table, tally: Any) -> pa.Table:
     A tally that is gone costs the progress line these rows, never the rows: the writer fused with
     this stage would fail the block, and Ray Data the job."""
     columns = [batch.column(name).to_pylist() for name in ("id", "status", "error")]
-    with contextlib.suppress(ray.exceptions.RayActorError):
-        ray.get(tally.add.remote(list(zip(*columns, strict=True))))
+    with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        ray.get(tally.add.remote(list(zip(*columns, strict=True))), timeout=TALLY_TIMEOUT_S)
     return batch
 
 
@@ -161,11 +162,15 @@ class Progress:
             self._update()
 
     def _update(self, final: bool = False) -> None:
+        tally = self._tally
         try:
-            rows = ray.get(self._tally.drain.remote()) if self._tally is not None else []
-        except ray.exceptions.RayActorError:
+            rows = ray.get(tally.drain.remote(), timeout=TALLY_TIMEOUT_S) if tally is not None else []
+        except ray.exceptions.ActorDiedError:
             rows, self._tally = [], None
-            self.stream.write("[anima] the progress count was lost (its actor died); the job goes on\n")
+            lost = "[anima] the progress count was lost (its actor died); the job goes on\n"
+            self.stream.write(f"\r\x1b[K{lost}" if self.terminal else lost)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            rows = []  # unreachable for now: asked again at the next update
         errors = self.add(rows)
         now = time.monotonic()
         if self.terminal:

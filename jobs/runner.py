@@ -173,7 +173,9 @@ def prepare_on_nodes(config: JobConfig, spec: JobSpec) -> dict[str, Any]:
     for node, ref in zip(nodes, refs, strict=True):
         try:
             settings.append(ray.get(ref))
-        except ray.exceptions.TaskUnschedulableError:  # pinned to a node that is gone
+        except ray.exceptions.TaskUnschedulableError as exc:  # pinned to a node that is gone, or cannot run
+            if node in {n["NodeID"] for n in ray.nodes() if n["Alive"]}:
+                raise ModelLoadError(f"preparing models on node {node} failed: {exc}") from exc
             print(f"[anima] node {node} left the cluster while it prepared models; going on without it")
         except ray.exceptions.RayTaskError as exc:
             raise ModelLoadError(f"preparing models failed: {exc.cause or exc}") from exc

@@ -58,25 +58,46 @@ def test_the_tally_process_does_not_import_ray_data():
     assert out.stdout.strip() == "[]"
 
 
-def test_the_tally_lives_on_the_drivers_node_and_its_loss_costs_only_the_count(ray_cluster):
+def test_the_tally_lives_on_the_drivers_node_and_its_loss_costs_only_the_count(ray_cluster, monkeypatch):
     """On a node that was preempted, the tally took every later block's write down, and with it the job
     (seen on the simulated cluster: a job of 600 rows failed at row 16). Now it lives on the driver's node,
     and a tally that is gone costs the progress line its counts, never a block or the job."""
+    import time
+
     import pyarrow as pa
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from jobs import progress
     from jobs.progress import _report
 
+    placed: dict = {}
+    tally_class = progress._Tally
+
+    class Placement:  # Ray's default would often place it here too: the request itself is checked
+        @staticmethod
+        def options(**options):
+            placed.update(options)
+            return tally_class.options(**options)
+
+    monkeypatch.setattr(progress, "_Tally", Placement)
     stream = io.StringIO()
     line = Progress(3, 0, stream)
     line.tap(ray.data.from_blocks([pa.table({"id": ["a"]})]), {})
+    where = placed["scheduling_strategy"]
+    assert isinstance(where, NodeAffinitySchedulingStrategy) and not where.soft
+    assert where.node_id == ray.get_runtime_context().get_node_id()
+
     batch = pa.table({"id": ["a", "b"], "status": [OK, "error"], "error": [None, "x"]})
     assert _report(batch, line._tally) is batch
-    placed = ray._private.state.state.actor_table(line._tally._actor_id.hex())["Address"]["NodeID"]
-    assert placed == ray.get_runtime_context().get_node_id()
     line._update()
     tally = line._tally
     ray.kill(tally)
+    deadline = time.monotonic() + 30
+    with pytest.raises(ray.exceptions.ActorDiedError):  # gone before the tap meets it
+        while time.monotonic() < deadline:
+            ray.get(tally.drain.remote())
+            time.sleep(0.05)
     assert _report(batch, tally) is batch  # the block goes on to its writer
     line._update()
     line._update()  # and the line goes on without its count
