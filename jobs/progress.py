@@ -100,6 +100,7 @@ class Progress:
         self.ok = 0
         self.started = time.monotonic()
         self._tally: Any = None
+        self._pending: Any = None  # a drain asked for and not yet answered
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="anima-progress", daemon=True)
         self._printed_at = 0.0
@@ -162,15 +163,21 @@ class Progress:
             self._update()
 
     def _update(self, final: bool = False) -> None:
-        tally = self._tally
+        # A drain that timed out still empties the tally when it runs: the next update waits for it
+        # rather than asking again, so its rows are counted and their errors printed after all.
+        pending, self._pending = self._pending, None
         try:
-            rows = ray.get(tally.drain.remote(), timeout=TALLY_TIMEOUT_S) if tally is not None else []
+            if pending is None and self._tally is not None:
+                pending = self._tally.drain.remote()
+            rows = ray.get(pending, timeout=TALLY_TIMEOUT_S) if pending is not None else []
         except ray.exceptions.ActorDiedError:
             rows, self._tally = [], None
             lost = "[anima] the progress count was lost (its actor died); the job goes on\n"
             self.stream.write(f"\r\x1b[K{lost}" if self.terminal else lost)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            rows = []  # unreachable for now: asked again at the next update
+        except ray.exceptions.GetTimeoutError:
+            rows, self._pending = [], pending
+        except ray.exceptions.RayActorError:  # unreachable for now: asked again at the next update
+            rows = []
         errors = self.add(rows)
         now = time.monotonic()
         if self.terminal:

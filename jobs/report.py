@@ -160,9 +160,9 @@ def make_thumbnail(thumb: Thumb, report: str) -> str | None:
     target = media.join(report, thumb.name)
     if media.exists(target):
         return None
-    if not media.exists(thumb.uri):
-        return "missing"
     try:
+        if not media.exists(thumb.uri):
+            return "missing"
         if thumb.name.endswith(".svg"):
             text = media.read_svg(thumb.uri)
             if len(text.encode()) > THUMB_SVG_BYTES:
@@ -175,7 +175,7 @@ def make_thumbnail(thumb: Thumb, report: str) -> str | None:
         else:
             frames, _ = media.read_sampled_video(thumb.uri, None, THUMB_FRAMES, THUMB_INPUT_BYTES)
         media.write_bytes(_encode(frames, thumb.name.rsplit(".", 1)[-1]), target)
-    except (media.MediaError, OSError, ValueError) as exc:  # one bad file costs its preview, not the report
+    except Exception as exc:  # one bad file or URI (foo://x.png) costs its preview, not the report
         return f"unreadable: {exc}"
     return None
 

@@ -173,9 +173,10 @@ def prepare_on_nodes(config: JobConfig, spec: JobSpec) -> dict[str, Any]:
     for node, ref in zip(nodes, refs, strict=True):
         try:
             settings.append(ray.get(ref))
-        except ray.exceptions.TaskUnschedulableError as exc:  # pinned to a node that is gone, or cannot run
-            if node in {n["NodeID"] for n in ray.nodes() if n["Alive"]}:
-                raise ModelLoadError(f"preparing models on node {node} failed: {exc}") from exc
+        except ray.exceptions.TaskUnschedulableError:
+            # Pinned to a node that is gone or draining (preempted, scaled down), which Ray still lists
+            # as alive while it drains: it will host no actor. A task that asks for no resources cannot
+            # be infeasible on a node that takes work.
             print(f"[anima] node {node} left the cluster while it prepared models; going on without it")
         except ray.exceptions.RayTaskError as exc:
             raise ModelLoadError(f"preparing models failed: {exc.cause or exc}") from exc

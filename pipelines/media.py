@@ -125,8 +125,8 @@ def _read_bounded(uri: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
     """
     try:
         fs, path = url_to_fs(uri)
-    except (ValueError, TypeError, ImportError) as exc:  # an unknown protocol, or one missing its options
-        raise MediaError(f"cannot open {what} {uri}: {exc}") from exc
+    except Exception as exc:  # an unknown protocol, one missing its options (zip://x: IsADirectoryError)
+        raise MediaError(f"cannot open {what} {uri}: {type(exc).__name__}: {exc}") from exc
     try:
         info = fs.info(path)
         if info.get("type") == "directory":  # an object store's prefix too, whose size is 0

@@ -464,6 +464,9 @@ def test_pipes_and_devices_are_refused_without_reading_them(tmp_path):
         media.read_bytes("/dev/null")  # read, it would give b"" and no error
     with pytest.raises(MediaError, match="it is a directory"):
         media.read_image(str(tmp_path))
+    for unopenable in ["foo://x.png", "zip://x.png", "dir://x.png", "simplecache://x.png"]:
+        with pytest.raises(MediaError, match="cannot open image"):  # the row's error, not a crash
+            media.read_image(unopenable)
 
 
 def test_a_decompression_bomb_is_refused_before_its_pixels_are_decoded(tmp_path):

@@ -90,7 +90,20 @@ def test_the_tally_lives_on_the_drivers_node_and_its_loss_costs_only_the_count(r
 
     batch = pa.table({"id": ["a", "b"], "status": [OK, "error"], "error": [None, "x"]})
     assert _report(batch, line._tally) is batch
-    line._update()
+    asked, get = [], ray.get
+
+    def slow_once(ref, timeout=None):  # the first drain outlasts its timeout, then answers
+        asked.append(ref)
+        if len(asked) == 1:
+            raise ray.exceptions.GetTimeoutError("slow")
+        return get(ref, timeout=timeout)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(progress.ray, "get", slow_once)
+        line._update()
+        assert line.line().startswith("[anima] 0/3 rows")
+        line._update()  # waits for the same drain: its rows are not lost with the timeout
+    assert asked[0] is asked[1] and line.line().startswith("[anima] 2/3 rows (ok 1, error 1)")
     tally = line._tally
     ray.kill(tally)
     deadline = time.monotonic() + 30

@@ -216,6 +216,7 @@ def test_a_thumbnail_never_reads_an_input_past_its_own_limit(tmp_path, monkeypat
     assert make_thumbnail(Thumb(str(clip), "thumbs/clip.webp"), out) is None
     assert make_thumbnail(Thumb(str(image), "thumbs/image.webp"), out) is None
     assert report._thumb("reference::http://elsewhere/refs.json", "") is None  # not even opened
+    assert make_thumbnail(Thumb("foo://x.png", "thumbs/foo.webp"), out).startswith("unreadable")
     monkeypatch.setattr(report, "THUMB_INPUT_BYTES", 40_000)  # under both files' sizes
     for uri, name in ((clip, "big-clip"), (image, "big-image")):
         why = make_thumbnail(Thumb(str(uri), f"thumbs/{name}.webp"), out)
