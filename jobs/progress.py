@@ -109,10 +109,11 @@ class Progress:
     def tap(self, dataset: Dataset, ray_remote_args: dict[str, Any]) -> Dataset:
         """`dataset` passing the tally; `ray_remote_args` must be the next stage's (the Parquet writer's),
         so that Ray Data fuses the two into one task per block (it fuses only equal remote args)."""
-        # On the driver's node, which the job cannot outlive anyway: on any other node, a preempted
-        # node took the tally with it, and every block written after failed the job.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self._tally = self._tally or _Tally.options(scheduling_strategy=here).remote()
+        if self._tally is None:
+            # On the driver's node, which the job cannot outlive anyway: on any other node, a preempted
+            # node took the tally with it, and every block written after failed the job.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self._tally = _Tally.options(scheduling_strategy=here).remote()
         return dataset.map_batches(
             _report,
             fn_kwargs={"tally": self._tally},
