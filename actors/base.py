@@ -7,7 +7,7 @@ restarts the actor and retries the batch elsewhere; a row that keeps killing its
 after `max_row_crashes` tries instead of looping forever. A row that runs past `row_time_limit_s` (a
 parameter bomb such as `steps=10**9`, a hung read) is stopped the same way, since only ending the process
 stops a GPU computation, and given up when it runs past the limit alone. The decode stage's CPU tasks
-(`decode_rows`) keep the same accounting per row.
+(`actors.read_stage`) keep the same accounting per row.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy.typing as npt
@@ -46,6 +45,8 @@ T = TypeVar("T")
 if TYPE_CHECKING:
     import torch
 
+# OUTPUT/_inflight/: the markers of the batches a run is working on (`inflight_marker`).
+INFLIGHT = "_inflight"
 # Kill the worker process on the first attempt at this row id: the chaos test of fault tolerance.
 CHAOS_KILL_ENV = "ANIMA_CHAOS_KILL_ROW"
 _FATAL_CUDA_MARKERS = (
@@ -127,8 +128,9 @@ class RowActor:
     rows_per_task: ClassVar[int] = 1
     # Seconds a row may run without --row-time-limit: far above a row of the released model on a GPU.
     row_time_limit_s: ClassVar[float] = 3000.0
-    # True: a CPU stage before the pool reads each row's inputs (`read_inputs`, run by `decode_rows`), so
-    # that the accelerator's actors spend their time in the models; see runner.run_job.
+    # True: a CPU stage before the pool reads each row's inputs (`read_inputs`, run by
+    # `read_stage.decode_rows`), so that the accelerator's actors spend their time in the models; see
+    # runner.run_job.
     decode_stage: ClassVar[bool] = False
     # Defaults the loaded model brings (a converted official model's inference settings), over `defaults`.
     model_defaults: dict[str, Any]
@@ -279,7 +281,7 @@ class RowActor:
         that the retry Ray makes after restarting the actor knows to split the batch or give the row up."""
         limit = self.config.row_time_limit_s
         seconds = limit * rows if limit else None
-        return _stop_after(
+        return stop_after(
             seconds,
             f"{rows} row(s)",
             lambda: media.write_text(json.dumps({**record, "stopped_after_s": seconds}), marker),
@@ -309,7 +311,7 @@ class RowActor:
                 out = self.process_row(rows[i], params[i])
             except Exception as exc:
                 _exit_if_fatal(exc)
-                message, retryable = _describe(exc)
+                message, retryable = describe_error(exc)
                 results[i] = self._error_row(
                     rows[i], params[i], message, retryable, time.perf_counter() - start
                 )
@@ -357,7 +359,7 @@ class RowActor:
         self, row: dict[str, Any], params: dict[str, Any], out: RowOutput, seconds: float
     ) -> ResultRow:
         if out.error is not None:
-            message, retryable = _describe(out.error)
+            message, retryable = describe_error(out.error)
             return self._error_row(row, params, message, retryable, seconds)
         result = self._base_row(row, params, seconds)
         result.status, result.outputs, result.metrics, result.notes = OK, out.outputs, out.metrics, out.notes
@@ -374,7 +376,7 @@ class RowActor:
     # -- crash accounting -------------------------------------------------------------------
 
     def _marker(self, ids: list[str]) -> str:
-        return _marker(self.config, ids)
+        return inflight_marker(self.config.output, ids)
 
     def _note_start(self, marker: str, ids: list[str]) -> dict[str, Any]:
         """Record that work on a batch began; return its marker: `starts`, the attempts in this run
@@ -386,7 +388,7 @@ class RowActor:
         an earlier run is left by a driver that died (preempted, killed), which is not the rows' doing:
         it counts from zero again.
         """
-        earlier = _this_runs_record(marker, self.config.run_id)
+        earlier = this_runs_record(marker, self.config.run_id)
         starts = earlier.get("starts", 0)
         record = {**earlier, "starts": starts + 1, "run_id": self.config.run_id}
         if starts < self.config.max_row_crashes:
@@ -398,16 +400,17 @@ class RowActor:
         return record
 
 
-def _marker(config: JobConfig, ids: list[str], stage: str = "") -> str:
-    """The in-flight marker of a batch: OUTPUT/_inflight/<stage><digest of its ids>.json.
+def inflight_marker(output: str, ids: list[str], stage: str = "") -> str:
+    """The in-flight marker of a batch: OUTPUT/_inflight/<stage>/<digest of its ids>.json (no stage: the
+    actors'), removed when the run ends.
 
     Ray retries a failed task with the same block, so the same batch finds its marker again.
     """
     digest = hashlib.sha1("\n".join(ids).encode("utf-8")).hexdigest()
-    return media.join_under(config.output, "_inflight", f"{stage}{digest}.json")
+    return media.join_under(output, INFLIGHT, *([stage] if stage else []), f"{digest}.json")
 
 
-def _this_runs_record(marker: str, run_id: str) -> dict[str, Any]:
+def this_runs_record(marker: str, run_id: str) -> dict[str, Any]:
     """The marker's record if this run wrote it, else empty: a marker of an earlier run was left by a
     driver that died (preempted, killed), which is not the rows' doing."""
     earlier = json.loads(media.read_bytes(marker)) if media.exists(marker) else {}
@@ -415,7 +418,7 @@ def _this_runs_record(marker: str, run_id: str) -> dict[str, Any]:
 
 
 @contextmanager
-def _stop_after(seconds: float | None, what: str, note: Callable[[], None]) -> Iterator[None]:
+def stop_after(seconds: float | None, what: str, note: Callable[[], None]) -> Iterator[None]:
     """End the process if the block runs past `seconds` (None: no limit), after `note()` records why for
     the retry. A thread cannot interrupt a GPU kernel or a blocking read; ending the process can. Where
     the work was goes to the worker's log."""
@@ -471,84 +474,6 @@ def quiet_progress_bars(config: JobConfig) -> None:
             getattr(sys.modules[module], switch)()
 
 
-def decode_rows(batch: pa.Table, actor: type[RowActor], config: JobConfig) -> pa.Table:
-    """The decode stage, run as Ray Data CPU tasks: each row's inputs read and packed, or the reason they
-    could not be, which the actor turns into that row's error row (every row still gets one).
-
-    Ray Data retries a task whose process died without end, so the stage keeps the actors' accounting
-    in its batch's marker: a read that runs past the row time limit is stopped and its row given up on
-    the retry; after a death, the retry notes each row before reading it, so a row whose read kills the
-    process (a decoder crash) is given up after `max_row_crashes` deaths charged to it (a first death,
-    before rows were noted, is charged only to a batch of one, as the actors do). Its batch-mates are
-    read again. A batch that finished keeps its marker only while it holds given-up rows, marked
-    finished, so that a retry of its task (failed in a later batch) charges it no death.
-    """
-    rows = batch.to_pylist()
-    ids = [row["id"] for row in rows]
-    marker = _marker(config, ids, "decode-")
-    record = {**_this_runs_record(marker, config.run_id), "run_id": config.run_id}
-    # An earlier attempt that wrote the marker and did not finish the batch ended in it.
-    died = "starts" in record and not record.pop("finished", False)
-    record["starts"] = record.get("starts", 0) + 1
-    stopped, deaths = record.setdefault("stopped", {}), record.setdefault("deaths", {})
-    reading = record.pop("reading", None)  # the row it ended in, when noted
-    if died and reading is None:  # it died before rows were noted: whose death is known if one row ran
-        unsettled = [i for i in ids if i not in stopped and deaths.get(i, 0) < config.max_row_crashes]
-        reading = unsettled[0] if len(unsettled) == 1 else None
-    if died and reading is not None and reading not in stopped:
-        deaths[reading] = deaths.get(reading, 0) + 1
-    media.write_text(json.dumps(record), marker)
-    limit = config.row_time_limit_s
-
-    def note_stop(row_id: str) -> None:  # what the retry reads: this row's read ran past the limit
-        media.write_text(
-            json.dumps({**record, "reading": row_id, "stopped": {**stopped, row_id: limit}}), marker
-        )
-
-    decoded: list[bytes | None] = []
-    errors: list[str | None] = []
-    retryable: list[bool | None] = []
-    for row in rows:
-        row_id = row["id"]
-        arrays, error, again = None, None, None
-        if row_id in stopped:
-            error, again = (
-                f"reading its inputs ran past the row time limit ({stopped[row_id]:g} s) and its worker "
-                "process was restarted to stop it (a stalled read?); giving up on it (to try it again, rerun "
-                "with a higher --row-time-limit and --retry-errors)",
-                False,
-            )
-        elif deaths.get(row_id, 0) >= config.max_row_crashes:
-            error, again = (
-                f"the worker process died {deaths.get(row_id, 0)} times while reading this row's inputs (a "
-                "decoder crash, or out of host memory); giving up on it",
-                True,
-            )
-        else:
-            if died:  # a process died on this batch: note the row it may die in
-                media.write_text(json.dumps({**record, "reading": row_id}), marker)
-            try:
-                with _stop_after(limit, f"reading row {row_id!r}", partial(note_stop, row_id)):
-                    arrays = actor.read_inputs(row, actor.merge_params(row, config.params), config)
-            except Exception as exc:
-                error, again = _describe(exc)
-        decoded.append(None if arrays is None else media.pack_arrays(arrays))
-        errors.append(error)
-        retryable.append(again)
-    if died:  # every read ended: a death while the table is built is no row's
-        media.write_text(json.dumps(record), marker)
-    table = (
-        batch.append_column(DECODED_COLUMN, pa.array(decoded, pa.large_binary()))
-        .append_column(DECODE_ERROR_COLUMN, pa.array(errors, pa.string()))
-        .append_column(DECODE_RETRYABLE_COLUMN, pa.array(retryable, pa.bool_()))
-    )
-    if not stopped and not any(n >= config.max_row_crashes for n in deaths.values()):
-        media.remove(marker)
-    else:  # kept for the run: a retry of the task (failed in another batch) gives those rows up at once
-        media.write_text(json.dumps({**record, "finished": True}), marker)
-    return table
-
-
 def model_dtype(device: str, precision: str) -> torch.dtype:
     """bf16 on GPUs that have it (fp16 otherwise), fp32 on CPU, unless the job sets `precision`."""
     import torch
@@ -579,7 +504,7 @@ def _assigned_cpus() -> int | None:
     return max(1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
 
-def _describe(exc: BaseException) -> tuple[str, bool]:
+def describe_error(exc: BaseException) -> tuple[str, bool]:
     """The row's error message, and whether a rerun could succeed (False: the input itself is bad)."""
     # Only a process that loaded torch can meet its errors: the decode stage's workers never import it
     # (1.6 s and about 300 MB each) to tell a missing file from a CUDA out-of-memory error.

@@ -37,9 +37,20 @@ def recipe_of(method: str) -> Recipe:
     return getattr(importlib.import_module(module), name)
 
 
-def _forever(shard: Any, batch_size: int) -> Iterator[dict[str, Any]]:
+def _forever(shard: Any, batch_size: int, source: str) -> Iterator[dict[str, Any]]:
+    """The shard's batches, pass after pass. A pass that yields none fails the run with why: the loop
+    would otherwise ask for data forever."""
     while True:
-        yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy")
+        empty = True
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError(
+                f"training source {source!r} gave this worker no example in a whole pass over its data: "
+                "every row was skipped (the decoding tasks' messages in the Ray logs say why), or there are "
+                "fewer examples than workers"
+            )
 
 
 def train_worker(cfg: dict[str, Any]) -> None:
@@ -75,7 +86,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     sources = recipe.sources(config)
     names = list(sources)
     shares = torch.tensor([sources[n][0] for n in names])
-    streams = {n: _forever(ray.train.get_dataset_shard(n), config.batch_size) for n in names}
+    streams = {n: _forever(ray.train.get_dataset_shard(n), config.batch_size, n) for n in names}
     chaos = os.environ.get(CHAOS_STEP_ENV)
     loss_sum, count = 0.0, 0
     while step < config.steps:

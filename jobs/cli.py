@@ -110,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--adapter", default=None, help="adapter to start from (the previous stage's)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training parameter")
     train.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
+    train.add_argument(
+        "--max-row-crashes", type=int, default=2, help="skip a row after its decoding killed N CPU workers"
+    )
+    train.add_argument(
+        "--row-time-limit",
+        type=float,
+        default=None,
+        metavar="S",
+        help="skip a row whose decoding runs longer than S seconds, restarting its CPU worker (default: 300; "
+        "0: no limit)",
+    )
 
     from jobs import convert, report
 
@@ -193,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                     workers=args.workers,
                     gpus_per_worker=args.gpus_per_worker,
                     max_failures=args.max_failures,
+                    max_row_crashes=args.max_row_crashes,
+                    row_time_limit_s=args.row_time_limit,
                 )
             )
         else:

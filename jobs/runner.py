@@ -32,7 +32,8 @@ from ray.data import ActorPoolStrategy, DataContext
 from ray.data.datasource.filename_provider import FilenameProvider
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.base import JobConfig, RowActor, decode_rows, quiet_progress_bars
+from actors.base import INFLIGHT, JobConfig, RowActor, quiet_progress_bars
+from actors.read_stage import decode_rows
 from jobs import progress, resume, summary
 from pipelines import media
 from pipelines.model_cache import ModelLoadError
@@ -211,7 +212,7 @@ def with_default_models(spec: JobSpec) -> JobSpec:
     return dataclasses.replace(spec, models=models)
 
 
-def _new_run_id() -> str:
+def new_run_id() -> str:
     return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
@@ -243,7 +244,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         spec = dataclasses.replace(
             spec, batch_size=min(actor.default_batch_size, _share(spec, todo.num_rows))
         )
-    run_id = _new_run_id()
+    run_id = new_run_id()
     config = JobConfig(
         method=spec.method,
         output=spec.output,
@@ -307,7 +308,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         resume.compact(results_uri, run_id)
         release_memory()
         # Markers of batches whose process died: stale once the run has given every row a result.
-        media.remove_tree(media.join(spec.output, "_inflight"))
+        media.remove_tree(media.join(spec.output, INFLIGHT))
 
     report = summary.build(table, spec, run_id, skipped, todo.num_rows, time.time() - started)
     summary.save(report, spec.output)

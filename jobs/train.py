@@ -10,16 +10,26 @@ the next stage's `train --adapter` take.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.runner import JobError, ensure_ray, read_manifest
+from actors.base import INFLIGHT
+from actors.read_stage import ROW_COLUMN, TrainingReads, decode_examples
+from jobs.runner import MAX_BLOCKS, JobError, ensure_ray, new_run_id, read_manifest
 from pipelines import adapters, media
+
+# Seconds a row's decoding may run before its CPU worker is restarted and the row skipped: far above a
+# clip's decode, which takes seconds.
+ROW_TIME_LIMIT_S = 300.0
+# Rows per decoding task (more where a manifest would otherwise make over MAX_BLOCKS blocks).
+BLOCK_ROWS = 64
 
 
 @dataclass
@@ -34,6 +44,10 @@ class TrainSpec:
     gpus_per_worker: float = 0.0
     max_failures: int = 2
     keep_checkpoints: int = 3
+    # A row whose decoding kills its CPU task's process this often, or runs this many seconds, is skipped:
+    # a decoder crash or a stalled read would otherwise hold the whole run. None: ROW_TIME_LIMIT_S; 0: none.
+    max_row_crashes: int = 2
+    row_time_limit_s: float | None = None
     runtime_env: dict[str, Any] | None = None  # of the training workers (env vars, pip packages)
 
 
@@ -47,6 +61,9 @@ def run_training(spec: TrainSpec) -> dict[str, Any]:
 
     if spec.method not in RECIPES:
         raise JobError(f"training {spec.method} is not implemented in this version of anima yet")
+    limit = ROW_TIME_LIMIT_S if spec.row_time_limit_s is None else spec.row_time_limit_s
+    if spec.max_row_crashes < 1 or not 0 <= limit < float("inf"):
+        raise JobError("--max-row-crashes must be at least 1 and --row-time-limit a number of seconds >= 0")
     recipe = recipe_of(spec.method)
     try:
         config = recipe.config({**spec.params, "stage": spec.stage})
@@ -56,13 +73,24 @@ def run_training(spec: TrainSpec) -> dict[str, Any]:
     if "id" not in table.column_names or "prompt" not in table.column_names:
         raise JobError(f"training manifest {spec.data} needs columns id, prompt, and video and/or image")
     ensure_ray()
+    reads = TrainingReads(spec.output, new_run_id(), spec.max_row_crashes, limit or None)
+    if ROW_COLUMN in table.column_names:  # anima's own column: a manifest does not choose it
+        table = table.drop_columns([ROW_COLUMN])
+    table = table.append_column(ROW_COLUMN, pa.array(range(table.num_rows), pa.int64()))
     datasets = {}
     for name, (_, kinds) in recipe.sources(config).items():
         rows = _rows_with(table, kinds)
         if rows.num_rows == 0:
             raise JobError(f"training manifest {spec.data} has no rows with {' or '.join(kinds)} for {name}")
-        datasets[name] = ray.data.from_arrow(rows).map_batches(
-            recipe.decode, fn_kwargs={"config": config, "source": name}, batch_format="pyarrow", batch_size=4
+        # Blocks of rows, each a decoding task: tasks decode in parallel, and a stop or a crash costs its
+        # task's rows again, not the source's (a single table is one block, so one task per pass).
+        per_block = max(BLOCK_ROWS, -(-rows.num_rows // MAX_BLOCKS))
+        blocks = [rows.slice(i, per_block) for i in range(0, rows.num_rows, per_block)]
+        datasets[name] = ray.data.from_arrow(blocks).map_batches(
+            decode_examples,
+            fn_kwargs={"decode": recipe.decode, "reads": reads, "source": name, "config": config},
+            batch_format="pyarrow",
+            batch_size=4,
         )
     run_name = f"{spec.method}-stage{spec.stage}"
     use_gpu = spec.gpus_per_worker > 0
@@ -88,7 +116,14 @@ def run_training(spec: TrainSpec) -> dict[str, Any]:
         ),
         datasets=datasets,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:  # the markers of decoding batches that held skipped rows: this run's, stale once it ended
+        for name in datasets:
+            media.remove_tree(media.join(spec.output, INFLIGHT, f"train-{name}"))
+        fs, inflight = fsspec.core.url_to_fs(media.join(spec.output, INFLIGHT))
+        with contextlib.suppress(OSError):  # the folder only when empty: a job's markers may share it
+            fs.rmdir(inflight)
     adapter = media.join(spec.output, f"adapter-stage{spec.stage}")
     with result.checkpoint.as_directory() as directory:
         for file in (adapters.ADAPTER_CONFIG, adapters.ADAPTER_WEIGHTS):

@@ -84,8 +84,10 @@ def decode_rows(
     for name, kind in columns.items():
         values = [e[name] for e in examples]
         if isinstance(kind, tuple):
-            array = np.stack(values) if values else np.zeros((0, *kind), np.uint8)
-            out[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(array)
+            # Every row skipped: Arrow builds no tensor array from none, so one of a blank, cut to zero. Its
+            # type is then exactly the others' (Ray Data cannot concatenate tensor types that hash apart).
+            array = np.stack(values) if values else np.zeros((1, *kind), np.uint8)
+            out[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(array)[: len(values)]
         else:
             out[name] = pa.array(values, kind)
     return pa.table(out)

@@ -116,8 +116,8 @@ def _type_matches(actual: pa.DataType, expected: pa.DataType) -> bool:
 
 
 # Columns anima adds to each row on its way to the actors: the attempt number, and the decode stage's
-# packed input arrays (`actors.base.decode_rows`) or why they could not be read. A manifest may not bring
-# them: its rows would choose their own inputs (frames no limit checked) and so their metrics.
+# packed input arrays (`actors.read_stage.decode_rows`) or why they could not be read. A manifest may not
+# bring them: its rows would choose their own inputs (frames no limit checked) and so their metrics.
 ATTEMPT_COLUMN = "_attempt"
 DECODED_COLUMN = "_decoded"
 DECODE_ERROR_COLUMN = "_decode_error"

@@ -38,6 +38,25 @@ def pytest_configure(config):
     )
 
 
+@pytest.fixture
+def stalling_server():
+    """A loopback address (`http://127.0.0.1:PORT`) whose server accepts connections and never answers:
+    a stalled read, which only a time limit ends."""
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept_and_say_nothing() -> None:
+        with contextlib.suppress(OSError):  # closed at the end
+            while True:
+                held.append(server.accept()[0])
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     """Every test's random inputs are the same on every run, so a failure reproduces."""

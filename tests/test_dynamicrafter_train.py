@@ -45,6 +45,8 @@ def squares(tmp_path_factory):
         path = str(root / f"sq{i}.gif")
         media.write_video(moving_square(COLOURS[i % 4], 2 * i), path)
         rows.append((f"sq{i}", path, "a square moving right"))
+    # An unreadable row is skipped; its decoding batch's other examples still reach the workers.
+    rows.insert(3, ("gone", str(root / "gone.gif"), "a square moving right"))
     manifest = root / "train.parquet"
     pq.write_table(
         pa.table({k: [r[j] for r in rows] for j, k in enumerate(["id", "video", "prompt"])}), manifest
@@ -124,6 +126,7 @@ def test_training_on_ray_resumes_after_a_kill_and_lowers_the_loss_and_follows_th
     spec.runtime_env = None
     summary = run_training(spec)  # the same command again: on from the step-30 checkpoint
     assert summary["resumed_from"] == 30 and summary["step"] == 60
+    assert not (tmp_path / "out" / "_inflight").exists()  # the decoding batches' markers: the run's own
     after = load_dynamicrafter({**models, "adapter": summary["adapter"]}, "cpu", torch.float32)
     loss_after, error_after = _mean_loss(after, 3), _condition_error(after)
     assert loss_after < 0.8 * loss_before, (loss_before, loss_after)

@@ -581,8 +581,9 @@ def test_a_manifest_may_be_a_folder_or_a_glob_of_parquet_files(tmp_path):
 def test_the_decode_stage_gives_the_actor_the_inputs_it_would_read_itself(data_dir, tmp_path):
     """Rows decoded by the CPU stage score exactly as rows the actor reads; a row that cannot be read
     carries its error (and whether a rerun may help) to the actor, which writes its error row."""
-    from actors.base import JobConfig, decode_rows
+    from actors.base import JobConfig
     from actors.evaluate import EvaluateActor
+    from actors.read_stage import decode_rows
 
     video = str(sorted((data_dir / "videos").glob("*.mp4"))[0])
     image = str(sorted((data_dir / "images").glob("*"))[0])
@@ -742,10 +743,10 @@ def test_the_decode_stage_gives_up_a_read_stopped_at_the_limit_or_killing_its_pr
         DECODE_RETRYABLE_COLUMN,
         DECODED_COLUMN,
         JobConfig,
-        decode_rows,
+        inflight_marker,
     )
-    from actors.base import _marker as marker_of
     from actors.evaluate import EvaluateActor
+    from actors.read_stage import decode_rows
 
     video = str((sorted((data_dir / "videos").glob("*.mp4")) or sorted(data_dir.glob("*.mp4")))[0])
     config = JobConfig(method="evaluate", output=str(tmp_path / "out"), run_id="this-run", max_row_crashes=2)
@@ -763,7 +764,7 @@ def test_the_decode_stage_gives_up_a_read_stopped_at_the_limit_or_killing_its_pr
         (["x"], {**run, "starts": 2, "deaths": {"x": 1}}, "died 2 times", True),
     ]:
         rows = pa.Table.from_pylist([{"id": i, "video": video, "prompt": None} for i in ids])
-        marker = marker_of(config, ids, "decode-")
+        marker = inflight_marker(config.output, ids, "decode")
         media.write_text(json.dumps(record), marker)
         out = decode_rows(rows, EvaluateActor, config).to_pylist()
         assert all(r[DECODED_COLUMN] is not None and r[DECODE_ERROR_COLUMN] is None for r in out[1:])  # y
@@ -776,24 +777,13 @@ def test_the_decode_stage_gives_up_a_read_stopped_at_the_limit_or_killing_its_pr
             assert "y" not in json.loads(media.read_bytes(marker))["deaths"]
 
 
-def test_a_stalled_read_in_the_decode_stage_is_stopped_at_the_row_time_limit(ray_cluster, data_dir, tmp_path):
+def test_a_stalled_read_in_the_decode_stage_is_stopped_at_the_row_time_limit(
+    ray_cluster, data_dir, tmp_path, stalling_server
+):
     """A server that accepts the connection and never answers held a decode task forever, and so the
     whole job: the read is stopped at the limit, the row given up, and its batch-mate finishes."""
-    import contextlib
-    import socket
-    import threading
-
-    server = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def accept_and_say_nothing() -> None:
-        with contextlib.suppress(OSError):  # closed at the end
-            while True:
-                held.append(server.accept()[0])
-
-    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
     video = str((sorted((data_dir / "videos").glob("*.mp4")) or sorted(data_dir.glob("*.mp4")))[0])
-    stalled = f"http://127.0.0.1:{server.getsockname()[1]}/clip.mp4"
+    stalled = f"{stalling_server}/clip.mp4"
     records = [{"id": "fine", "video": video, "num_frames": 4}, {"id": "stalled", "video": stalled}]
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "m.parquet")
     output = tmp_path / "out"
@@ -801,10 +791,7 @@ def test_a_stalled_read_in_the_decode_stage_is_stopped_at_the_row_time_limit(ray
     spec = JobSpec(
         "evaluate", str(tmp_path / "m.parquet"), str(output), models={}, batch_size=2, gpus_per_actor=1
     )
-    try:
-        report = run_job(dataclasses.replace(spec, row_time_limit_s=3))
-    finally:
-        server.close()
+    report = run_job(dataclasses.replace(spec, row_time_limit_s=3))
     rows = _latest(output)
     assert report["processed"] == 2 and rows["fine"]["status"] == "ok"
     assert "reading its inputs ran past the row time limit (3 s)" in rows["stalled"]["error"]
@@ -819,7 +806,8 @@ def test_a_decode_worker_reports_a_bad_row_without_importing_torch(data_dir, tmp
 
     check = f"""
 import sys, pyarrow as pa
-from actors.base import DECODE_ERROR_COLUMN, JobConfig, decode_rows
+from actors.base import DECODE_ERROR_COLUMN, JobConfig
+from actors.read_stage import decode_rows
 from actors.evaluate import EvaluateActor
 rows = pa.Table.from_pylist([{{"id": "a", "video": {str(tmp_path / "missing.mp4")!r}, "prompt": None}}])
 config = JobConfig(method="evaluate", output={str(tmp_path / "out")!r}, run_id="r")

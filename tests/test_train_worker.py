@@ -98,13 +98,18 @@ def test_the_decoding_stage_deserializes_without_torch(method, tmp_path):
 
     from ray import cloudpickle
 
+    from actors.read_stage import TrainingReads, decode_examples
     from actors.train_worker import recipe_of
 
     recipe = recipe_of(method)
     payload = tmp_path / "decode.pkl"
-    payload.write_bytes(cloudpickle.dumps((recipe.decode, recipe.config({"stage": 2}))))
+    reads = TrainingReads(str(tmp_path), "run", 2, 300.0)
+    # What jobs.train hands Ray Data: the guarded decode, and the recipe's decode with its arguments.
+    payload.write_bytes(
+        cloudpickle.dumps((decode_examples, recipe.decode, reads, recipe.config({"stage": 2})))
+    )
     check = (
-        "import pickle, sys; decode, config = pickle.load(open(sys.argv[1], 'rb')); "
+        "import pickle, sys; _, decode, _, config = pickle.load(open(sys.argv[1], 'rb')); "
         "print(decode.__module__, type(config).__name__, sorted({m.split('.')[0] for m in sys.modules} "
         "& {'torch', 'diffusers', 'transformers'}))"
     )
@@ -114,3 +119,110 @@ def test_the_decoding_stage_deserializes_without_torch(method, tmp_path):
     module, config_type, heavy = out.stdout.strip().split(" ", 2)
     assert module == f"pipelines.{method}.training_data" and config_type.endswith("TrainConfig")
     assert heavy == "[]"
+
+
+def test_a_training_row_whose_decoding_stalls_dies_or_fails_is_skipped_and_the_others_decoded(
+    tmp_path, stalling_server
+):
+    """A stalled read held training's decoding task, and so the whole run, forever; a decoder crash killed
+    its task on every retry; any error but an unreadable file failed the dataset. Each is now that row's
+    skip: the stall is stopped at the row time limit (the process ends, as Ray's retry needs) and given up
+    on the retry, a row charged `max_row_crashes` deaths is given up, and an error skips its row. Rows are
+    told apart by their place in the manifest: training ids may repeat or be missing."""
+    import json
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from actors.base import inflight_marker
+    from actors.read_stage import ROW_COLUMN, TrainingReads, decode_examples
+    from actors.train_worker import recipe_of
+    from pipelines import media
+
+    image = tmp_path / "still.png"
+    Image.fromarray(np.full((24, 32, 3), 200, np.uint8)).save(image)
+
+    def batch(*rows: tuple[int, str | None, str]) -> pa.Table:  # (place, id, prompt), all of the image
+        return pa.Table.from_pylist(
+            [{ROW_COLUMN: n, "id": i, "image": str(image), "prompt": p} for n, i, p in rows]
+        )
+
+    stalled = batch((0, "fine", "grey"), (1, "stalled", "x"))
+    stalled = stalled.set_column(2, "image", pa.array([str(image), f"{stalling_server}/still.png"]))
+    pq.write_table(stalled, tmp_path / "rows.parquet")
+    reads = TrainingReads(str(tmp_path / "out"), "run-1", max_row_crashes=2, row_time_limit_s=2.0)
+    script = f"""
+import pyarrow.parquet as pq
+from actors.read_stage import TrainingReads, decode_examples
+from pipelines.dynamicrafter.training_data import DynamiCrafterTrainConfig, decode
+config = DynamiCrafterTrainConfig.from_dict({{"stage": 2, "num_frames": 2, "height": 16, "width": 16}})
+batch = pq.read_table({str(tmp_path / "rows.parquet")!r})
+out = decode_examples(batch, decode, TrainingReads(*{[reads.output, reads.run_id]!r}, 2, 2.0),
+                      config=config, source="video")
+print("examples", out.num_rows, out.column("prompt").to_pylist())
+"""
+    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert first.returncode == 1 and "reading row '1' ran past the row time limit (2 s)" in first.stderr
+    assert "examples 1 ['grey']" in again.stdout, again.stderr[-2000:]
+    assert "training row 'stalled' skipped: reading its inputs ran past the row time limit (2 s)" in (
+        again.stderr
+    )
+    assert "(raise --row-time-limit to read it)" in again.stderr
+
+    recipe = recipe_of("dynamicrafter")
+    config = recipe.config({"stage": 2, "num_frames": 2, "height": 16, "width": 16})
+    # One id for both rows: the death is charged to the row it happened in (its place), not to the id.
+    marker = inflight_marker(reads.output, ["5", "6"], "train-video")
+    media.write_text(json.dumps({"run_id": "run-1", "starts": 2, "reading": "5", "deaths": {"5": 1}}), marker)
+    out = decode_examples(
+        batch((5, "same", "crashed"), (6, "same", "fine")), recipe.decode, reads, "video", config=config
+    )
+    assert out.column("prompt").to_pylist() == ["fine"] and out.column("frames").type.shape == [2, 16, 16, 3]
+    assert json.loads(media.read_bytes(marker))["deaths"] == {"5": 2}  # kept: given up for the run
+
+    def fails_on_b(one_row: pa.Table, **kwargs) -> pa.Table:
+        if one_row.num_rows and one_row.column("id")[0].as_py() == "b":
+            raise KeyError("frame_stride")
+        if one_row.num_rows and one_row.column("id")[0].as_py() == "cancelled":
+            raise KeyboardInterrupt  # what Ray raises in a task it cancels (a Train restart, a run's end)
+        return recipe.decode(one_row, **kwargs)
+
+    out = decode_examples(batch((7, "a", "a"), (8, "b", "b")), fails_on_b, reads, "image", config=config)
+    assert out.column("prompt").to_pylist() == ["a"]
+    nothing = decode_examples(batch((8, "b", "b")), fails_on_b, reads, "image", config=config)
+    assert nothing.num_rows == 0 and nothing.schema == out.schema
+    # Ray Data concatenates blocks only of tensor types that also hash alike (a set of them must be one).
+    assert len({nothing.schema.field("frames").type, out.schema.field("frames").type}) == 1
+    assert not media.exists(inflight_marker(reads.output, ["7", "8"], "train-image"))  # nothing given up
+
+    # A task cancelled after a death of its batch: its marker is settled, so the next pass charges no row.
+    marker = inflight_marker(reads.output, ["9", "10"], "train-image")
+    media.write_text(json.dumps({"run_id": "run-1", "starts": 1}), marker)
+    with pytest.raises(KeyboardInterrupt):
+        decode_examples(
+            batch((9, "cancelled", "c"), (10, "d", "d")), fails_on_b, reads, "image", config=config
+        )
+    assert not media.exists(marker)
+
+
+def test_a_pass_that_gives_a_worker_no_example_fails_the_run_instead_of_looping():
+    """Every row skipped (all files missing, a wrong path prefix): the loop asked for data forever."""
+    from actors.train_worker import _forever
+
+    class Shard:
+        def __init__(self, passes: list[list[dict]]):
+            self.passes = passes
+
+        def iter_batches(self, **_: object):
+            return iter(self.passes.pop(0))
+
+    batches = _forever(Shard([[{"x": 1}], [{"x": 2}], []]), 2, "video")
+    assert [next(batches), next(batches)] == [{"x": 1}, {"x": 2}]
+    with pytest.raises(
+        RuntimeError, match="training source 'video' gave this worker no example in a whole pass"
+    ):
+        next(batches)
