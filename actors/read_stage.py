@@ -149,9 +149,10 @@ def decode_examples(
 ) -> pa.Table:
     """Training examples of a batch of a source's rows: the recipe's `decode` (which skips rows it cannot
     read, saying why) run on each row under the accounting above. A row stopped at the limit, given up
-    after deaths, or whose decoding fails in any other way is skipped with a message in the worker's log."""
+    after deaths, or whose decoding fails in any other way is skipped too, with a message in the worker's
+    log. Every skipped row is recorded with why, for the run's list of them (`jobs.train.save_skipped`)."""
     keys = [str(n) for n in batch.column(ROW_COLUMN).to_pylist()]
-    names = batch.column("id").to_pylist()
+    names = [None if i is None else str(i) for i in batch.column("id").to_pylist()]
     guard = ReadGuard(
         inflight_marker(reads.output, keys, f"train-{source}"),
         reads.run_id,
@@ -159,24 +160,35 @@ def decode_examples(
         reads.max_row_crashes,
         reads.row_time_limit_s,
     )
-    examples = []
+    examples, skipped = [], []
     try:
         for i, key in enumerate(keys):
-            why = guard.given_up(key)
+            why, said = guard.given_up(key), False
             if why is None:
                 guard.note(key)
+                unreadable: list[str] = []
                 try:
                     with guard.time_limit(key):
-                        example = decode(batch.slice(i, 1), source=source, **decode_kwargs)
-                    if example.num_rows:  # else skipped by `decode`, which said why
-                        examples.append(example)
-                    continue
+                        example = decode(
+                            batch.slice(i, 1), source=source, skipped=unreadable, **decode_kwargs
+                        )
                 except Exception as exc:
                     why = describe_error(exc)
+                else:
+                    if example.num_rows:
+                        examples.append(example)
+                        continue
+                    why, said = ((unreadable or ["no example"])[0], False), True  # `decode` said why
             hint = " (raise --row-time-limit to read it)" if key in guard.stopped else ""
-            print(f"[anima] training row {names[i]!r} skipped: {why[0]}{hint}", file=sys.stderr, flush=True)
+            if not said:
+                print(
+                    f"[anima] training row {names[i]!r} skipped: {why[0]}{hint}", file=sys.stderr, flush=True
+                )
+            skipped.append({"id": names[i], "source": source, "row": key, "reason": why[0] + hint})
     finally:
         guard.finish()
+    if skipped:  # the run lists them when it ends (jobs.train)
+        media.write_text(json.dumps(skipped), inflight_marker(reads.output, keys, f"train-{source}-skipped"))
     if examples:
         return pa.concat_tables(examples)
     return decode(batch.slice(0, 0), source=source, **decode_kwargs)

@@ -48,7 +48,7 @@ def _forever(shard: Any, batch_size: int, source: str) -> Iterator[dict[str, Any
         if empty:
             raise RuntimeError(
                 f"training source {source!r} gave this worker no example in a whole pass over its data: "
-                "every row was skipped (the decoding tasks' messages in the Ray logs say why), or there are "
+                "every row was skipped (OUTPUT/<method>-stage<K>-skipped.parquet lists why), or there are "
                 "fewer examples than workers"
             )
 

@@ -11,6 +11,7 @@ the next stage's `train --adapter` take.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from actors.base import INFLIGHT
 from actors.read_stage import ROW_COLUMN, TrainingReads, decode_examples
@@ -118,9 +120,12 @@ def run_training(spec: TrainSpec) -> dict[str, Any]:
     )
     try:
         result = trainer.fit()
-    finally:  # the markers of decoding batches that held skipped rows: this run's, stale once it ended
+    finally:  # failed too: the list of skipped rows says why when every row of a source was
+        skipped, listed = save_skipped(spec.output, list(datasets), run_name)
+        # The markers of decoding batches that held skipped rows: this run's, stale once it ended.
         for name in datasets:
-            media.remove_tree(media.join(spec.output, INFLIGHT, f"train-{name}"))
+            for folder in (f"train-{name}", f"train-{name}-skipped"):
+                media.remove_tree(media.join(spec.output, INFLIGHT, folder))
         fs, inflight = fsspec.core.url_to_fs(media.join(spec.output, INFLIGHT))
         with contextlib.suppress(OSError):  # the folder only when empty: a job's markers may share it
             fs.rmdir(inflight)
@@ -133,8 +138,37 @@ def run_training(spec: TrainSpec) -> dict[str, Any]:
             ):
                 shutil.copyfileobj(src, dst)
     summary = {**result.metrics, "adapter": adapter, "checkpoint": result.checkpoint.path}
+    summary |= {"skipped_rows": skipped, "skipped": listed}
     print(f"[anima] {run_name}: step {summary.get('step')}, loss {summary.get('loss'):.4f}; {adapter}")
     return summary
+
+
+def save_skipped(output: str, sources: list[str], run_name: str) -> tuple[int, str | None]:
+    """List the manifest rows this run's decoding skipped, and why (OUTPUT/<run>-skipped.parquet: id,
+    source, row, reason), from the records its decoding batches left; return how many and where.
+
+    A row skipped in every pass is listed once. A run that skipped none removes an earlier run's list.
+    """
+    records: dict[tuple[str, str], dict[str, Any]] = {}
+    for name in sources:
+        fs, folder = fsspec.core.url_to_fs(media.join(output, INFLIGHT, f"train-{name}-skipped"))
+        for path in sorted(fs.find(folder)) if fs.exists(folder) else []:
+            for record in json.loads(media.read_bytes(fs.unstrip_protocol(path))):
+                records[record["source"], record["row"]] = record
+    listed = media.join(output, f"{run_name}-skipped.parquet")
+    if not records:
+        media.remove(listed)
+        return 0, None
+    rows = sorted(
+        ({**r, "row": int(r["row"])} for r in records.values()), key=lambda r: (r["source"], r["row"])
+    )
+    schema = pa.schema(
+        [("id", pa.string()), ("source", pa.string()), ("row", pa.int64()), ("reason", pa.string())]
+    )
+    with media.atomic_write(listed) as f:
+        pq.write_table(pa.Table.from_pylist(rows, schema), f)
+    print(f"[anima] {run_name}: {len(rows)} row(s) of the manifest were skipped; listed in {listed}")
+    return len(rows), listed
 
 
 def _rows_with(table: pa.Table, kinds: tuple[str, ...]) -> pa.Table:

@@ -127,6 +127,10 @@ def test_training_on_ray_resumes_after_a_kill_and_lowers_the_loss_and_follows_th
     summary = run_training(spec)  # the same command again: on from the step-30 checkpoint
     assert summary["resumed_from"] == 30 and summary["step"] == 60
     assert not (tmp_path / "out" / "_inflight").exists()  # the decoding batches' markers: the run's own
+    # Every row is accounted for: the unreadable one is listed once, with why, though every pass met it.
+    assert summary["skipped_rows"] == 1
+    (listed,) = pq.read_table(summary["skipped"]).to_pylist()
+    assert listed["id"] == "gone" and listed["row"] == 3 and "not found" in listed["reason"]
     after = load_dynamicrafter({**models, "adapter": summary["adapter"]}, "cpu", torch.float32)
     loss_after, error_after = _mean_loss(after, 3), _condition_error(after)
     assert loss_after < 0.8 * loss_before, (loss_before, loss_after)

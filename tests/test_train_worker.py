@@ -183,6 +183,8 @@ print("examples", out.num_rows, out.column("prompt").to_pylist())
     )
     assert out.column("prompt").to_pylist() == ["fine"] and out.column("frames").type.shape == [2, 16, 16, 3]
     assert json.loads(media.read_bytes(marker))["deaths"] == {"5": 2}  # kept: given up for the run
+    (record,) = json.loads(media.read_bytes(inflight_marker(reads.output, ["5", "6"], "train-video-skipped")))
+    assert record["id"] == "same" and record["row"] == "5" and "died 2 times" in record["reason"]
 
     def fails_on_b(one_row: pa.Table, **kwargs) -> pa.Table:
         if one_row.num_rows and one_row.column("id")[0].as_py() == "b":
@@ -193,6 +195,8 @@ print("examples", out.num_rows, out.column("prompt").to_pylist())
 
     out = decode_examples(batch((7, "a", "a"), (8, "b", "b")), fails_on_b, reads, "image", config=config)
     assert out.column("prompt").to_pylist() == ["a"]
+    (record,) = json.loads(media.read_bytes(inflight_marker(reads.output, ["7", "8"], "train-image-skipped")))
+    assert record["id"] == "b" and record["reason"].startswith("KeyError: 'frame_stride'")
     nothing = decode_examples(batch((8, "b", "b")), fails_on_b, reads, "image", config=config)
     assert nothing.num_rows == 0 and nothing.schema == out.schema
     # Ray Data concatenates blocks only of tensor types that also hash alike (a set of them must be one).

@@ -36,7 +36,9 @@ class DynamiCrafterTrainConfig(training_data.TrainConfig):
         return super().from_dict(values)
 
 
-def decode(batch: pa.Table, config: DynamiCrafterTrainConfig, source: str) -> pa.Table:
+def decode(
+    batch: pa.Table, config: DynamiCrafterTrainConfig, source: str, skipped: list[str] | None = None
+) -> pa.Table:
     """Rows (id, video or image, prompt, optional frame_stride) -> clips of `frames` frames at a stride,
     with the stride used and the source's frame rate (0 for images)."""
     rng = training_data.augmentation_rng()
@@ -62,4 +64,4 @@ def decode(batch: pa.Table, config: DynamiCrafterTrainConfig, source: str) -> pa
         "frame_stride": pa.int64(),
         "fps": pa.float64(),
     }
-    return training_data.decode_rows(batch, row_example, columns)
+    return training_data.decode_rows(batch, row_example, columns, skipped)

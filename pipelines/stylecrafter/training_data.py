@@ -61,7 +61,9 @@ def style_reference(image: np.ndarray, config: StyleTrainConfig, rng: np.random.
     return resized[top : top + side, left : left + side]
 
 
-def decode(batch: pa.Table, config: StyleTrainConfig, source: str) -> pa.Table:
+def decode(
+    batch: pa.Table, config: StyleTrainConfig, source: str, skipped: list[str] | None = None
+) -> pa.Table:
     """Rows -> (frames, style reference, caption): clips for "clips", single frames for "images"."""
     rng = training_data.augmentation_rng()
     size = (config.height, config.width)
@@ -85,4 +87,4 @@ def decode(batch: pa.Table, config: StyleTrainConfig, source: str) -> pa.Table:
 
     side = config.style_size
     columns = {"frames": (frames, *size, 3), "style": (side, side, 3), "prompt": pa.string()}
-    return training_data.decode_rows(batch, row_example, columns)
+    return training_data.decode_rows(batch, row_example, columns, skipped)
