@@ -184,7 +184,15 @@ def decode_examples(
                 print(
                     f"[anima] training row {names[i]!r} skipped: {why[0]}{hint}", file=sys.stderr, flush=True
                 )
-            skipped.append({"id": names[i], "source": source, "row": key, "reason": why[0] + hint})
+            skipped.append(
+                {
+                    "id": names[i],
+                    "source": source,
+                    "row": key,
+                    "reason": why[0] + hint,
+                    "run_id": reads.run_id,
+                }
+            )
     finally:
         guard.finish()
     if skipped:  # the run lists them when it ends (jobs.train)

@@ -121,7 +121,7 @@ def run_training(spec: TrainSpec) -> dict[str, Any]:
     try:
         result = trainer.fit()
     finally:  # failed too: the list of skipped rows says why when every row of a source was
-        skipped, listed = save_skipped(spec.output, list(datasets), run_name)
+        skipped, listed = save_skipped(spec.output, list(datasets), run_name, reads.run_id)
         # The markers of decoding batches that held skipped rows: this run's, stale once it ended.
         for name in datasets:
             for folder in (f"train-{name}", f"train-{name}-skipped"):
@@ -143,18 +143,20 @@ def run_training(spec: TrainSpec) -> dict[str, Any]:
     return summary
 
 
-def save_skipped(output: str, sources: list[str], run_name: str) -> tuple[int, str | None]:
+def save_skipped(output: str, sources: list[str], run_name: str, run_id: str) -> tuple[int, str | None]:
     """List the manifest rows this run's decoding skipped, and why (OUTPUT/<run>-skipped.parquet: id,
     source, row, reason), from the records its decoding batches left; return how many and where.
 
-    A row skipped in every pass is listed once. A run that skipped none removes an earlier run's list.
+    A row skipped in every pass is listed once. Records of an earlier run (its driver killed before it
+    listed them) are not this run's. A run that skipped none removes an earlier run's list.
     """
     records: dict[tuple[str, str], dict[str, Any]] = {}
     for name in sources:
         fs, folder = fsspec.core.url_to_fs(media.join(output, INFLIGHT, f"train-{name}-skipped"))
         for path in sorted(fs.find(folder)) if fs.exists(folder) else []:
             for record in json.loads(media.read_bytes(fs.unstrip_protocol(path))):
-                records[record["source"], record["row"]] = record
+                if record.pop("run_id") == run_id:
+                    records[record["source"], record["row"]] = record
     listed = media.join(output, f"{run_name}-skipped.parquet")
     if not records:
         media.remove(listed)

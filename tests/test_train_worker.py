@@ -230,3 +230,24 @@ def test_a_pass_that_gives_a_worker_no_example_fails_the_run_instead_of_looping(
         RuntimeError, match="training source 'video' gave this worker no example in a whole pass"
     ):
         next(batches)
+
+
+def test_the_list_of_skipped_rows_is_this_runs_only_and_goes_when_a_run_skips_none(tmp_path):
+    """Records of an earlier run whose driver was killed before it listed them (the rows may be fixed
+    since) are not this run's; a run that skipped nothing leaves no earlier run's list behind."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from jobs.train import save_skipped
+    from pipelines import media
+
+    folder = tmp_path / "_inflight" / "train-clips-skipped"
+    for name, run, row in (("a.json", "old", "1"), ("b.json", "new", "4"), ("c.json", "new", "2")):
+        record = {"id": f"id{row}", "source": "clips", "row": row, "reason": "video not found", "run_id": run}
+        media.write_text(json.dumps([record]), str(folder / name))
+    count, listed = save_skipped(str(tmp_path), ["clips"], "dynamicrafter-stage2", "new")
+    assert count == 2 and [r["row"] for r in pq.read_table(listed).to_pylist()] == [2, 4]
+    media.remove_tree(str(folder))
+    assert save_skipped(str(tmp_path), ["clips"], "dynamicrafter-stage2", "newer") == (0, None)
+    assert not media.exists(listed)
