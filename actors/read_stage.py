@@ -134,6 +134,12 @@ def decode_rows(batch: pa.Table, actor: type[RowActor], config: JobConfig) -> pa
 ROW_COLUMN = "_row"
 
 
+def training_stages(source: str) -> tuple[str, str]:
+    """The folders under OUTPUT/_inflight/ of a training source's batch markers and of its records of
+    skipped rows (`inflight_marker`'s stage): this run's, removed by jobs.train when it ends."""
+    return f"train-{source}", f"train-{source}-skipped"
+
+
 @dataclass(frozen=True)
 class TrainingReads:
     """What training's decoding tasks need for their accounting: the run's output, its id and limits."""
@@ -153,8 +159,9 @@ def decode_examples(
     log. Every skipped row is recorded with why, for the run's list of them (`jobs.train.save_skipped`)."""
     keys = [str(n) for n in batch.column(ROW_COLUMN).to_pylist()]
     names = [None if i is None else str(i) for i in batch.column("id").to_pylist()]
+    markers, records = training_stages(source)
     guard = ReadGuard(
-        inflight_marker(reads.output, keys, f"train-{source}"),
+        inflight_marker(reads.output, keys, markers),
         reads.run_id,
         keys,
         reads.max_row_crashes,
@@ -163,7 +170,7 @@ def decode_examples(
     examples, skipped = [], []
     try:
         for i, key in enumerate(keys):
-            why, said = guard.given_up(key), False
+            why = guard.given_up(key)
             if why is None:
                 guard.note(key)
                 unreadable: list[str] = []
@@ -178,12 +185,9 @@ def decode_examples(
                     if example.num_rows:
                         examples.append(example)
                         continue
-                    why, said = ((unreadable or ["no example"])[0], False), True  # `decode` said why
+                    why = ((unreadable or ["no example"])[0], False)  # `decode` could not read it
             hint = " (raise --row-time-limit to read it)" if key in guard.stopped else ""
-            if not said:
-                print(
-                    f"[anima] training row {names[i]!r} skipped: {why[0]}{hint}", file=sys.stderr, flush=True
-                )
+            print(f"[anima] training row {names[i]!r} skipped: {why[0]}{hint}", file=sys.stderr, flush=True)
             skipped.append(
                 {
                     "id": names[i],
@@ -196,7 +200,7 @@ def decode_examples(
     finally:
         guard.finish()
     if skipped:  # the run lists them when it ends (jobs.train)
-        media.write_text(json.dumps(skipped), inflight_marker(reads.output, keys, f"train-{source}-skipped"))
+        media.write_text(json.dumps(skipped), inflight_marker(reads.output, keys, records))
     if examples:
         return pa.concat_tables(examples)
     return decode(batch.slice(0, 0), source=source, **decode_kwargs)

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from actors.base import INFLIGHT
-from actors.read_stage import ROW_COLUMN, TrainingReads, decode_examples
+from actors.read_stage import ROW_COLUMN, TrainingReads, decode_examples, training_stages
 from jobs.runner import MAX_BLOCKS, JobError, ensure_ray, new_run_id, read_manifest
 from pipelines import adapters, media
 
@@ -124,7 +124,7 @@ def run_training(spec: TrainSpec) -> dict[str, Any]:
         skipped, listed = save_skipped(spec.output, list(datasets), run_name, reads.run_id)
         # The markers of decoding batches that held skipped rows: this run's, stale once it ended.
         for name in datasets:
-            for folder in (f"train-{name}", f"train-{name}-skipped"):
+            for folder in training_stages(name):
                 media.remove_tree(media.join(spec.output, INFLIGHT, folder))
         fs, inflight = fsspec.core.url_to_fs(media.join(spec.output, INFLIGHT))
         with contextlib.suppress(OSError):  # the folder only when empty: a job's markers may share it
@@ -152,7 +152,7 @@ def save_skipped(output: str, sources: list[str], run_name: str, run_id: str) ->
     """
     records: dict[tuple[str, str], dict[str, Any]] = {}
     for name in sources:
-        fs, folder = fsspec.core.url_to_fs(media.join(output, INFLIGHT, f"train-{name}-skipped"))
+        fs, folder = fsspec.core.url_to_fs(media.join(output, INFLIGHT, training_stages(name)[1]))
         for path in sorted(fs.find(folder)) if fs.exists(folder) else []:
             for record in json.loads(media.read_bytes(fs.unstrip_protocol(path))):
                 if record.pop("run_id") == run_id:

@@ -70,8 +70,8 @@ def decode_rows(
     columns: dict[str, pa.DataType | tuple[int, ...]],
     skipped: list[str] | None = None,
 ) -> pa.Table:
-    """Examples of the rows `decode_row` can read; a row it cannot is skipped with a message, not fatal,
-    and why is appended to `skipped` when given (the run's list of skipped rows is made of them).
+    """Examples of the rows `decode_row` can read; a row it cannot is skipped, not fatal: why is appended
+    to `skipped` when given (its caller reports it), else printed.
 
     A column given as a shape holds uint8 arrays of that shape (a fixed-shape tensor column, which Ray
     Data hands to the workers as one numpy array); other columns are scalars of the given Arrow type.
@@ -81,9 +81,10 @@ def decode_rows(
         try:
             examples.append(decode_row(row))
         except media.MediaError as exc:
-            print(f"[anima] training row {row.get('id')!r} skipped: {exc}", file=sys.stderr, flush=True)
             if skipped is not None:
                 skipped.append(str(exc))
+            else:
+                print(f"[anima] training row {row.get('id')!r} skipped: {exc}", file=sys.stderr, flush=True)
     out = {}
     for name, kind in columns.items():
         values = [e[name] for e in examples]
