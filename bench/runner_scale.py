@@ -2,11 +2,12 @@
 
 For each size, in a fresh driver process on a local Ray instance: time to the first result file,
 total wall time, driver peak RSS, result files left, and the time of a resume with nothing to do. Then
-the evaluation job vs a plain loop over the same real-clip rows (`--clip none`, the default batch size),
-and the job's rows/s with its CPU decode stage vs with the actors reading their own inputs (tiny CLIP);
-last, the plain loop again while Ray is up and idle: what Ray's own processes cost a loop on this host.
+the evaluation job vs a plain loop over the same real-clip rows (`--clip none`, the default batch size;
+the median of a few turns), and the job's rows/s with its CPU decode stage vs with the actors reading
+their own inputs (tiny CLIP); last, the plain loop again while Ray is up and idle: what Ray's own
+processes cost a loop on this host.
 
-    python bench/runner_scale.py [--rows 10000 100000 1000000] [--loop-rows 2000]
+    python bench/runner_scale.py [--rows 10000 100000 1000000] [--loop-rows 2000] [--repeats 3]
 
 Targets on a 2-core machine: 10^6 rows start within 60 s with driver RSS <= 2 GB; a resume of 10^6
 settled rows within 30 s; the job <= 1.2x the plain loop.
@@ -18,12 +19,14 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -78,15 +81,32 @@ def one_size(rows: int) -> dict:
     }
 
 
-def loop_vs_job(rows: int) -> tuple[float, float, float, float, float, float]:
-    """Seconds of the evaluation job and of a plain loop doing the same per-row work (no CLIP); then of
-    the job with tiny CLIP with and without its decode stage; then the job's rows' summed seconds in
-    its actor (the rest of the job is start-up and hand-offs); last, the same plain loop again while Ray
-    is up and idle, which tells Ray's own background cost on this host from the runner's."""
-    import ray
-
+def plain_loop(manifest: str, output: str) -> None:
+    """Run in its own process: the plain loop, as a user's script would run it (print its seconds over
+    the rows alone)."""
     from actors.base import JobConfig
     from actors.evaluate import EvaluateActor
+
+    actor = EvaluateActor(JobConfig(method="evaluate", output=output, run_id="loop", models={}))
+    start = time.perf_counter()
+    for row in pq.read_table(manifest).to_pylist():
+        actor.process_row(row, actor.effective_params(row))
+    print(json.dumps({"rows_s": time.perf_counter() - start}))
+
+
+def loop_vs_job(rows: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of the evaluation job and of a plain loop doing the same per-row work (no CLIP), taken
+    in turns `repeats` times: one run of each on this shared 2-core host varies by 10% and more. Each
+    job runs on a fresh local Ray instance (as a first `anima run` does, its start not counted) and
+    each loop, with Ray down, in a fresh process timed from its start, so that both sides pay for
+    starting a process and loading what the rows need (the actor's imports, 2 s of torch), as the job's
+    actor does; the loop's seconds over its rows alone are kept too.
+
+    Also: the job's rows' summed seconds in its actor (the rest of the job is start-up and hand-offs);
+    the same plain loop while Ray is up and idle (Ray's own background cost on this host); and the job
+    with tiny CLIP with and without its decode stage."""
+    import ray
+
     from jobs.runner import JobSpec, run_job
 
     clips = sorted((REPO / "jobs" / "demo_data").glob("*.mp4"))
@@ -95,39 +115,46 @@ def loop_vs_job(rows: int) -> tuple[float, float, float, float, float, float]:
         {"id": [f"r{i}" for i in range(rows)], "video": [str(clips[i % len(clips)]) for i in range(rows)]}
     )
     pq.write_table(table, directory / "m.parquet")
-    actor = EvaluateActor(
-        JobConfig(method="evaluate", output=str(directory / "loop"), run_id="loop", models={})
-    )
+    manifest = str(directory / "m.parquet")
+    times: dict[str, list[float]] = {}
 
-    def plain_loop() -> float:
+    def loop(name: str) -> None:
         start = time.perf_counter()
-        for row in table.to_pylist():
-            actor.process_row(row, actor.effective_params(row))
-        return time.perf_counter() - start
+        command = [sys.executable, __file__, "--loop", manifest, str(directory / "loop")]
+        out = subprocess.run(command, capture_output=True, text=True, check=True)
+        times.setdefault(name, []).append(time.perf_counter() - start)
+        times.setdefault(f"{name}_rows", []).append(json.loads(out.stdout.splitlines()[-1])["rows_s"])
 
-    loop = plain_loop()
-    ray.init(address="local", log_to_driver=False, ignore_reinit_error=True)
-    loop_with_ray = plain_loop()
-    seconds, reports = [], []
-    for name, models, decode in [
-        ("job", {}, None),  # the default: no decode stage on a CPU-only pool
-        ("staged", {"clip": "tiny"}, True),
-        ("bare", {"clip": "tiny"}, False),
-    ]:
+    def job(name: str, output: str, **options: Any) -> None:
         start = time.perf_counter()
-        manifest, output = str(directory / "m.parquet"), str(directory / name)
-        reports.append(run_job(JobSpec("evaluate", manifest, output, models=models, decode_stage=decode)))
-        seconds.append(time.perf_counter() - start)
-    in_actor = reports[0]["seconds_per_row"] * reports[0]["processed"]
-    return seconds[0], loop, seconds[1], seconds[2], in_actor, loop_with_ray
+        report = run_job(JobSpec("evaluate", manifest, str(directory / output), **options))
+        times.setdefault(name, []).append(time.perf_counter() - start)
+        if name == "job":
+            times.setdefault("in_actor", []).append(report["seconds_per_row"] * report["processed"])
+
+    for n in range(repeats):
+        loop("loop")
+        ray.init(address="local", log_to_driver=False)
+        job("job", f"job{n}", models={})
+        ray.shutdown()
+    ray.init(address="local", log_to_driver=False)
+    loop("loop_with_ray")
+    job("staged", "staged", models={"clip": "tiny"}, decode_stage=True)
+    job("bare", "bare", models={"clip": "tiny"}, decode_stage=False)
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--loop-rows", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3, help="turns of loop and job, for the median")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--loop", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.loop:
+        plain_loop(*args.loop)
+        return
     if args.one:
         print(json.dumps(one_size(args.one)))
         return
@@ -146,15 +173,24 @@ def main() -> None:
         print(f"{line}  {m['driver_peak_rss_mb']:>7.0f} MB  {m['result_files']:>12}  {m['resume_s']:>5.1f} s")
     if not args.loop_rows:
         return
-    job, loop, staged, bare, in_actor, loop_with_ray = loop_vs_job(args.loop_rows)
+    t = loop_vs_job(args.loop_rows, args.repeats)
+    job, loop, rows_only, in_actor = (
+        statistics.median(t[k]) for k in ("job", "loop", "loop_rows", "in_actor")
+    )
+    ratios = sorted(j / lo for j, lo in zip(t["job"], t["loop"], strict=True))
     print(
-        f"{args.loop_rows} real-clip rows: job {job:.1f} s, plain loop {loop:.1f} s, "
-        f"job / loop {job / loop:.2f}; the job's rows took {in_actor:.1f} s in its actor "
-        f"({in_actor / loop:.2f}x the loop), the other {job - in_actor:.1f} s were start-up and hand-offs"
+        f"{args.loop_rows} real-clip rows, median of {args.repeats} turns: job {job:.1f} s, plain loop "
+        f"{loop:.1f} s ({rows_only:.1f} s of it over the rows), job / loop {job / loop:.2f} (each turn: "
+        f"{', '.join(f'{r:.2f}' for r in ratios)}; against the loop's rows alone {job / rows_only:.2f})"
     )
     print(
-        f"the plain loop again with Ray up and idle: {loop_with_ray:.1f} s ({loop_with_ray / loop:.2f}x); "
-        f"the job's rows in its actor / that loop {in_actor / loop_with_ray:.2f}"
+        f"the job's rows took {in_actor:.1f} s in its actor ({in_actor / rows_only:.2f}x the loop's rows), "
+        f"the other {job - in_actor:.1f} s were start-up and hand-offs"
+    )
+    with_ray, staged, bare = t["loop_with_ray_rows"][0], t["staged"][0], t["bare"][0]
+    print(
+        f"the loop's rows again with Ray up and idle: {with_ray:.1f} s ({with_ray / rows_only:.2f}x); "
+        f"the job's rows in its actor / that loop's {in_actor / with_ray:.2f}"
     )
     print(
         f"with tiny CLIP: decode stage {args.loop_rows / staged:.1f} rows/s, actors reading their own inputs "
