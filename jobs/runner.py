@@ -10,8 +10,10 @@ The driver only moves URIs and short strings; actors read inputs and write artif
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime as dt
+import gc
 import glob
 import importlib
 import math
@@ -302,6 +304,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
                 min_rows_per_file=rows,
                 ray_remote_args=writer_args(spec),
             )
+        del line  # the set of every finished id it counted: 100 MB at 10^6 rows, needed no more
         release_memory()
         backfill_lost(todo, results_uri, config)
         release_memory()
@@ -338,10 +341,19 @@ def writer_args(spec: JobSpec) -> dict[str, Any]:
     return {"num_cpus": 0} | ({"runtime_env": spec.runtime_env} if spec.runtime_env else {})
 
 
+# glibc's malloc_trim, absent elsewhere (macOS, musl): then only Arrow's pool is released.
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
+
+
 def release_memory() -> None:
-    """Hand the memory Arrow freed back to the system between the driver's phases: its allocator keeps
-    freed pages, and a million-row job's phases would otherwise pile up (measured: 300 MB per phase)."""
+    """Hand the memory freed by the driver's phases back to the system between them: Arrow's allocator
+    and C's malloc (Python objects, Arrow's I/O threads) keep freed pages, and a million-row job's phases
+    would otherwise pile up (measured: 300 MB per phase from Arrow; at 2*10^5 rows malloc's pages took
+    the peak from 518 MB to 593 MB)."""
     pa.default_memory_pool().release_unused()
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 # Above this many blocks Ray Data's start-up grows with the count (1e5 blocks took minutes and GBs).
