@@ -11,6 +11,7 @@ The driver only moves URIs and short strings; actors read inputs and write artif
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import dataclasses
 import datetime as dt
 import gc
@@ -341,8 +342,9 @@ def writer_args(spec: JobSpec) -> dict[str, Any]:
     return {"num_cpus": 0} | ({"runtime_env": spec.runtime_env} if spec.runtime_env else {})
 
 
-# glibc's malloc_trim, absent elsewhere (macOS, musl): then only Arrow's pool is released.
-_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
+# glibc's malloc_trim, absent elsewhere (macOS, musl, Windows): then only Arrow's pool is released.
+_LIBC = ctypes.util.find_library("c")
+_MALLOC_TRIM = getattr(ctypes.CDLL(_LIBC), "malloc_trim", None) if _LIBC else None
 
 
 def release_memory() -> None:
