@@ -188,19 +188,12 @@ def decode_examples(
                     why = ((unreadable or ["no example"])[0], False)  # `decode` could not read it
             hint = " (raise --row-time-limit to read it)" if key in guard.stopped else ""
             print(f"[anima] training row {names[i]!r} skipped: {why[0]}{hint}", file=sys.stderr, flush=True)
-            skipped.append(
-                {
-                    "id": names[i],
-                    "source": source,
-                    "row": key,
-                    "reason": why[0] + hint,
-                    "run_id": reads.run_id,
-                }
-            )
+            skipped.append({"id": names[i], "source": source, "row": key, "reason": why[0] + hint})
     finally:
         guard.finish()
-    if skipped:  # the run lists them when it ends (jobs.train)
-        media.write_text(json.dumps(skipped), inflight_marker(reads.output, keys, records))
+    if skipped:  # the run lists them when it ends (jobs.train), as a marker is read: this run's only
+        record = {"run_id": reads.run_id, "rows": skipped}
+        media.write_text(json.dumps(record), inflight_marker(reads.output, keys, records))
     if examples:
         return pa.concat_tables(examples)
     return decode(batch.slice(0, 0), source=source, **decode_kwargs)

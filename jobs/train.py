@@ -11,7 +11,6 @@ the next stage's `train --adapter` take.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from actors.base import INFLIGHT
+from actors.base import INFLIGHT, this_runs_record
 from actors.read_stage import ROW_COLUMN, TrainingReads, decode_examples, training_stages
 from jobs.runner import MAX_BLOCKS, JobError, ensure_ray, new_run_id, read_manifest
 from pipelines import adapters, media
@@ -154,9 +153,8 @@ def save_skipped(output: str, sources: list[str], run_name: str, run_id: str) ->
     for name in sources:
         fs, folder = fsspec.core.url_to_fs(media.join(output, INFLIGHT, training_stages(name)[1]))
         for path in sorted(fs.find(folder)) if fs.exists(folder) else []:
-            for record in json.loads(media.read_bytes(fs.unstrip_protocol(path))):
-                if record.pop("run_id") == run_id:
-                    records[record["source"], record["row"]] = record
+            for record in this_runs_record(fs.unstrip_protocol(path), run_id).get("rows", []):
+                records[record["source"], record["row"]] = record
     listed = media.join(output, f"{run_name}-skipped.parquet")
     if not records:
         media.remove(listed)

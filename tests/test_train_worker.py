@@ -183,7 +183,9 @@ print("examples", out.num_rows, out.column("prompt").to_pylist())
     )
     assert out.column("prompt").to_pylist() == ["fine"] and out.column("frames").type.shape == [2, 16, 16, 3]
     assert json.loads(media.read_bytes(marker))["deaths"] == {"5": 2}  # kept: given up for the run
-    (record,) = json.loads(media.read_bytes(inflight_marker(reads.output, ["5", "6"], "train-video-skipped")))
+    skipped = json.loads(media.read_bytes(inflight_marker(reads.output, ["5", "6"], "train-video-skipped")))
+    assert skipped["run_id"] == "run-1"
+    (record,) = skipped["rows"]
     assert record["id"] == "same" and record["row"] == "5" and "died 2 times" in record["reason"]
 
     def fails_on_b(one_row: pa.Table, **kwargs) -> pa.Table:
@@ -195,7 +197,8 @@ print("examples", out.num_rows, out.column("prompt").to_pylist())
 
     out = decode_examples(batch((7, "a", "a"), (8, "b", "b")), fails_on_b, reads, "image", config=config)
     assert out.column("prompt").to_pylist() == ["a"]
-    (record,) = json.loads(media.read_bytes(inflight_marker(reads.output, ["7", "8"], "train-image-skipped")))
+    skipped = json.loads(media.read_bytes(inflight_marker(reads.output, ["7", "8"], "train-image-skipped")))
+    (record,) = skipped["rows"]
     assert record["id"] == "b" and record["reason"].startswith("KeyError: 'frame_stride'")
     nothing = decode_examples(batch((8, "b", "b")), fails_on_b, reads, "image", config=config)
     assert nothing.num_rows == 0 and nothing.schema == out.schema
@@ -244,8 +247,8 @@ def test_the_list_of_skipped_rows_is_this_runs_only_and_goes_when_a_run_skips_no
 
     folder = tmp_path / "_inflight" / "train-clips-skipped"
     for name, run, row in (("a.json", "old", "1"), ("b.json", "new", "4"), ("c.json", "new", "2")):
-        record = {"id": f"id{row}", "source": "clips", "row": row, "reason": "video not found", "run_id": run}
-        media.write_text(json.dumps([record]), str(folder / name))
+        record = {"id": f"id{row}", "source": "clips", "row": row, "reason": "video not found"}
+        media.write_text(json.dumps({"run_id": run, "rows": [record]}), str(folder / name))
     count, listed = save_skipped(str(tmp_path), ["clips"], "dynamicrafter-stage2", "new")
     assert count == 2 and [r["row"] for r in pq.read_table(listed).to_pylist()] == [2, 4]
     media.remove_tree(str(folder))
