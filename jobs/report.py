@@ -336,10 +336,10 @@ def page_data(outputs: list[Output], report: str) -> dict[str, Any]:
     return {"outputs": [o.name for o in outputs], "fields": CELL_FIELDS, "metrics": metrics, "rows": rows}
 
 
-def _errors(output: Output) -> list[tuple[int, str]]:
+def _errors(output: Output) -> list[dict[str, Any]]:
     if output.latest is None:
         return []
-    return summary.error_reasons(output.latest.column("error")).most_common()
+    return summary.top_errors(output.latest.column("error").chunks, most=None)
 
 
 def write_report(uris: list[str], out: str | None = None) -> str:

@@ -55,6 +55,15 @@ def _counts(column: pa.ChunkedArray) -> Counter:
     return Counter({c["values"]: c["counts"] for c in pc.value_counts(column).to_pylist()})
 
 
+# A path or URI in an error message (a word with a slash or backslash, or a media file's name), masked
+# to group the rows that failed the same way: a million missing files each name their own.
+_URI = (
+    r"""[^\s,;()'"]*[/\\][^\s,;()'"]*[^\s,;()'":.]"""
+    r"""|[^\s,;()'"/\\]+\.(?i:mp4|gif|png|jpe?g|webp|svg|avi|mov|mkv|webm|parquet|npy|json|txt)\b"""
+)
+URI_MARK = "<uri>"
+
+
 def _reasons(errors: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """Error messages without their "row 'id': " prefix (so equal reasons group), first 200 characters."""
     reasons = pc.utf8_slice_codeunits(
@@ -63,31 +72,40 @@ def _reasons(errors: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     return reasons.filter(pc.invert(pc.is_null(reasons)))
 
 
-def error_reasons(errors: pa.ChunkedArray) -> Counter:
-    """Reason -> count of error messages (see `_reasons`)."""
-    return _counts(_reasons(errors))
-
-
-def top_errors(batches: Iterable[pa.RecordBatch], most: int = 10) -> list[dict[str, Any]]:
-    """The `most` commonest reasons in the `error` column of `batches`, ties in text order.
-
-    Counted by Arrow one batch at a time: a run of a million distinct messages (every missing file names
-    its own URI) never holds them all as Python strings, or all their text at once.
-    """
-    counted = [pc.value_counts(_reasons(batch.column("error"))) for batch in batches]
-    counted = [counts for counts in counted if len(counts)]
-    if not counted:
-        return []
-    totals = (
-        pa.Table.from_struct_array(pa.concat_arrays(counted))
-        .group_by("values")
-        .aggregate([("counts", "sum")])
+def _kinds(errors: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """Each kind of reason in `errors` (the reason with its paths and URIs masked): how many rows, and
+    one reason of that kind as it was (the first in text order)."""
+    counts = pc.value_counts(_reasons(errors))  # each distinct message is masked once, not each row
+    reasons = counts.field("values")
+    table = pa.table(
+        {
+            "error": pc.replace_substring_regex(reasons, _URI, URI_MARK),
+            "count": counts.field("counts"),
+            "example": reasons,
+        }
     )
-    top = totals.sort_by([("counts_sum", "descending"), ("values", "ascending")]).slice(0, most)
-    return [
-        {"count": count, "error": reason}
-        for reason, count in zip(top["values"].to_pylist(), top["counts_sum"].to_pylist(), strict=True)
-    ]
+    return _regroup(table)
+
+
+def _regroup(table: pa.Table) -> pa.Table:
+    grouped = table.group_by("error").aggregate([("count", "sum"), ("example", "min")])
+    return pa.table(
+        {"error": grouped["error"], "count": grouped["count_sum"], "example": grouped["example_min"]}
+    )
+
+
+def top_errors(errors: Iterable[pa.Array | pa.ChunkedArray], most: int | None = 10) -> list[dict[str, Any]]:
+    """The `most` (None: all) commonest kinds of reason in the error columns `errors`, ties in text order:
+    {"count", "error" (the kind, paths and URIs shown as <uri>), "example"}.
+
+    Counted by Arrow one batch at a time and kept per kind, so a run of a million distinct messages
+    (every missing file names its own URI) never holds them all, and reads as one reason, not a million.
+    """
+    kinds = [k for k in (_kinds(column) for column in errors) if k.num_rows]
+    if not kinds:
+        return []
+    top = _regroup(pa.concat_tables(kinds)).sort_by([("count", "descending"), ("error", "ascending")])
+    return top.slice(0, most).to_pylist() if most is not None else top.to_pylist()
 
 
 def build(
@@ -127,7 +145,7 @@ def build(
         "items_per_gpu_hour": 3600 / gpu_seconds if gpu_seconds else None,
         "actors": spec.actors,
         "gpus_per_actor": spec.gpus_per_actor,
-        "top_errors": top_errors(failed),
+        "top_errors": top_errors(batch.column("error") for batch in failed),
         "metrics": metric_table(latest) if latest is not None else {},
         "outputs": {
             "results": results_uri,
@@ -153,7 +171,8 @@ def render(report: dict[str, Any]) -> str:
         ),
     ]
     for err in report["top_errors"]:
-        lines.append(f"  error x{err['count']}: {err['error']}")
+        example = f" (e.g. {err['example']})" if err["example"] != err["error"] else ""
+        lines.append(f"  error x{err['count']}: {err['error']}{example}")
     if report["metrics"]:
         paper = {n: v for (method, n), (v, _) in PAPER_METRICS.items() if method == report["method"]}
         lines.append("  metric                mean ± std        (n)" + ("    paper" if paper else ""))

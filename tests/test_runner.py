@@ -480,19 +480,66 @@ def test_latest_takes_each_ids_last_row_and_counts_its_runs_once_each():
         }
 
 
-def test_the_summary_counts_error_reasons_across_batches_without_their_row_prefix():
-    from jobs.summary import top_errors
+def test_the_summary_counts_error_reasons_across_batches_by_kind_without_their_row_prefix():
+    from jobs.summary import render, top_errors
 
     batches = [
         pa.record_batch({"error": ["row 'a': video not found: x.mp4", "row 'b': empty prompt", None]}),
         pa.record_batch({"error": ["row 'c': video not found: x.mp4", "row 'd': bad mask"]}),
         pa.record_batch({"error": pa.array([], pa.string())}),
     ]
-    assert top_errors(batches, most=2) == [
-        {"count": 2, "error": "video not found: x.mp4"},
-        {"count": 1, "error": "bad mask"},  # ties in text order
+    assert top_errors((b.column("error") for b in batches), most=2) == [
+        {"count": 2, "error": "video not found: <uri>", "example": "video not found: x.mp4"},
+        {"count": 1, "error": "bad mask", "example": "bad mask"},  # ties in text order
     ]
     assert top_errors([]) == []
+    # Each missing file names its own path or URI: one kind, counted across batches, with an example.
+    errors = [
+        pa.array([f"row 'r{i}': video not found: /data/clips/{i}.mp4" for i in range(3)]),
+        pa.array(
+            [
+                "row 's': cannot decode video s3://bucket/k 1/v.mp4: Invalid data",  # a space in the key
+                "row 't': cannot decode video s3://bucket/w.mp4: Invalid data",
+                "row 'u': cannot open image C:\\data\\a.png: FileNotFoundError: [Errno 2] 'C:\\data\\a.png'",
+                "row 'v': mask m.png is 64x64, the video is 256x256",
+                "row 'w': video has 3 frames, 16 requested: https://host/a.mp4?sig=1",
+            ]
+        ),
+        pa.array(["row 'r9': video not found: gs://b/9.mp4"]),
+    ]
+    top = top_errors(errors, most=None)
+    assert top[0] == {
+        "count": 4,
+        "error": "video not found: <uri>",
+        "example": "video not found: /data/clips/0.mp4",
+    }
+    kinds = {e["error"]: e["count"] for e in top}
+    assert kinds == {
+        "video not found: <uri>": 4,
+        "cannot decode video <uri>: Invalid data": 1,
+        "cannot decode video <uri> <uri>: Invalid data": 1,
+        "cannot open image <uri>: FileNotFoundError: [Errno 2] '<uri>'": 1,
+        "mask <uri> is 64x64, the video is 256x256": 1,
+        "video has 3 frames, 16 requested: <uri>": 1,
+    }
+    report = {
+        "method": "evaluate",
+        "run_id": "r",
+        "rows": 9,
+        "processed": 9,
+        "ok": 0,
+        "error": 9,
+        "skipped": 0,
+        "overall": {"ok": 0, "not_ok": 9},
+        "wall_seconds": 1.0,
+        "rows_per_second": None,
+        "seconds_per_row": None,
+        "items_per_gpu_hour": None,
+        "top_errors": top[:1],
+        "metrics": {},
+        "outputs": {},
+    }
+    assert "error x4: video not found: <uri> (e.g. video not found: /data/clips/0.mp4)" in render(report)
 
 
 def test_compaction_streams_a_runs_files_into_files_of_a_fixed_row_count(tmp_path):
