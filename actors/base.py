@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -139,6 +139,8 @@ class RowActor:
         import torch
 
         self.config = config
+        # While a batch of several rows runs under its time limit: records a stop in its marker.
+        self._note_stop: Callable[[float], None] | None = None
         quiet_progress_bars(config)
         self.model_defaults = {}
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -179,7 +181,16 @@ class RowActor:
             raise DecodeError(row[DECODE_ERROR_COLUMN], bool(row.get(DECODE_RETRYABLE_COLUMN)))
         if row.get(DECODED_COLUMN) is not None:
             return media.unpack_arrays(row[DECODED_COLUMN])
-        return self.read_inputs(row, params, self.config)
+        with self._read_limit(row["id"]):
+            return self.read_inputs(row, params, self.config)
+
+    def _read_limit(self, row_id: str) -> AbstractContextManager[None]:
+        """A read in a batch of several rows is held to one row's time limit: a stalled read (a server that
+        accepts and never answers) ends the process after the limit, not after the whole batch's."""
+        note, limit = self._note_stop, self.config.row_time_limit_s
+        if note is None or not limit:  # no limit, or a batch of one, whose limit is already the row's
+            return nullcontext()
+        return stop_after(limit, f"reading row {row_id!r}", lambda: note(limit))
 
     def process_rows(self, rows: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[RowOutput]:
         """Process several rows; methods override this to batch them through the GPU together."""
@@ -276,16 +287,23 @@ class RowActor:
         )
         return self._error_row(row, {}, message, retryable=False, seconds=stopped)
 
-    def _time_limit(self, marker: str, record: dict[str, Any], rows: int) -> AbstractContextManager[None]:
-        """End the process if the rows run past the job's row time limit, noting why in their marker, so
-        that the retry Ray makes after restarting the actor knows to split the batch or give the row up."""
+    @contextmanager
+    def _time_limit(self, marker: str, record: dict[str, Any], rows: int) -> Iterator[None]:
+        """End the process if the rows run past the job's row time limit (each read alone past one row's,
+        `_read_limit`), noting why in their marker, so that the retry Ray makes after restarting the actor
+        knows to split the batch or give the row up."""
         limit = self.config.row_time_limit_s
+
+        def note(seconds: float) -> None:
+            media.write_text(json.dumps({**record, "stopped_after_s": seconds}), marker)
+
         seconds = limit * rows if limit else None
-        return stop_after(
-            seconds,
-            f"{rows} row(s)",
-            lambda: media.write_text(json.dumps({**record, "stopped_after_s": seconds}), marker),
-        )
+        self._note_stop = note if rows > 1 else None
+        try:
+            with stop_after(seconds, f"{rows} row(s)", lambda: note(seconds)):
+                yield
+        finally:
+            self._note_stop = None
 
     def _run(self, rows: list[dict[str, Any]], indices: list[int]) -> dict[int, ResultRow]:
         """Run rows together; if the batch as a whole fails, run them one by one to isolate the culprit."""
@@ -417,6 +435,9 @@ def this_runs_record(marker: str, run_id: str) -> dict[str, Any]:
     return earlier if earlier.get("run_id") == run_id else {}
 
 
+_SAFETY_NET_ARMED = threading.Event()  # faulthandler's deadline (see stop_after) is set
+
+
 @contextmanager
 def stop_after(seconds: float | None, what: str, note: Callable[[], None]) -> Iterator[None]:
     """End the process if the block runs past `seconds` (None: no limit), after `note()` records why for
@@ -447,15 +468,21 @@ def stop_after(seconds: float | None, what: str, note: Callable[[], None]) -> It
     timer.daemon = True
     timer.start()
     # Code that holds the GIL starves the timer's thread: faulthandler's own thread ends the process
-    # a minute later all the same (without a note, so the retry counts it as a crash).
-    faulthandler.dump_traceback_later(seconds + 60, exit=True)
+    # a minute later all the same (without a note, so the retry counts it as a crash). It keeps one such
+    # deadline per process, so a limit inside another (a read in a batch) leaves the outer one's.
+    outer = _SAFETY_NET_ARMED.is_set()
+    if not outer:
+        faulthandler.dump_traceback_later(seconds + 60, exit=True)
+        _SAFETY_NET_ARMED.set()
     try:
         yield
     finally:
         with lock:
             finished.set()
         timer.cancel()
-        faulthandler.cancel_dump_traceback_later()
+        if not outer:
+            faulthandler.cancel_dump_traceback_later()
+            _SAFETY_NET_ARMED.clear()
 
 
 def quiet_progress_bars(config: JobConfig) -> None:

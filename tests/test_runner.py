@@ -194,6 +194,43 @@ def test_a_row_stopped_at_the_time_limit_is_given_up_only_in_the_run_that_stoppe
         assert media.exists(actor._marker(["x"])) is gives_up
 
 
+def test_a_stalled_read_in_a_batch_is_stopped_after_one_rows_limit_not_the_batchs(
+    data_dir, tmp_path, stalling_server
+):
+    """An evaluate actor that reads its own inputs (no decode stage) held a stalled read in a batch of B
+    rows for B times the limit (32 x 120 s by default): the read alone is stopped at the limit, the retry
+    splits the batch, and only the stalled row is given up."""
+    import subprocess
+    import sys
+
+    video = str((sorted((data_dir / "videos").glob("*.mp4")) or sorted(data_dir.glob("*.mp4")))[0])
+    records = [
+        {"id": i, "video": v, "prompt": None, "num_frames": 4}
+        for i, v in [("a", video), ("stalled", f"{stalling_server}/clip.mp4"), ("b", video)]
+    ]
+    attempt = f"""
+import pyarrow as pa
+from actors.base import JobConfig
+from actors.evaluate import EvaluateActor
+config = JobConfig("evaluate", {str(tmp_path / "out")!r}, "run-1", models={{}}, row_time_limit_s=2.0)
+print(EvaluateActor(config)(pa.Table.from_pylist({records!r})).to_pylist())
+"""
+    from actors.base import JobConfig, inflight_marker
+    from actors.evaluate import EvaluateActor
+
+    output = str(tmp_path / "out")
+    # The batch, stopped in the read; then the row alone after the split, whose limit is the row's.
+    for ids, what in [(["a", "stalled", "b"], "reading row 'stalled'"), (["stalled"], "1 row(s)")]:
+        run = subprocess.run([sys.executable, "-c", attempt], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1, run.stderr[-2000:]
+        assert f"{what} ran past the row time limit (2 s)" in run.stderr
+        assert json.loads(media.read_bytes(inflight_marker(output, ids)))["stopped_after_s"] == 2.0
+    config = JobConfig("evaluate", output, "run-1", models={}, row_time_limit_s=2.0)
+    rows = {r["id"]: r for r in EvaluateActor(config)(pa.Table.from_pylist(records)).to_pylist()}
+    assert rows["a"]["status"] == rows["b"]["status"] == "ok", rows
+    assert "ran past the row time limit (2 s)" in rows["stalled"]["error"]
+
+
 def test_a_parameter_bomb_is_stopped_at_the_row_time_limit_and_the_job_finishes(
     ray_cluster, data_dir, tmp_path
 ):
