@@ -464,17 +464,18 @@ def stop_after(seconds: float | None, what: str, note: Callable[[], None]) -> It
             finally:
                 os._exit(1)
 
-    timer = threading.Timer(seconds, stop)
-    timer.daemon = True
-    timer.start()
     # Code that holds the GIL starves the timer's thread: faulthandler's own thread ends the process
     # a minute later all the same (without a note, so the retry counts it as a crash). It keeps one such
-    # deadline per process, so a limit inside another (a read in a batch) leaves the outer one's.
+    # deadline per process, so a limit inside another (a read in a batch) leaves the outer one's, and a
+    # read that holds the GIL is ended only at the outer deadline.
     outer = _SAFETY_NET_ARMED.is_set()
     if not outer:
         faulthandler.dump_traceback_later(seconds + 60, exit=True)
         _SAFETY_NET_ARMED.set()
+    timer = threading.Timer(seconds, stop)
+    timer.daemon = True
     try:
+        timer.start()
         yield
     finally:
         with lock:

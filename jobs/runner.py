@@ -1,6 +1,7 @@
 """The one Ray Data graph every job runs: manifest in, one result row per input row out.
 
-    read manifest + validate (driver) -> drop settled ids -> from_arrow(blocks of `task_rows` rows)
+    scan manifest ids + validate (driver) -> drop settled ids -> scan rows into blocks of `task_rows`
+    rows in the object store -> from_arrow_refs
     [-> map_batches(decode_rows: CPU tasks read inputs, methods with `decode_stage`)]
     -> map_batches(actor pool) -> write_parquet(OUTPUT/results/) -> backfill rows lost to failed tasks
     -> summary
@@ -10,6 +11,7 @@ The driver only moves URIs and short strings; actors read inputs and write artif
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -21,6 +23,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +43,8 @@ from actors.read_stage import decode_rows
 from jobs import progress, resume, summary
 from pipelines import media
 from pipelines.model_cache import ModelLoadError
-from schemas import ERROR, ResultRow, check, result_table
-from schemas.manifests import ATTEMPT_COLUMN
+from schemas import ERROR, ManifestError, ResultRow, result_table
+from schemas.manifests import ATTEMPT_COLUMN, validate_scan
 
 # Method name -> its actor class, as "module:Class" so only the chosen method's code is imported.
 METHODS: dict[str, str] = {
@@ -110,12 +113,13 @@ def ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
 
 
-def read_manifest(uri: str) -> pa.Table:
-    """The manifest, read on the driver: validation and resume need every row before any actor starts.
+def open_manifest(uri: str) -> ds.Dataset:
+    """The manifest as an Arrow dataset, which the driver scans a batch at a time and never holds whole.
 
-    A file, a folder of Parquet files or a glob (`s3://bucket/manifests/part-*.parquet`), read as one
-    Arrow dataset scan. Manifests hold URIs and short strings (a million rows is a few hundred MB), and
-    pyarrow reads them in seconds where a `ray.data.read_parquet` round trip costs task start-ups.
+    A file, a folder of Parquet files or a glob (`s3://bucket/manifests/part-*.parquet`). Validation and
+    resume need every id before any actor starts: pyarrow scans a million rows in seconds where a
+    `ray.data.read_parquet` round trip costs task start-ups, and cutting the rows into blocks on the
+    driver keeps what a failed task costs independent of how the manifest's files are cut.
     """
     fs, path = fsspec.core.url_to_fs(uri)
     files = sorted(fs.glob(path)) if glob.has_magic(path) else [path]
@@ -126,9 +130,45 @@ def read_manifest(uri: str) -> pa.Table:
         if not files:
             raise JobError(f"manifest folder {uri} holds no .parquet files")
     try:
-        return ds.dataset(files, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs))).to_table()
+        return ds.dataset(files, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs)))
     except Exception as exc:
         raise JobError(f"cannot read manifest {uri} as Parquet: {exc}") from exc
+
+
+def read_manifest(uri: str) -> pa.Table:
+    """The whole manifest, for what reads every row anyway (the report, training's sources)."""
+    manifest = open_manifest(uri)
+    with _reading(uri):
+        return manifest.to_table()
+
+
+@contextlib.contextmanager
+def _reading(uri: str) -> Iterator[None]:
+    """A manifest that cannot be scanned (a corrupt file, files whose schemas disagree) is a JobError."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as exc:
+        raise JobError(f"cannot read manifest {uri} as Parquet: {exc}") from exc
+
+
+def _scan(manifest: ds.Dataset, uri: str, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """The manifest's batches in order, read one at a time (pyarrow reads 16 batches and 4 files ahead by
+    default: at a million rows, most of the manifest); still a Parquet row group at a time, so manifests
+    written with row groups of 10^5 rows or fewer keep the driver's share small."""
+    with _reading(uri):
+        yield from manifest.to_batches(columns=columns, batch_readahead=0, fragment_readahead=1)
+
+
+def manifest_ids(manifest: ds.Dataset, kind: str, uri: str) -> pa.ChunkedArray:
+    """The manifest's ids, once it is valid (ManifestError naming every problem if not): only its id and
+    required columns are read, a batch at a time."""
+    with _reading(uri):
+        rows = manifest.count_rows()
+    problems, ids = validate_scan(manifest.schema, rows, lambda columns: _scan(manifest, uri, columns), kind)
+    if problems:
+        raise ManifestError(uri, problems)
+    assert ids is not None  # a manifest without usable ids has problems
+    return ids
 
 
 def check_output_writable(output: str) -> None:
@@ -191,17 +231,56 @@ def prepare_on_nodes(config: JobConfig, spec: JobSpec) -> dict[str, Any]:
     return settings[0] if settings else {}
 
 
-def pending_rows(table: pa.Table, results_uri: str, retry_errors: bool) -> tuple[pa.Table, int]:
-    """Rows to run, each with the attempt number this run will be; and how many were skipped.
+def pending_rows(rows: pa.Table, settled: pa.Array, attempts: pa.Table) -> pa.Table:
+    """`rows` without the `settled` ids, each with the attempt number this run will be (`attempts`: the
+    runs that gave each id a row so far, `resume.settled_and_attempts`).
 
     Column-wise (Arrow compute), so a million settled ids resolve in seconds, in manifest order.
     """
-    settled, attempts = resume.settled_and_attempts(results_uri, retry_errors)
-    todo = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=settled))) if len(settled) else table
+    todo = rows.filter(pc.invert(pc.is_in(rows.column("id"), value_set=settled))) if len(settled) else rows
     where = pc.index_in(todo.column("id"), value_set=attempts.column("id"))
     earlier = pc.fill_null(pc.take(attempts.column("attempts"), where), 0)
     numbers = pc.add(earlier.cast(pa.int64()), 1)
-    return todo.append_column(ATTEMPT_COLUMN, numbers), table.num_rows - todo.num_rows
+    return todo.append_column(ATTEMPT_COLUMN, numbers)
+
+
+def put_blocks(
+    manifest: ds.Dataset, ids: pa.ChunkedArray, todo: pa.Table, rows: int, uri: str
+) -> list[ray.ObjectRef]:
+    """The manifest's rows whose ids `todo` holds (in manifest order, with their attempt numbers:
+    `pending_rows` of `ids`), in blocks of `rows` rows, each put in the object store as soon as it is
+    full: the driver holds a block and a scanned batch at a time, not the manifest's rows.
+
+    A manifest whose ids differ from the validated `ids` (rewritten since) is a JobError: its rows were
+    not checked, and the run's count of rows would be wrong.
+    """
+    run = pc.is_in(ids, value_set=todo.column("id"))  # once: each batch takes its slice
+    refs: list[ray.ObjectRef] = []
+    held: list[pa.Table] = []
+    first = taken = count = 0
+    changed = JobError(f"manifest {uri} changed while the job started; submit the job again")
+    for batch in _scan(manifest, uri):
+        if not batch.column("id").equals(ids.slice(first, batch.num_rows).combine_chunks()):
+            raise changed
+        chosen = pa.Table.from_batches([batch]).filter(run.slice(first, batch.num_rows))
+        first += batch.num_rows
+        if not chosen.num_rows:
+            continue
+        held.append(
+            chosen.append_column(ATTEMPT_COLUMN, todo.column(ATTEMPT_COLUMN).slice(taken, chosen.num_rows))
+        )
+        taken += chosen.num_rows
+        count += chosen.num_rows
+        if count < rows:
+            continue
+        table, full = pa.concat_tables(held), count // rows * rows
+        refs += [ray.put(table.slice(start, rows)) for start in range(0, full, rows)]
+        held, count = [table.slice(full)], count - full
+    if first != len(ids):
+        raise changed
+    if count:
+        refs.append(ray.put(pa.concat_tables(held)))
+    return refs
 
 
 def with_default_models(spec: JobSpec) -> JobSpec:
@@ -239,10 +318,12 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     if not 0 <= limit < math.inf:
         raise JobError(f"--row-time-limit must be a number of seconds >= 0 (0: no limit), got {limit}")
     started = time.time()
-    table = check(read_manifest(spec.manifest), actor.kind, spec.manifest)
+    manifest = open_manifest(spec.manifest)
+    ids = pa.table({"id": manifest_ids(manifest, actor.kind, spec.manifest)})
     check_output_writable(spec.output)
     results_uri = media.join(spec.output, "results")
-    todo, skipped = pending_rows(table, results_uri, spec.retry_errors)
+    todo = pending_rows(ids, *resume.settled_and_attempts(results_uri, spec.retry_errors))
+    skipped = ids.num_rows - todo.num_rows  # todo: the ids to run, and their attempt numbers
     if spec.batch_size is None:  # the method's batch, smaller when a few rows would leave actors idle
         spec = dataclasses.replace(
             spec, batch_size=min(actor.default_batch_size, _share(spec, todo.num_rows))
@@ -258,21 +339,23 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         row_time_limit_s=limit or None,
         verbose=spec.verbose,
     )
-    print(f"[anima] run {run_id}: {table.num_rows} rows, {skipped} settled earlier, {todo.num_rows} to run")
+    print(f"[anima] run {run_id}: {ids.num_rows} rows, {skipped} settled earlier, {todo.num_rows} to run")
 
     if todo.num_rows:
         ensure_ray()  # only now: a job refused above never starts or joins a cluster
+        rows = task_rows(spec, actor, todo.num_rows)
+        # Before any model is fetched: this scan reads the manifest's other columns for the first time.
+        blocks = put_blocks(manifest, ids.column("id"), todo, rows, spec.manifest)
         config.decode = prepare_on_nodes(config, spec)
         progress.quiet_ray_data(spec.verbose)
         ctx = DataContext.get_current()
         ctx.max_errored_blocks = -1  # a failed task's rows are backfilled as error rows below
         ctx.execution_no_progress_timeout_s = no_progress_timeout(spec, limit)
-        rows = task_rows(spec, actor, todo.num_rows)
         results_fs, results_path = fsspec.core.url_to_fs(results_uri)
-        blocks = [todo.slice(i, rows) for i in range(0, todo.num_rows, rows)]
-        # from_arrow runs a small Ray task per block for its metadata; from_blocks, which takes it here,
-        # was measured slower all the same (10^4 missing-file rows: 26-29 s against 15-16 s).
-        data = ray.data.from_arrow(blocks)
+        # from_arrow_refs runs a small Ray task per block for its metadata. Computing it here instead
+        # (from_blocks) was measured slower: 12.5-14.4 s against 9.6-11.2 s at 10^4 missing-file rows, as
+        # the writers' first tasks then find no warm worker and start more processes.
+        data = ray.data.from_arrow_refs(blocks)
         staged = spec.gpus_per_actor > 0 if spec.decode_stage is None else spec.decode_stage
         if actor.decode_stage and staged:
             # Reading and decoding inputs on CPU tasks, ahead of the pool, keeps its accelerators busy.
@@ -314,7 +397,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         # Markers of batches whose process died: stale once the run has given every row a result.
         media.remove_tree(media.join(spec.output, INFLIGHT))
 
-    report = summary.build(table, spec, run_id, skipped, todo.num_rows, time.time() - started)
+    report = summary.build(ids, spec, run_id, skipped, todo.num_rows, time.time() - started)
     summary.save(report, spec.output)
     return report
 

@@ -55,33 +55,37 @@ def _counts(column: pa.ChunkedArray) -> Counter:
     return Counter({c["values"]: c["counts"] for c in pc.value_counts(column).to_pylist()})
 
 
-# A path or URI in an error message (a word with a slash or backslash, or a media file's name), masked
-# to group the rows that failed the same way: a million missing files each name their own.
+# A path or URI in an error message, masked to group the rows that failed the same way: a million missing
+# files each name their own. A URL; a path from '/', './', '../' or '~/' (not a slash inside a word: "I/O",
+# "16/16", a model id "openai/clip-vit"); a Windows path; a word ending in a media or data file's suffix.
 _URI = (
-    r"""[^\s,;()'"]*[/\\][^\s,;()'"]*[^\s,;()'":.]"""
-    r"""|[^\s,;()'"/\\]+\.(?i:mp4|gif|png|jpe?g|webp|svg|avi|mov|mkv|webm|parquet|npy|json|txt)\b"""
+    r"""[A-Za-z][A-Za-z0-9+.-]*://[^\s,;'"()]*[^\s,;'"():.]"""
+    r"""|\B(?:\.{1,2}|~)?/[^\s,;'"()]*[^\s,;'"():.]"""
+    r"""|\b[A-Za-z]:\\[^\s,;'"()]*[^\s,;'"():.]"""
+    r"""|[^\s,;'"()]+\.(?i:mp4|m4v|mpe?g|mov|avi|mkv|webm|gif|png|jpe?g|webp|bmp|tiff?|svg|parquet|json|npy|txt)\b"""
 )
 URI_MARK = "<uri>"
+REASON_CHARS = 200  # of a kind and its example: a traceback's text would swamp the summary
 
 
 def _reasons(errors: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    """Error messages without their "row 'id': " prefix (so equal reasons group), first 200 characters."""
-    reasons = pc.utf8_slice_codeunits(
-        pc.replace_substring_regex(errors, r"^.*?: ", "", max_replacements=1), 0, 200
-    )
+    """Error messages without their "row 'id': " prefix (so equal reasons group), nulls dropped."""
+    reasons = pc.replace_substring_regex(errors, r"^.*?: ", "", max_replacements=1)
     return reasons.filter(pc.invert(pc.is_null(reasons)))
 
 
 def _kinds(errors: pa.Array | pa.ChunkedArray) -> pa.Table:
-    """Each kind of reason in `errors` (the reason with its paths and URIs masked): how many rows, and
-    one reason of that kind as it was (the first in text order)."""
+    """Each kind of reason in `errors` (the reason with its paths and URIs masked, then cut to
+    REASON_CHARS, so that the cut falls at the same place for every row of a kind): how many rows, and
+    one reason of that kind (the first in text order)."""
     counts = pc.value_counts(_reasons(errors))  # each distinct message is masked once, not each row
     reasons = counts.field("values")
+    kinds = pc.replace_substring_regex(reasons, _URI, URI_MARK)
     table = pa.table(
         {
-            "error": pc.replace_substring_regex(reasons, _URI, URI_MARK),
+            "error": pc.utf8_slice_codeunits(kinds, 0, REASON_CHARS),
             "count": counts.field("counts"),
-            "example": reasons,
+            "example": pc.utf8_slice_codeunits(reasons, 0, REASON_CHARS),
         }
     )
     return _regroup(table)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -162,27 +163,48 @@ def _describe_ids(ids: list, limit: int = 10) -> str:
     return f"{shown}{more}"
 
 
-def _rows_where(ids: pa.ChunkedArray, mask: pa.ChunkedArray) -> list[str]:
-    """The ids of the rows where `mask` holds, in row order; `<row n>` for a row without an id."""
-    where = pc.indices_nonzero(mask.combine_chunks())
+def _rows_where(
+    ids: pa.Array | pa.ChunkedArray, mask: pa.Array | pa.ChunkedArray, first: int = 0
+) -> list[str]:
+    """The ids of the rows where `mask` holds, in row order; `<row n>` for a row without an id (`first`:
+    the manifest row number of the first of `ids`)."""
+    mask = mask.combine_chunks() if isinstance(mask, pa.ChunkedArray) else mask
+    where = pc.indices_nonzero(mask)
     found = pc.take(ids, where).to_pylist()
-    return [i if i is not None else f"<row {n}>" for n, i in zip(where.to_pylist(), found, strict=True)]
+    return [
+        i if i is not None else f"<row {first + n}>" for n, i in zip(where.to_pylist(), found, strict=True)
+    ]
 
 
 def validate(table: pa.Table, kind: str) -> list[str]:
     """Every problem that stops `table` from running as a `kind` manifest; an empty list means runnable."""
+    problems, _ = validate_scan(
+        table.schema, table.num_rows, lambda names: table.select(names).to_batches(), kind
+    )
+    return problems
+
+
+def validate_scan(
+    schema: pa.Schema, rows: int, scan: Callable[[list[str]], Iterable[pa.RecordBatch]], kind: str
+) -> tuple[list[str], pa.ChunkedArray | None]:
+    """`validate` of a manifest of `schema` and `rows` rows read through `scan(columns)`, and its ids
+    (None without a usable id column).
+
+    Only the id and required columns are read, a batch at a time, and only ids are kept: a manifest's
+    other columns (prompts, lists of URIs) are not held to check a million rows.
+    """
     if kind not in MANIFEST_KINDS:
         raise KeyError(f"unknown manifest kind {kind!r}; known: {', '.join(MANIFEST_KINDS)}")
     spec = MANIFEST_KINDS[kind]
     problems: list[str] = []
-    names = table.column_names
+    names = schema.names
 
     for name, expected in spec.required.items():
         if name not in names:
             problems.append(f"missing required column {name!r} ({expected})")
     for name, expected in spec.columns.items():
-        if name in names and not _type_matches(table.schema.field(name).type, expected):
-            problems.append(f"column {name!r} has type {table.schema.field(name).type}, expected {expected}")
+        if name in names and not _type_matches(schema.field(name).type, expected):
+            problems.append(f"column {name!r} has type {schema.field(name).type}, expected {expected}")
     duplicated = [c for c, n in Counter(names).items() if n > 1]
     if duplicated:
         problems.append(f"duplicate column name(s): {', '.join(duplicated)}")
@@ -193,9 +215,21 @@ def validate(table: pa.Table, kind: str) -> list[str]:
             "attempt number, the decoded inputs); rename or drop them"
         )
 
-    ids = table.column("id") if "id" in names and not duplicated else None
-    if ids is not None:  # column-wise: only offending rows reach Python, so a million rows check in seconds
-        null_rows = _rows_where(ids, pc.is_null(ids))
+    ids = None
+    if "id" in names and not duplicated:  # column-wise: only offending rows reach Python
+        required = [n for n in spec.required if n != "id" and n in names]
+        chunks: list[pa.Array] = []
+        null_rows: list[str] = []
+        nulls: dict[str, list[str]] = {name: [] for name in required}
+        first = 0  # the manifest row number of the batch's first row
+        for batch in scan(["id", *required]):
+            batch_ids = batch.column("id")
+            null_rows += _rows_where(batch_ids, pc.is_null(batch_ids), first)
+            for name in required:
+                nulls[name] += _rows_where(batch_ids, pc.is_null(batch.column(name)), first)
+            chunks.append(batch_ids)
+            first += batch.num_rows
+        ids = pa.chunked_array(chunks, type=schema.field("id").type)
         if null_rows:
             problems.append(f"column 'id' is null in {len(null_rows)} row(s): {_describe_ids(null_rows)}")
         counts = pc.value_counts(ids).flatten()
@@ -203,24 +237,22 @@ def validate(table: pa.Table, kind: str) -> list[str]:
         repeats = sorted(counts[0].filter(repeated).to_pylist())
         if repeats:
             problems.append(f"duplicate id(s): {_describe_ids(repeats)}")
-        textual = _type_matches(table.schema.field("id").type, STRING)
+        textual = _type_matches(schema.field("id").type, STRING)
         count, unsafe = _unsafe_ids(ids) if textual else (0, [])
         if count:
             problems.append(
                 f"{count} id(s) cannot name an artifact folder (an id is 1-{ID_MAX_BYTES} bytes, not '.' or "
                 f"'..', without '/', '\\', '::', NUL or control characters): {', '.join(unsafe)}"
             )
-        for name in spec.required:
-            if name == "id" or name not in names or name in duplicated:
-                continue
-            null_ids = _rows_where(ids, pc.is_null(table.column(name)))
-            if null_ids:
+        for name in required:
+            if nulls[name]:
                 problems.append(
-                    f"required column {name!r} is null in {len(null_ids)} row(s): {_describe_ids(null_ids)}"
+                    f"required column {name!r} is null in {len(nulls[name])} row(s): "
+                    f"{_describe_ids(nulls[name])}"
                 )
-    if table.num_rows == 0:
+    if rows == 0:
         problems.append("manifest has no rows")
-    return problems
+    return problems, ids
 
 
 def check(table: pa.Table, kind: str, uri: str = "<table>") -> pa.Table:

@@ -194,6 +194,25 @@ def test_a_row_stopped_at_the_time_limit_is_given_up_only_in_the_run_that_stoppe
         assert media.exists(actor._marker(["x"])) is gives_up
 
 
+def test_a_time_limit_inside_another_leaves_the_outer_ones_faulthandler_deadline(monkeypatch):
+    """faulthandler keeps one deadline per process: a read's limit inside its batch's must neither
+    replace the batch's backstop nor cancel it when the read ends."""
+    import faulthandler
+
+    from actors.base import stop_after
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(faulthandler, "dump_traceback_later", lambda s, exit: calls.append(("arm", s)))
+    monkeypatch.setattr(faulthandler, "cancel_dump_traceback_later", lambda: calls.append(("cancel",)))
+    with stop_after(100.0, "2 row(s)", lambda: None):
+        with stop_after(50.0, "reading row 'a'", lambda: None):
+            pass
+        assert calls == [("arm", 160.0)]
+    with stop_after(10.0, "1 row(s)", lambda: None):
+        pass
+    assert calls == [("arm", 160.0), ("cancel",), ("arm", 70.0), ("cancel",)]
+
+
 def test_a_stalled_read_in_a_batch_is_stopped_after_one_rows_limit_not_the_batchs(
     data_dir, tmp_path, stalling_server
 ):
@@ -540,9 +559,19 @@ def test_the_summary_counts_error_reasons_across_batches_by_kind_without_their_r
                 "row 'u': cannot open image C:\\data\\a.png: FileNotFoundError: [Errno 2] 'C:\\data\\a.png'",
                 "row 'v': mask m.png is 64x64, the video is 256x256",
                 "row 'w': video has 3 frames, 16 requested: https://host/a.mp4?sig=1",
+                # Slashes inside words are not paths, so these stay apart.
+                "row 'x': cannot load model openai/clip-vit-base: I/O error",
+                "row 'y': cannot load model laion/CLIP-ViT-H: I/O error",
             ]
         ),
         pa.array(["row 'r9': video not found: gs://b/9.mp4"]),
+        # Longer than the 200 characters kept: masked before the cut, so the cut falls in the same place.
+        pa.array(
+            [
+                f"row 'l{i}': cannot read s3://b/{'k' * i}.mp4: {'retried with backoff; ' * 12}"
+                for i in range(1, 4)
+            ]
+        ),
     ]
     top = top_errors(errors, most=None)
     assert top[0] == {
@@ -558,7 +587,11 @@ def test_the_summary_counts_error_reasons_across_batches_by_kind_without_their_r
         "cannot open image <uri>: FileNotFoundError: [Errno 2] '<uri>'": 1,
         "mask <uri> is 64x64, the video is 256x256": 1,
         "video has 3 frames, 16 requested: <uri>": 1,
+        "cannot load model openai/clip-vit-base: I/O error": 1,
+        "cannot load model laion/CLIP-ViT-H: I/O error": 1,
+        f"cannot read <uri>: {'retried with backoff; ' * 12}"[:200]: 3,
     }
+    assert all(len(e["example"]) <= 200 for e in top)
     report = {
         "method": "evaluate",
         "run_id": "r",
@@ -660,6 +693,49 @@ def test_a_manifest_may_be_a_folder_or_a_glob_of_parquet_files(tmp_path):
     assert read_manifest(str(folder / "part-[01].parquet")).num_rows == 8
     with pytest.raises(JobError, match="does not exist"):
         read_manifest(str(tmp_path / "none-*.parquet"))
+
+
+def test_the_rows_to_run_are_scanned_into_blocks_of_a_tasks_rows_with_their_attempt_numbers(
+    ray_cluster, tmp_path
+):
+    """The driver scans the manifest a batch at a time (here row groups of 3 rows in 3 files): settled
+    ids are left out, each row carries its attempt number, and every block but the last has exactly
+    the task's rows, across file boundaries. A manifest rewritten after validation is refused rather
+    than run unchecked; a corrupt file is a JobError, not a crash."""
+    import ray
+
+    from jobs.runner import JobError, manifest_ids, open_manifest, pending_rows, put_blocks
+    from schemas.manifests import ATTEMPT_COLUMN
+
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    for part in range(3):
+        ids = [f"p{part}-{i}" for i in range(7)]
+        pq.write_table(
+            pa.table({"id": ids, "video": [f"{i}.mp4" for i in ids]}),
+            folder / f"part-{part}.parquet",
+            row_group_size=3,
+        )
+    settled = pa.array(["p0-0", "p1-3", "p1-4", "p2-6", "elsewhere"])
+    attempts = pa.table({"id": ["p0-1", "p1-3", "p2-0"], "attempts": [2, 1, 1]})
+    manifest = open_manifest(str(folder))
+    ids = manifest_ids(manifest, "eval", str(folder))
+    todo = pending_rows(pa.table({"id": ids}), settled, attempts)
+    blocks = ray.get(put_blocks(manifest, ids, todo, 4, str(folder)))
+    assert [b.num_rows for b in blocks] == [4, 4, 4, 4, 1]
+    rows = pa.concat_tables(blocks).to_pylist()
+    expected = [f"p{p}-{i}" for p in range(3) for i in range(7) if f"p{p}-{i}" not in settled.to_pylist()]
+    assert [r["id"] for r in rows] == expected  # manifest order
+    assert {r["id"]: r[ATTEMPT_COLUMN] for r in rows if r[ATTEMPT_COLUMN] != 1} == {"p0-1": 3, "p2-0": 2}
+    assert all(r["video"] == f"{r['id']}.mp4" for r in rows)
+
+    pq.write_table(pa.table({"id": ["late"], "video": ["late.mp4"]}), folder / "part-3.parquet")
+    with pytest.raises(JobError, match="changed while the job started"):
+        put_blocks(open_manifest(str(folder)), ids, todo, 4, str(folder))
+    (folder / "part-9.parquet").write_bytes(b"PAR1 not parquet")  # found only when the scan reaches it
+    manifest = open_manifest(str(folder))
+    with pytest.raises(JobError, match="cannot read manifest"):
+        manifest_ids(manifest, "eval", str(folder))
 
 
 def test_the_decode_stage_gives_the_actor_the_inputs_it_would_read_itself(data_dir, tmp_path):

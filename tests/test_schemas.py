@@ -48,6 +48,34 @@ def test_a_table_with_every_known_column_validates(kind):
     assert validate(pa.Table.from_pylist([row], schema=schema), kind) == []
 
 
+def test_validation_reads_only_the_id_and_required_columns_a_batch_at_a_time():
+    """A manifest of a million rows is checked without holding its other columns (prompts, URI lists):
+    only ids are kept, and a row's number counts across batches."""
+    from schemas.manifests import validate_scan
+
+    table = pa.table(
+        {
+            "id": ["a", "b", "c", None, "e"],
+            "video": ["v.mp4", "v.mp4", "v.mp4", "v.mp4", None],
+            "prompt": ["a long prompt " * 100] * 5,
+        }
+    )
+    asked: list[list[str]] = []
+
+    def scan(columns: list[str]) -> list[pa.RecordBatch]:
+        asked.append(columns)
+        return table.select(columns).to_batches(max_chunksize=2)
+
+    problems, ids = validate_scan(table.schema, table.num_rows, scan, "eval")
+    assert asked == [["id", "video"]]
+    assert problems == [
+        "column 'id' is null in 1 row(s): '<row 3>'",
+        "required column 'video' is null in 1 row(s): 'e'",
+    ]
+    assert ids.to_pylist() == ["a", "b", "c", None, "e"] and ids.num_chunks == 3
+    assert validate_scan(table.schema, 0, lambda columns: [], "eval")[0] == ["manifest has no rows"]
+
+
 def test_narrow_integer_and_large_string_types_are_accepted_but_float_seed_is_not():
     table = pa.table(
         {
