@@ -163,12 +163,9 @@ def _describe_ids(ids: list, limit: int = 10) -> str:
     return f"{shown}{more}"
 
 
-def _rows_where(
-    ids: pa.Array | pa.ChunkedArray, mask: pa.Array | pa.ChunkedArray, first: int = 0
-) -> list[str]:
+def _rows_where(ids: pa.Array, mask: pa.Array, first: int = 0) -> list[str]:
     """The ids of the rows where `mask` holds, in row order; `<row n>` for a row without an id (`first`:
     the manifest row number of the first of `ids`)."""
-    mask = mask.combine_chunks() if isinstance(mask, pa.ChunkedArray) else mask
     where = pc.indices_nonzero(mask)
     found = pc.take(ids, where).to_pylist()
     return [
