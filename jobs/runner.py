@@ -129,10 +129,29 @@ def open_manifest(uri: str) -> ds.Dataset:
         files = sorted(f for f in fs.find(files[0]) if f.endswith(".parquet"))
         if not files:
             raise JobError(f"manifest folder {uri} holds no .parquet files")
+    filesystem = PyFileSystem(FSSpecHandler(fs))
     try:
-        return ds.dataset(files, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs)))
+        fragments = ds.dataset(files, format="parquet", filesystem=filesystem).get_fragments()
     except Exception as exc:
         raise JobError(f"cannot read manifest {uri} as Parquet: {exc}") from exc
+    schema = _common_schema(fragments, uri)
+    return ds.dataset(files, schema=schema, format="parquet", filesystem=filesystem)
+
+
+def _common_schema(fragments: Iterator[ds.Fragment], uri: str) -> pa.Schema:
+    """One schema for every file of the manifest, types promoted where they can be: pandas writes a column
+    that is all null in one part as type null, another writer int32 where the rest are int64. A dataset
+    takes the first file's schema, so the other files would then fail to cast, or lose the columns the
+    first file lacks (a per-row `seed` in later parts, silently ignored). Reads each file's footer."""
+    schema: pa.Schema | None = None
+    for fragment in fragments:
+        try:
+            own = fragment.physical_schema
+            schema = own if schema is None else pa.unify_schemas([schema, own], promote_options="permissive")
+        except (pa.ArrowException, OSError) as exc:
+            raise JobError(f"cannot read manifest {uri}: file {fragment.path}: {exc}") from exc
+    assert schema is not None  # open_manifest found at least one file
+    return schema
 
 
 def read_manifest(uri: str) -> pa.Table:

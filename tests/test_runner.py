@@ -695,6 +695,36 @@ def test_a_manifest_may_be_a_folder_or_a_glob_of_parquet_files(tmp_path):
         read_manifest(str(tmp_path / "none-*.parquet"))
 
 
+def test_manifest_files_written_apart_are_read_under_one_schema_and_a_conflict_names_its_file(tmp_path):
+    from jobs.runner import JobError, manifest_ids, open_manifest, read_manifest
+
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    # As pandas writes a part whose prompts are all missing, and another tool a part with int32 seeds.
+    no_prompts = pa.array([None, None], pa.null())
+    pq.write_table(
+        pa.table({"id": ["a", "b"], "video": ["v.mp4"] * 2, "prompt": no_prompts}), folder / "p0.parquet"
+    )
+    pq.write_table(pa.table({"id": ["c"], "video": ["v.mp4"], "prompt": ["a cat"]}), folder / "p1.parquet")
+    seeds = pa.array([7], pa.int32())
+    pq.write_table(pa.table({"id": ["d"], "video": ["v.mp4"], "seed": seeds}), folder / "p2.parquet")
+    pq.write_table(pa.table({"id": ["e"], "video": ["v.mp4"], "seed": [8]}), folder / "p3.parquet")
+    manifest = open_manifest(str(folder))
+    assert manifest.schema.field("prompt").type == pa.string()
+    assert manifest.schema.field("seed").type == pa.int64()
+    assert manifest_ids(manifest, "eval", str(folder)).to_pylist() == ["a", "b", "c", "d", "e"]
+    table = read_manifest(str(folder))
+    assert table.column("prompt").to_pylist() == [None, None, "a cat", None, None]
+    assert table.column("seed").to_pylist() == [None, None, None, 7, 8]  # not dropped for p0's lack of it
+
+    pq.write_table(pa.table({"id": ["f"], "video": ["v.mp4"], "seed": ["eight"]}), folder / "p4.parquet")
+    with pytest.raises(JobError, match=r"p4\.parquet: .*seed.*incompatible"):
+        open_manifest(str(folder))
+    (folder / "p4.parquet").write_bytes(b"not parquet")
+    with pytest.raises(JobError, match=r"p4\.parquet"):
+        open_manifest(str(folder))
+
+
 def test_the_rows_to_run_are_scanned_into_blocks_of_a_tasks_rows_with_their_attempt_numbers(
     ray_cluster, tmp_path
 ):
