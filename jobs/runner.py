@@ -44,7 +44,7 @@ from jobs import progress, resume, summary
 from pipelines import media
 from pipelines.model_cache import ModelLoadError
 from schemas import ERROR, ManifestError, ResultRow, result_table
-from schemas.manifests import ATTEMPT_COLUMN, validate_scan
+from schemas.manifests import ATTEMPT_COLUMN, plain_types, validate_scan
 
 # Method name -> its actor class, as "module:Class" so only the chosen method's code is imported.
 METHODS: dict[str, str] = {
@@ -139,14 +139,15 @@ def open_manifest(uri: str) -> ds.Dataset:
 
 
 def _common_schema(fragments: Iterator[ds.Fragment], uri: str) -> pa.Schema:
-    """One schema for every file of the manifest, types promoted where they can be: pandas writes a column
-    that is all null in one part as type null, another writer int32 where the rest are int64. A dataset
-    takes the first file's schema, so the other files would then fail to cast, or lose the columns the
-    first file lacks (a per-row `seed` in later parts, silently ignored). Reads each file's footer."""
+    """One schema for every file of the manifest (in `plain_types`), promoted where types differ: pandas
+    writes a column that is all null in one part as type null, another writer int32 where the rest are
+    int64. A dataset takes the first file's schema, so the other files would then fail to cast, or lose
+    the columns the first file lacks (a per-row `seed` in later parts, silently ignored). Reads each
+    file's footer."""
     schema: pa.Schema | None = None
     for fragment in fragments:
         try:
-            own = fragment.physical_schema
+            own = plain_types(fragment.physical_schema)
             schema = own if schema is None else pa.unify_schemas([schema, own], promote_options="permissive")
         except (pa.ArrowException, OSError) as exc:
             raise JobError(f"cannot read manifest {uri}: file {fragment.path}: {exc}") from exc

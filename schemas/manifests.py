@@ -102,6 +102,24 @@ class ManifestError(ValueError):
         super().__init__(f"manifest {uri} has {len(problems)} problem(s):\n{listing}")
 
 
+def plain_types(schema: pa.Schema) -> pa.Schema:
+    """`schema` as anima reads a manifest: pandas categoricals (dictionary-encoded) decoded, and large or
+    view strings and lists as plain ones, so that a manifest validates and reaches the actors the same
+    whichever dataframe library wrote it, and its files' schemas can be unified."""
+    return pa.schema([field.with_type(_plain(field.type)) for field in schema], metadata=schema.metadata)
+
+
+def _plain(t: pa.DataType) -> pa.DataType:
+    if pa.types.is_dictionary(t):
+        return _plain(t.value_type)
+    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return STRING
+    lists = (pa.types.is_list, pa.types.is_large_list, pa.types.is_list_view, pa.types.is_large_list_view)
+    if any(is_list(t) for is_list in lists):
+        return pa.list_(_plain(t.value_type))
+    return t
+
+
 def _type_matches(actual: pa.DataType, expected: pa.DataType) -> bool:
     if expected == STRING:
         return pa.types.is_string(actual) or pa.types.is_large_string(actual)

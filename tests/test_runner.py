@@ -695,7 +695,7 @@ def test_a_manifest_may_be_a_folder_or_a_glob_of_parquet_files(tmp_path):
         read_manifest(str(tmp_path / "none-*.parquet"))
 
 
-def test_manifest_files_written_apart_are_read_under_one_schema_and_a_conflict_names_its_file(tmp_path):
+def test_manifest_files_written_apart_are_read_under_one_plain_schema_and_a_conflict_names_its_file(tmp_path):
     from jobs.runner import JobError, manifest_ids, open_manifest, read_manifest
 
     folder = tmp_path / "manifest"
@@ -709,13 +709,20 @@ def test_manifest_files_written_apart_are_read_under_one_schema_and_a_conflict_n
     seeds = pa.array([7], pa.int32())
     pq.write_table(pa.table({"id": ["d"], "video": ["v.mp4"], "seed": seeds}), folder / "p2.parquet")
     pq.write_table(pa.table({"id": ["e"], "video": ["v.mp4"], "seed": [8]}), folder / "p3.parquet")
+    # A categorical of pandas, string views of polars, large lists: read as plain strings and lists.
+    ids, videos = pa.array(["g"], pa.string_view()), pa.array(["v.mp4"]).dictionary_encode()
+    styles = pa.array([["s.png"]], pa.large_list(pa.large_string()))
+    pq.write_table(pa.table({"id": ids, "video": videos, "style": styles}), folder / "p3b.parquet")
     manifest = open_manifest(str(folder))
     assert manifest.schema.field("prompt").type == pa.string()
     assert manifest.schema.field("seed").type == pa.int64()
-    assert manifest_ids(manifest, "eval", str(folder)).to_pylist() == ["a", "b", "c", "d", "e"]
+    assert manifest.schema.field("video").type == pa.string()
+    assert manifest.schema.field("style").type == pa.list_(pa.string())
+    assert manifest_ids(manifest, "eval", str(folder)).to_pylist() == ["a", "b", "c", "d", "e", "g"]
     table = read_manifest(str(folder))
-    assert table.column("prompt").to_pylist() == [None, None, "a cat", None, None]
-    assert table.column("seed").to_pylist() == [None, None, None, 7, 8]  # not dropped for p0's lack of it
+    assert table.column("prompt").to_pylist() == [None, None, "a cat", None, None, None]
+    assert table.column("seed").to_pylist() == [None, None, None, 7, 8, None]  # not dropped for p0's lack
+    assert table.column("style").to_pylist() == [None] * 5 + [["s.png"]]
 
     pq.write_table(pa.table({"id": ["f"], "video": ["v.mp4"], "seed": ["eight"]}), folder / "p4.parquet")
     with pytest.raises(JobError, match=r"p4\.parquet: .*seed.*incompatible"):
