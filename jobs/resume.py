@@ -123,6 +123,15 @@ def settled_and_attempts(results_uri: str, retry_errors: bool = False) -> tuple[
     return last.filter(settled).column("id").combine_chunks(), last.select(["id", "attempts"])
 
 
+def other_methods(results_uri: str, method: str) -> list[str]:
+    """The methods other than `method` whose rows the results hold (one column scanned, filtered in the
+    scan): a rerun resumes by id, so another method's rows would settle this job's ids."""
+    found: set[str] = set()
+    for batch in scan_results(results_uri, ["method"], where=pc.field("method") != method):
+        found.update(batch.column("method").unique().to_pylist())
+    return sorted(found)
+
+
 def compact(results_uri: str, run_id: str, rows_per_file: int = ROWS_PER_FILE) -> int:
     """Rewrite the run's result files as files of `rows_per_file` rows; returns how many it wrote.
 

@@ -342,6 +342,12 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     ids = pa.table({"id": manifest_ids(manifest, actor.kind, spec.manifest)})
     check_output_writable(spec.output)
     results_uri = media.join(spec.output, "results")
+    others = resume.other_methods(results_uri, spec.method)
+    if others:
+        raise JobError(
+            f"output {spec.output} holds result rows of {', '.join(others)}, not {spec.method}: a rerun "
+            "resumes by id, so they would count as this job's rows; give this job its own --output"
+        )
     todo = pending_rows(ids, *resume.settled_and_attempts(results_uri, spec.retry_errors))
     skipped = ids.num_rows - todo.num_rows  # todo: the ids to run, and their attempt numbers
     if spec.batch_size is None:  # the method's batch, smaller when a few rows would leave actors idle

@@ -23,6 +23,7 @@ from pipelines.dreammotion.edit import EditParams
 from pipelines.dynamicrafter.sample import SampleParams as AnimateParams
 from pipelines.livesketch.animate import LiveSketchParams
 from pipelines.stylecrafter.sample import SampleParams as StyleParams
+from schemas import ResultRow, result_table
 
 FAST = {"num_frames": 4}
 
@@ -409,6 +410,18 @@ def test_hostile_ids_stop_the_job_before_anything_is_written(tmp_path, capsys):
     assert _tree(tmp_path) == before  # not OUTPUT, not a directory beside it, nothing
 
 
+def test_an_output_holding_another_methods_rows_is_refused_before_they_settle_this_jobs_ids(tmp_path, capsys):
+    manifest, output = tmp_path / "eval.parquet", tmp_path / "out"
+    pq.write_table(pa.table({"id": ["a", "b"], "video": [str(tmp_path / "v.mp4")] * 2}), manifest)
+    earlier = [ResultRow(id=i, method="livesketch", status="ok", run_id="r0") for i in ("a", "b")]
+    (output / "results").mkdir(parents=True)
+    pq.write_table(result_table(earlier), output / "results" / "r0_part-0.parquet")
+    code = main(["evaluate", "--manifest", str(manifest), "--output", str(output), "--clip", "none"])
+    assert code == 2
+    assert "holds result rows of livesketch, not evaluate" in " ".join(capsys.readouterr().err.split())
+    assert sorted(p.name for p in (output / "results").iterdir()) == ["r0_part-0.parquet"]
+
+
 def test_an_actor_given_a_hostile_id_anyway_writes_nothing_outside_output(tmp_path):
     """Defence in depth: rows that reach an actor without validation still cannot choose where it writes."""
     from actors.base import JobConfig
@@ -493,7 +506,6 @@ def test_media_bombs_become_error_rows_and_the_other_rows_finish(ray_cluster, da
 
 def test_unreadable_and_duplicated_result_files_do_not_break_resume(tmp_path):
     """A writer killed mid-file leaves a broken file; a compaction killed midway leaves rows twice."""
-    from schemas import ResultRow, result_table
 
     results = tmp_path / "results"
     results.mkdir()
@@ -613,7 +625,6 @@ def test_the_summary_counts_error_reasons_across_batches_by_kind_without_their_r
 
 
 def test_compaction_streams_a_runs_files_into_files_of_a_fixed_row_count(tmp_path):
-    from schemas import ResultRow, result_table
 
     results = tmp_path / "results"
     results.mkdir()
