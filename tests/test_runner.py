@@ -780,7 +780,10 @@ def test_the_rows_to_run_are_scanned_into_blocks_of_a_tasks_rows_with_their_atte
     pq.write_table(pa.table({"id": ["late"], "video": ["late.mp4"]}), folder / "part-3.parquet")
     with pytest.raises(JobError, match="changed while the job started"):
         put_blocks(open_manifest(str(folder)), ids, todo, 4, str(folder))
-    (folder / "part-9.parquet").write_bytes(b"PAR1 not parquet")  # found only when the scan reaches it
+    # A file whose footer reads but whose pages do not: found only when the scan reaches it.
+    corrupt = bytearray((folder / "part-0.parquet").read_bytes())
+    corrupt[40:80] = b"\xff" * 40  # inside the first column's compressed pages
+    (folder / "part-9.parquet").write_bytes(bytes(corrupt))
     manifest = open_manifest(str(folder))
     with pytest.raises(JobError, match="cannot read manifest"):
         manifest_ids(manifest, "eval", str(folder))
