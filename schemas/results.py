@@ -86,7 +86,7 @@ class ResultRow:
             "retryable": self.retryable,
             "notes": "; ".join(self.notes) or None,
             "outputs": list(self.outputs.items()),
-            "seed": self.seed,
+            "seed": _as_seed(self.seed),
             "backbone": self.backbone,
             "params": json.dumps(self.params, sort_keys=True, default=str),
             "seconds": self.seconds,
@@ -100,6 +100,15 @@ class ResultRow:
             value = self.metrics.get(name)
             record[name] = None if value is None else float(value)
         return record
+
+
+def _as_seed(value: Any) -> int | None:
+    """The seed as the int64 column holds it, or None: a row's seed comes from its manifest or `--set`, and
+    one that is no whole number in range ('abc', 7.5, 2**70; its row is an error, or the method ignores
+    it) would otherwise fail its whole batch's table. `params` keeps the value as given."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if type(value) is int and -(2**63) <= value < 2**63 else None
 
 
 def result_table(rows: list[ResultRow]) -> pa.Table:

@@ -1,3 +1,5 @@
+import json
+
 import pyarrow as pa
 import pytest
 
@@ -108,6 +110,14 @@ def test_result_rows_fill_the_fixed_schema():
     assert set(METRIC_COLUMNS) <= set(table.column_names)
     with pytest.raises(KeyError, match="unknown metric"):
         ResultRow(id="c", method="m", metrics={"fid": 1.0}).as_record()
+
+
+def test_a_seed_no_method_could_take_is_left_out_of_its_column_not_fatal_to_the_batchs_table():
+    seeds = ["abc", 7.5, 2**70, True, 7.0, 3, None]
+    rows = [ResultRow(id=f"r{n}", method="m", seed=s, params={"seed": s}) for n, s in enumerate(seeds)]
+    table = result_table(rows)
+    assert table.column("seed").to_pylist() == [None, None, None, None, 7, 3, None]
+    assert json.loads(table.column("params")[0].as_py()) == {"seed": "abc"}  # as given
 
 
 # "a::1" and "::": fsspec would open OUTPUT/artifacts/a (another row's folder) and OUTPUT/artifacts.
