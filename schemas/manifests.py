@@ -109,6 +109,17 @@ def plain_types(schema: pa.Schema) -> pa.Schema:
     return pa.schema([field.with_type(_plain(field.type)) for field in schema], metadata=schema.metadata)
 
 
+def whole_numbers(schema: pa.Schema, kind: str) -> pa.Schema:
+    """`schema` with the integer columns of a `kind` manifest that came as floats read as integers again:
+    pandas writes an integer column with a missing value as float64 (the scan then refuses a value with
+    a fraction, naming it)."""
+    integers = {name for name, t in MANIFEST_KINDS[kind].columns.items() if t == INT}
+    return pa.schema(
+        [f.with_type(INT) if f.name in integers and pa.types.is_floating(f.type) else f for f in schema],
+        metadata=schema.metadata,
+    )
+
+
 def _plain(t: pa.DataType) -> pa.DataType:
     if pa.types.is_dictionary(t):
         return _plain(t.value_type)

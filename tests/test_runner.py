@@ -735,9 +735,23 @@ def test_manifest_files_written_apart_are_read_under_one_plain_schema_and_a_conf
     assert table.column("seed").to_pylist() == [None, None, None, 7, 8, None]  # not dropped for p0's lack
     assert table.column("style").to_pylist() == [None] * 5 + [["s.png"]]
 
-    pq.write_table(pa.table({"id": ["f"], "video": ["v.mp4"], "seed": ["eight"]}), folder / "p4.parquet")
-    with pytest.raises(JobError, match=r"p4\.parquet: .*seed.*incompatible"):
+    # pandas writes an integer column with a missing value as float64: read as the integers they were.
+    frames = pa.array([8.0, None])
+    pq.write_table(
+        pa.table({"id": ["h", "i"], "video": ["v.mp4"] * 2, "num_frames": frames}), folder / "p3c.parquet"
+    )
+    assert open_manifest(str(folder)).schema.field("num_frames").type == pa.float64()  # no kind: as written
+    assert read_manifest(str(folder)).column("num_frames").to_pylist()[-2:] == [8.0, None]
+    typed = open_manifest(str(folder), "eval")
+    assert typed.schema.field("num_frames").type == pa.int64()
+    assert typed.to_table().column("num_frames").to_pylist()[-2:] == [8, None]
+
+    # The odd file sorts first here: the message names both files, since either may be the odd one.
+    pq.write_table(pa.table({"id": ["f"], "video": ["v.mp4"], "seed": ["eight"]}), folder / "p0-odd.parquet")
+    with pytest.raises(JobError, match=r"'seed' is int32 in file .*p2\.parquet but string in file .*p0-odd"):
         open_manifest(str(folder))
+    (folder / "p0-odd.parquet").unlink()
+    (folder / "p4.parquet").write_bytes(b"not parquet")
     (folder / "p4.parquet").write_bytes(b"not parquet")
     with pytest.raises(JobError, match=r"p4\.parquet"):
         open_manifest(str(folder))
