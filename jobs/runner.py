@@ -131,15 +131,12 @@ def open_manifest(uri: str, kind: str | None = None) -> ds.Dataset:
         files = sorted(f for f in fs.find(files[0]) if f.endswith(".parquet"))
         if not files:
             raise JobError(f"manifest folder {uri} holds no .parquet files")
-    filesystem = PyFileSystem(FSSpecHandler(fs))
-    try:
-        fragments = list(ds.dataset(files, format="parquet", filesystem=filesystem).get_fragments())
-    except Exception as exc:
-        raise JobError(f"cannot read manifest {uri} as Parquet: {exc}") from exc
+    filesystem, parquet = PyFileSystem(FSSpecHandler(fs)), ds.ParquetFileFormat()
+    fragments = [parquet.make_fragment(f, filesystem) for f in files]  # opens nothing yet
     schema = _common_schema(fragments, uri)
     if kind is not None:
         schema = whole_numbers(schema, kind)
-    return ds.dataset(files, schema=schema, format="parquet", filesystem=filesystem)
+    return ds.FileSystemDataset(fragments, schema, parquet, filesystem)
 
 
 def _common_schema(fragments: list[ds.Fragment], uri: str) -> pa.Schema:
