@@ -114,9 +114,8 @@ def ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
 
 
-def open_manifest(uri: str, kind: str | None = None) -> ds.Dataset:
-    """The manifest as an Arrow dataset, which the driver scans a batch at a time and never holds whole;
-    with `kind`, its integer columns that came as floats are read as integers (`whole_numbers`).
+def open_manifest(uri: str) -> ds.FileSystemDataset:
+    """The manifest as an Arrow dataset, which the driver scans a batch at a time and never holds whole.
 
     A file, a folder of Parquet files or a glob (`s3://bucket/manifests/part-*.parquet`). Validation and
     resume need every id before any actor starts: pyarrow scans a million rows in seconds where a
@@ -133,10 +132,14 @@ def open_manifest(uri: str, kind: str | None = None) -> ds.Dataset:
             raise JobError(f"manifest folder {uri} holds no .parquet files")
     filesystem, parquet = PyFileSystem(FSSpecHandler(fs)), ds.ParquetFileFormat()
     fragments = [parquet.make_fragment(f, filesystem) for f in files]  # opens nothing yet
-    schema = _common_schema(fragments, uri)
-    if kind is not None:
-        schema = whole_numbers(schema, kind)
-    return ds.FileSystemDataset(fragments, schema, parquet, filesystem)
+    return ds.FileSystemDataset(fragments, _common_schema(fragments, uri), parquet, filesystem)
+
+
+def as_kind(manifest: ds.FileSystemDataset, kind: str) -> ds.FileSystemDataset:
+    """A validated manifest, scanned with the integer columns that pandas wrote as floats (for a missing
+    value) as the whole numbers validation found them to be (`whole_numbers`)."""
+    schema = whole_numbers(manifest.schema, kind)
+    return ds.FileSystemDataset(list(manifest.get_fragments()), schema, manifest.format, manifest.filesystem)
 
 
 def _common_schema(fragments: list[ds.Fragment], uri: str) -> pa.Schema:
@@ -368,8 +371,9 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     if not 0 <= limit < math.inf:
         raise JobError(f"--row-time-limit must be a number of seconds >= 0 (0: no limit), got {limit}")
     started = time.time()
-    manifest = open_manifest(spec.manifest, actor.kind)
+    manifest = open_manifest(spec.manifest)
     ids = pa.table({"id": manifest_ids(manifest, actor.kind, spec.manifest)})
+    manifest = as_kind(manifest, actor.kind)
     check_output_writable(spec.output)
     results_uri = media.join(spec.output, "results")
     others = resume.other_methods(results_uri, spec.method)

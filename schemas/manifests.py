@@ -10,6 +10,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -111,13 +112,26 @@ def plain_types(schema: pa.Schema) -> pa.Schema:
 
 def whole_numbers(schema: pa.Schema, kind: str) -> pa.Schema:
     """`schema` with the integer columns of a `kind` manifest that came as floats read as integers again:
-    pandas writes an integer column with a missing value as float64 (the scan then refuses a value with
-    a fraction, naming it)."""
-    integers = {name for name, t in MANIFEST_KINDS[kind].columns.items() if t == INT}
-    return pa.schema(
-        [f.with_type(INT) if f.name in integers and pa.types.is_floating(f.type) else f for f in schema],
-        metadata=schema.metadata,
+    pandas writes an integer column with a missing value as float64. Validation has checked that their
+    values are whole (`_floated_integers`)."""
+    floated = set(_floated_integers(schema, kind))
+    return pa.schema([f.with_type(INT) if f.name in floated else f for f in schema], metadata=schema.metadata)
+
+
+def _floated_integers(schema: pa.Schema, kind: str) -> list[str]:
+    """The integer columns of a `kind` manifest that `schema` holds as floats."""
+    integers = [name for name, t in MANIFEST_KINDS[kind].columns.items() if t == INT]
+    return [n for n in integers if n in schema.names and pa.types.is_floating(schema.field(n).type)]
+
+
+def _not_whole(values: pa.Array) -> pa.Array:
+    """Where a float column's value is no int64 (a fraction, NaN, infinite, out of range); nulls are
+    whole (missing)."""
+    whole = pc.and_(
+        pc.and_(pc.is_finite(values), pc.equal(pc.floor(values), values)),
+        pc.and_(pc.greater_equal(values, -(2.0**63)), pc.less(values, 2.0**63)),
     )
+    return pc.and_(pc.is_valid(values), pc.invert(pc.fill_null(whole, True)))
 
 
 def _plain(t: pa.DataType) -> pa.DataType:
@@ -134,8 +148,8 @@ def _plain(t: pa.DataType) -> pa.DataType:
 def _type_matches(actual: pa.DataType, expected: pa.DataType) -> bool:
     if expected == STRING:
         return pa.types.is_string(actual) or pa.types.is_large_string(actual)
-    if expected == INT:
-        return pa.types.is_integer(actual)
+    if expected == INT:  # floats too, whose values validation checks are whole (`whole_numbers`)
+        return pa.types.is_integer(actual) or pa.types.is_floating(actual)
     if expected == FLOAT:
         return pa.types.is_floating(actual) or pa.types.is_integer(actual)
     if expected == STRINGS:
@@ -186,16 +200,19 @@ def _unsafe_ids(ids: pa.ChunkedArray) -> tuple[int, list[str]]:
     return len(offenders), shown
 
 
-def _describe_ids(ids: list, limit: int = 10) -> str:
-    shown = ", ".join(repr(i) for i in ids[:limit])
-    more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
-    return f"{shown}{more}"
+def _describe_ids(
+    ids: list, limit: int = 10, count: int | None = None, show: Callable[[Any], str] = repr
+) -> str:
+    """The first `limit` of `ids`, and how many more there are of `count` (default: `len(ids)`)."""
+    shown = ", ".join(show(i) for i in ids[:limit])
+    more = (count if count is not None else len(ids)) - limit
+    return f"{shown} and {more} more" if more > 0 else shown
 
 
-def _rows_where(ids: pa.Array, mask: pa.Array, first: int = 0) -> list[str]:
-    """The ids of the rows where `mask` holds, in row order; `<row n>` for a row without an id (`first`:
-    the manifest row number of the first of `ids`)."""
-    where = pc.indices_nonzero(mask)
+def _rows_where(ids: pa.Array, mask: pa.Array, first: int = 0, limit: int | None = None) -> list[str]:
+    """The ids of the rows where `mask` holds, in row order (the first `limit`); `<row n>` for a row
+    without an id (`first`: the manifest row number of the first of `ids`)."""
+    where = pc.indices_nonzero(mask).slice(0, limit)
     found = pc.take(ids, where).to_pylist()
     return [
         i if i is not None else f"<row {first + n}>" for n, i in zip(where.to_pylist(), found, strict=True)
@@ -244,15 +261,25 @@ def validate_scan(
     ids = None
     if "id" in names and not duplicated:  # column-wise: only offending rows reach Python
         required = [n for n in spec.required if n != "id" and n in names]
+        floated = _floated_integers(schema, kind)
         chunks: list[pa.Array] = []
         null_rows: list[str] = []
         nulls: dict[str, list[str]] = {name: [] for name in required}
+        # Per column: how many rows hold no whole number, and the first few, shown with their values.
+        fractions: dict[str, tuple[int, list[str]]] = {name: (0, []) for name in floated}
         first = 0  # the manifest row number of the batch's first row
-        for batch in scan(["id", *required]):
+        for batch in scan(["id", *required, *floated]):
             batch_ids = batch.column("id")
             null_rows += _rows_where(batch_ids, pc.is_null(batch_ids), first)
             for name in required:
                 nulls[name] += _rows_where(batch_ids, pc.is_null(batch.column(name)), first)
+            for name in floated:
+                bad, (count, shown) = _not_whole(batch.column(name)), fractions[name]
+                more = 10 - len(shown)
+                values = pc.take(batch.column(name), pc.indices_nonzero(bad).slice(0, more)).to_pylist()
+                where = _rows_where(batch_ids, bad, first, limit=more)
+                shown += [f"{i!r} ({v})" for i, v in zip(where, values, strict=True)]
+                fractions[name] = count + (pc.sum(bad).as_py() or 0), shown
             chunks.append(batch_ids)
             first += batch.num_rows
         ids = pa.chunked_array(chunks, type=schema.field("id").type)
@@ -275,6 +302,12 @@ def validate_scan(
                 problems.append(
                     f"required column {name!r} is null in {len(nulls[name])} row(s): "
                     f"{_describe_ids(nulls[name])}"
+                )
+        for name, (count, shown) in fractions.items():
+            if count:
+                problems.append(
+                    f"column {name!r} holds whole numbers (written as {schema.field(name).type}) but is "
+                    f"not one in {count} row(s): {_describe_ids(shown, count=count, show=str)}"
                 )
     if rows == 0:
         problems.append("manifest has no rows")

@@ -707,7 +707,8 @@ def test_a_manifest_may_be_a_folder_or_a_glob_of_parquet_files(tmp_path):
 
 
 def test_manifest_files_written_apart_are_read_under_one_plain_schema_and_a_conflict_names_its_file(tmp_path):
-    from jobs.runner import JobError, manifest_ids, open_manifest, read_manifest
+    from jobs.runner import JobError, as_kind, manifest_ids, open_manifest, read_manifest
+    from schemas import ManifestError
 
     folder = tmp_path / "manifest"
     folder.mkdir()
@@ -740,11 +741,23 @@ def test_manifest_files_written_apart_are_read_under_one_plain_schema_and_a_conf
     pq.write_table(
         pa.table({"id": ["h", "i"], "video": ["v.mp4"] * 2, "num_frames": frames}), folder / "p3c.parquet"
     )
-    assert open_manifest(str(folder)).schema.field("num_frames").type == pa.float64()  # no kind: as written
+    manifest = open_manifest(str(folder))
+    assert manifest.schema.field("num_frames").type == pa.float64()  # as written
     assert read_manifest(str(folder)).column("num_frames").to_pylist()[-2:] == [8.0, None]
-    typed = open_manifest(str(folder), "eval")
-    assert typed.schema.field("num_frames").type == pa.int64()
+    assert len(manifest_ids(manifest, "eval", str(folder))) == 8  # valid: its values are whole
+    typed = as_kind(manifest, "eval")  # as run_job scans its rows
     assert typed.to_table().column("num_frames").to_pylist()[-2:] == [8, None]
+    # A value that is no whole number refuses the manifest before Ray starts, naming its row and value.
+    frames = pa.array([16.0, 7.5, None, float("nan")])
+    pq.write_table(
+        pa.table({"id": ["j", "k", "l", "m"], "video": ["v.mp4"] * 4, "num_frames": frames}),
+        folder / "p3d.parquet",
+    )
+    with pytest.raises(
+        ManifestError, match=r"'num_frames' .* not one in 2 row\(s\): 'k' \(7\.5\), 'm' \(nan\)"
+    ):
+        manifest_ids(open_manifest(str(folder)), "eval", str(folder))
+    (folder / "p3d.parquet").unlink()
 
     # The odd file sorts first here: the message names both files, since either may be the odd one.
     pq.write_table(pa.table({"id": ["f"], "video": ["v.mp4"], "seed": ["eight"]}), folder / "p0-odd.parquet")

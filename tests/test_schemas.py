@@ -78,17 +78,31 @@ def test_validation_reads_only_the_id_and_required_columns_a_batch_at_a_time():
     assert validate_scan(table.schema, 0, lambda columns: [], "eval")[0] == ["manifest has no rows"]
 
 
-def test_narrow_integer_and_large_string_types_are_accepted_but_float_seed_is_not():
+def test_narrow_integer_and_large_string_types_are_accepted_and_float_integers_only_when_whole():
+    """pandas writes an integer column with a missing value as float64: whole values pass, any other
+    value is named with its row."""
     table = pa.table(
         {
-            "id": pa.array(["a"], pa.large_string()),
-            "svg": ["s.svg"],
-            "prompt": ["p"],
-            "steps": pa.array([3], pa.int16()),
-            "seed": [1.5],
+            "id": pa.array(["a", "b", "c", "d", "e"], pa.large_string()),
+            "svg": ["s.svg"] * 5,
+            "prompt": ["p"] * 5,
+            "steps": pa.array([3] * 5, pa.int16()),
+            "seed": [1.0, None, -(2.0**63), 2.0**62, 7.0],
         }
     )
-    assert validate(table, "sketch") == ["column 'seed' has type double, expected int64"]
+    assert validate(table, "sketch") == []
+    table = table.set_column(4, "seed", pa.array([1.5, None, float("inf"), 2.0**63, 7.0]))
+    assert validate(table, "sketch") == [
+        "column 'seed' holds whole numbers (written as double) but is not one in 3 row(s): "
+        "'a' (1.5), 'c' (inf), 'd' (9.223372036854776e+18)"
+    ]
+    many = pa.table({"id": [f"r{i}" for i in range(12)], "video": ["v.mp4"] * 12, "num_frames": [0.5] * 12})
+    (problem,) = validate(many, "eval")
+    assert problem.endswith(
+        "in 12 row(s): 'r0' (0.5), " + ", ".join(f"'r{i}' (0.5)" for i in range(1, 10)) + " and 2 more"
+    )
+    table = table.set_column(4, "seed", pa.array(["1"] * 5))
+    assert validate(table, "sketch") == ["column 'seed' has type string, expected int64"]
 
 
 def test_empty_manifest_and_unknown_kind():
