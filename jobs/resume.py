@@ -11,9 +11,11 @@ an output holds O(rows / 10⁴) files whatever its batch size.
 
 from __future__ import annotations
 
+import json
 import sys
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -107,20 +109,55 @@ def _changes(values: pa.Array) -> np.ndarray:
     return np.concatenate([[True], changed]) if len(values) else np.zeros(0, bool)
 
 
-def settled_and_attempts(results_uri: str, retry_errors: bool = False) -> tuple[pa.Array, pa.Table]:
-    """Ids a rerun skips (latest row ok, or failed on bad input unless `retry_errors`), and a table of
-    (id, attempts): how many runs gave every id seen so far a row."""
+def settled_and_attempts(
+    results_uri: str, retry_errors: bool = False
+) -> tuple[pa.Array, pa.Table, dict[str, int]]:
+    """Ids a rerun skips (latest row ok, or failed on bad input unless `retry_errors`); a table of
+    (id, attempts): how many runs gave every id seen so far a row; and the runs whose rows settled those
+    ids (run id -> rows)."""
     results = read_results(results_uri, HISTORY_COLUMNS)
     if results is None or results.num_rows == 0:
-        return pa.array([], pa.string()), pa.table(
-            {"id": pa.array([], pa.string()), "attempts": pa.array([], pa.int64())}
-        )
+        empty = pa.table({"id": pa.array([], pa.string()), "attempts": pa.array([], pa.int64())})
+        return pa.array([], pa.string()), empty, {}
     last = latest(results)
     ok = pc.equal(last.column("status"), OK)
     # As before this module went column-wise: an error row without `retryable` counts as bad input.
     keep_failed = pc.invert(pc.fill_null(last.column("retryable"), False)) if not retry_errors else None
-    settled = ok if keep_failed is None else pc.or_(ok, keep_failed)
-    return last.filter(settled).column("id").combine_chunks(), last.select(["id", "attempts"])
+    settled = last.filter(ok if keep_failed is None else pc.or_(ok, keep_failed))
+    runs = pc.value_counts(pc.fill_null(settled.column("run_id"), "")).to_pylist()
+    return (
+        settled.column("id").combine_chunks(),
+        last.select(["id", "attempts"]),
+        {run["values"]: run["counts"] for run in runs},
+    )
+
+
+def run_record_uri(output: str, run_id: str) -> str:
+    """OUTPUT/runs/<run id>.json: what a run was asked (written as it starts), then its summary."""
+    return media.join(output, "runs", f"{run_id}.json")
+
+
+def runs_with_other_settings(output: str, runs: dict[str, int], settings: dict[str, Any]) -> list[dict]:
+    """Of `runs` (run id -> settled rows, `settled_and_attempts`), those whose record says they ran with
+    other `settings` (models, job parameters) than this job's: a rerun resumes by id, so it keeps their
+    rows and does not redo them. Each: run_id, rows, and that run's settings. A run without a record
+    (from before anima kept them) is left out."""
+    mine = _comparable(settings)
+    other = []
+    for run_id, rows in sorted(runs.items()):
+        uri = run_record_uri(output, run_id) if run_id else None
+        if uri is None or not media.exists(uri):
+            continue
+        record = json.loads(media.read_bytes(uri))
+        theirs = {key: record[key] for key in settings if key in record}
+        if len(theirs) == len(settings) and _comparable(theirs) != mine:
+            other.append({"run_id": run_id, "rows": rows, **theirs})
+    return other
+
+
+def _comparable(settings: dict[str, Any]) -> Any:
+    """`settings` as they read back from a run's JSON record (tuples as lists, unknown types as text)."""
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
 def other_methods(results_uri: str, method: str) -> list[str]:

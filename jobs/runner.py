@@ -382,8 +382,10 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
             f"output {spec.output} holds result rows of {', '.join(others)}, not {spec.method}: a rerun "
             "resumes by id, so they would count as this job's rows; give this job its own --output"
         )
-    todo = pending_rows(ids, *resume.settled_and_attempts(results_uri, spec.retry_errors))
+    settled, attempts, settled_by = resume.settled_and_attempts(results_uri, spec.retry_errors)
+    todo = pending_rows(ids, settled, attempts)
     skipped = ids.num_rows - todo.num_rows  # todo: the ids to run, and their attempt numbers
+    kept = resume.runs_with_other_settings(spec.output, settled_by, summary.settings(spec))
     if spec.batch_size is None:  # the method's batch, smaller when a few rows would leave actors idle
         spec = dataclasses.replace(
             spec, batch_size=min(actor.default_batch_size, _share(spec, todo.num_rows))
@@ -400,6 +402,14 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         verbose=spec.verbose,
     )
     print(f"[anima] run {run_id}: {ids.num_rows} rows, {skipped} settled earlier, {todo.num_rows} to run")
+    for run in kept:
+        print(
+            f"[anima] warning: {run['rows']} settled row(s) of this output come from run {run['run_id']}, "
+            f"which had other settings (models {run['models']}, params {run['params']}; this job: "
+            f"{summary.settings(spec)}). A rerun resumes by id, so they are kept, not redone; give this "
+            "job its own --output to redo them"
+        )
+    summary.record_start(spec, run_id)
 
     if todo.num_rows:
         ensure_ray()  # only now: a job refused above never starts or joins a cluster
@@ -458,7 +468,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         # Markers of batches whose process died: stale once the run has given every row a result.
         media.remove_tree(media.join(spec.output, INFLIGHT))
 
-    report = summary.build(ids, spec, run_id, skipped, todo.num_rows, time.time() - started)
+    report = summary.build(ids, spec, run_id, skipped, todo.num_rows, time.time() - started, kept)
     summary.save(report, spec.output)
     return report
 

@@ -6,6 +6,7 @@ OUTPUT/summary.json and OUTPUT/metrics_summary.json.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections import Counter
 from collections.abc import Iterable
@@ -112,9 +113,33 @@ def top_errors(errors: Iterable[pa.Array | pa.ChunkedArray], most: int | None = 
     return top.slice(0, most).to_pylist() if most is not None else top.to_pylist()
 
 
+def settings(spec: JobSpec) -> dict[str, Any]:
+    """What a run's outputs depend on beyond its rows: the models it names (the CLI lists the ones it
+    leaves out as None, the Python API may omit them) and its job parameters (`--set`)."""
+    return {"models": {name: ref for name, ref in spec.models.items() if ref}, "params": spec.params}
+
+
+def record_start(spec: JobSpec, run_id: str) -> None:
+    """OUTPUT/runs/<run id>.json as a run starts (its summary replaces it at the end): what the run was
+    asked, kept even when it is killed, so that a rerun can tell rows made with other settings."""
+    started = dt.datetime.now(dt.UTC).isoformat()
+    record = {"run_id": run_id, "method": spec.method, "manifest": spec.manifest, "started_at": started}
+    media.write_text(
+        json.dumps(record | settings(spec), indent=2, default=str), resume.run_record_uri(spec.output, run_id)
+    )
+
+
 def build(
-    manifest: pa.Table, spec: JobSpec, run_id: str, skipped: int, processed: int, wall_s: float
+    manifest: pa.Table,
+    spec: JobSpec,
+    run_id: str,
+    skipped: int,
+    processed: int,
+    wall_s: float,
+    kept_from_other_settings: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """The run's report; `kept_from_other_settings`: earlier runs with other settings whose rows it kept
+    (`resume.runs_with_other_settings`)."""
     results_uri = media.join(spec.output, "results")
     # Error messages are the bulk of a result file: only this run's error rows read them, below.
     everything = resume.read_results(results_uri, [*resume.HISTORY_COLUMNS, "seconds", *METRIC_COLUMNS])
@@ -149,6 +174,8 @@ def build(
         "items_per_gpu_hour": 3600 / gpu_seconds if gpu_seconds else None,
         "actors": spec.actors,
         "gpus_per_actor": spec.gpus_per_actor,
+        **settings(spec),
+        "kept_from_other_settings": kept_from_other_settings or [],
         "top_errors": top_errors(batch.column("error") for batch in failed),
         "metrics": metric_table(latest) if latest is not None else {},
         "outputs": {
@@ -174,6 +201,11 @@ def render(report: dict[str, Any]) -> str:
             f", {report['items_per_gpu_hour']:.1f} items per GPU-hour" if report["items_per_gpu_hour"] else ""
         ),
     ]
+    for run in report["kept_from_other_settings"]:
+        lines.append(
+            f"  kept {run['rows']} settled row(s) of run {run['run_id']}, which had other settings: "
+            f"models {run['models']}, params {run['params']}"
+        )
     for err in report["top_errors"]:
         example = f" (e.g. {err['example']})" if err["example"] != err["error"] else ""
         lines.append(f"  error x{err['count']}: {err['error']}{example}")
@@ -189,6 +221,8 @@ def render(report: dict[str, Any]) -> str:
 
 def save(report: dict[str, Any], output: str) -> None:
     print(render(report), flush=True)
-    media.write_text(json.dumps(report, indent=2), report["outputs"]["summary"])
+    media.write_text(json.dumps(report, indent=2, default=str), report["outputs"]["summary"])
     media.write_text(json.dumps(report["metrics"], indent=2), report["outputs"]["metrics_summary"])
-    media.write_text(json.dumps(report, indent=2), media.join(output, "runs", f"{report['run_id']}.json"))
+    media.write_text(
+        json.dumps(report, indent=2, default=str), resume.run_record_uri(output, report["run_id"])
+    )

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -114,6 +115,13 @@ def bad_output(tmp_path_factory) -> Path:
     )
     (out / "results").mkdir()
     pq.write_table(result_table(rows), out / "results" / "run.parquet")
+    # What a run killed before its summary leaves: the record of what it was asked (runner.run_job).
+    manifest = out.parent / "manifest.parquet"
+    pq.write_table(pa.table({"id": ["kept", "deleted", "failed"]}), manifest)
+    record = {"run_id": "20261207T000000Z-killed", "method": "dynamicrafter", "manifest": str(manifest),
+              "started_at": "2026-12-07T00:00:00+00:00", "models": {}, "params": {}}  # fmt: skip
+    (out / "runs").mkdir()
+    (out / "runs" / "20261207T000000Z-killed.json").write_text(json.dumps(record))
     return out
 
 
@@ -127,6 +135,7 @@ def test_deleted_artifacts_show_missing_and_the_status_filter_keeps_only_error_r
     assert seen["filtered"] == [["error"]]
     assert seen["errors"] == [] and console == []
     assert INJECTION not in dom and html.escape(INJECTION, quote=False) in dom  # shown as text, never run
+    assert "20261207T000000Z-killed" in dom and "stopped before it finished" in dom
 
 
 def test_two_outputs_side_by_side_pair_the_same_ids(bad_output, chromium, tmp_path):

@@ -93,6 +93,15 @@ def test_bad_rows_become_error_rows_and_reruns_resume(ray_cluster, data_dir, tmp
 
     second = run_job(_spec(manifest, output))
     assert (second["processed"], second["skipped"]) == (0, 12)
+    assert second["kept_from_other_settings"] == []
+    # Rerun with other models and parameters: resumed by id all the same, and the kept rows are named.
+    other = run_job(dataclasses.replace(_spec(manifest, output), models={}, params={"max_frames": 2}))
+    assert other["processed"] == 0
+    assert other["kept_from_other_settings"] == [
+        {"run_id": first["run_id"], "rows": 12, "models": {"clip": "tiny"}, "params": dict(FAST)}
+    ]
+    record = json.loads((output / "runs" / f"{other['run_id']}.json").read_text())
+    assert (record["models"], record["params"]) == ({}, {"max_frames": 2})
 
     # Forget two ok rows, as if the job had been preempted before writing them.
     forgotten = {"ok-01", "ok-05"}
@@ -516,8 +525,8 @@ def test_unreadable_and_duplicated_result_files_do_not_break_resume(tmp_path):
     last = resume.latest(resume.read_results(str(results)))
     assert sorted(last.column("id").to_pylist()) == ["r0", "r1", "r2"]
     assert set(last.column("attempts").to_pylist()) == {1}  # one run, whatever its duplicates
-    settled, _ = resume.settled_and_attempts(str(results))
-    assert sorted(settled.to_pylist()) == ["r0", "r1", "r2"]
+    settled, _, runs = resume.settled_and_attempts(str(results))
+    assert sorted(settled.to_pylist()) == ["r0", "r1", "r2"] and runs == {"run1": 3}
 
 
 def test_latest_takes_each_ids_last_row_and_counts_its_runs_once_each():
@@ -620,8 +629,14 @@ def test_the_summary_counts_error_reasons_across_batches_by_kind_without_their_r
         "top_errors": top[:1],
         "metrics": {},
         "outputs": {},
+        "kept_from_other_settings": [{"run_id": "r0", "rows": 3, "models": {}, "params": {"num_frames": 8}}],
     }
-    assert "error x4: video not found: <uri> (e.g. video not found: /data/clips/0.mp4)" in render(report)
+    rendered = render(report)
+    assert "error x4: video not found: <uri> (e.g. video not found: /data/clips/0.mp4)" in rendered
+    assert (
+        "kept 3 settled row(s) of run r0, which had other settings: models {}, params {'num_frames': 8}"
+        in (rendered)
+    )
 
 
 def test_compaction_streams_a_runs_files_into_files_of_a_fixed_row_count(tmp_path):
@@ -685,6 +700,11 @@ def test_a_driver_killed_halfway_resumes_to_every_id_ok_once(ray_cluster, data_d
     report = run_job(JobSpec(method="evaluate", manifest=str(manifest), output=str(output),
                              models={"clip": "tiny"}, params={"num_frames": 4}))  # fmt: skip
     assert report["skipped"] >= written and report["processed"] == rows - report["skipped"]
+    # The killed run left the record of what it was asked, which the CLI and this call ask alike.
+    killed = [json.loads(p.read_text()) for p in (output / "runs").glob("*.json")]
+    killed = [r for r in killed if r["run_id"] != report["run_id"]]
+    assert len(killed) == 1 and "processed" not in killed[0] and killed[0]["models"] == {"clip": "tiny"}
+    assert report["kept_from_other_settings"] == []
     table = resume.read_results(str(results))
     latest = resume.latest(table)
     assert latest.num_rows == rows and set(latest.column("status").to_pylist()) == {"ok"}
