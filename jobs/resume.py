@@ -15,6 +15,7 @@ import json
 import sys
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
@@ -110,11 +111,11 @@ def _changes(values: pa.Array) -> np.ndarray:
 
 
 def settled_and_attempts(
-    results_uri: str, retry_errors: bool = False
+    results_uri: str, retry_errors: bool = False, ids: pa.Array | pa.ChunkedArray | None = None
 ) -> tuple[pa.Array, pa.Table, dict[str, int]]:
     """Ids a rerun skips (latest row ok, or failed on bad input unless `retry_errors`); a table of
     (id, attempts): how many runs gave every id seen so far a row; and the runs whose rows settled those
-    ids (run id -> rows)."""
+    ids (run id -> rows), of `ids` only when given (the manifest's: an output may hold other ids)."""
     results = read_results(results_uri, HISTORY_COLUMNS)
     if results is None or results.num_rows == 0:
         empty = pa.table({"id": pa.array([], pa.string()), "attempts": pa.array([], pa.int64())})
@@ -123,10 +124,11 @@ def settled_and_attempts(
     ok = pc.equal(last.column("status"), OK)
     # As before this module went column-wise: an error row without `retryable` counts as bad input.
     keep_failed = pc.invert(pc.fill_null(last.column("retryable"), False)) if not retry_errors else None
-    settled = last.filter(ok if keep_failed is None else pc.or_(ok, keep_failed))
-    runs = pc.value_counts(pc.fill_null(settled.column("run_id"), "")).to_pylist()
+    settled = ok if keep_failed is None else pc.or_(ok, keep_failed)
+    kept = settled if ids is None else pc.and_(settled, pc.is_in(last.column("id"), value_set=ids))
+    runs = pc.value_counts(pc.fill_null(last.column("run_id").filter(kept), "")).to_pylist()
     return (
-        settled.column("id").combine_chunks(),
+        last.column("id").filter(settled).combine_chunks(),
         last.select(["id", "attempts"]),
         {run["values"]: run["counts"] for run in runs},
     )
@@ -143,16 +145,40 @@ def runs_with_other_settings(output: str, runs: dict[str, int], settings: dict[s
     rows and does not redo them. Each: run_id, rows, and that run's settings. A run without a record
     (from before anima kept them) is left out."""
     mine = _comparable(settings)
+    named = sorted(run_id for run_id in runs if run_id)
+    with ThreadPoolExecutor(max_workers=RECORD_READERS) as pool:  # an object store answers each in ms
+        records = list(pool.map(lambda run_id: _run_record(output, run_id), named))
     other = []
-    for run_id, rows in sorted(runs.items()):
-        uri = run_record_uri(output, run_id) if run_id else None
-        if uri is None or not media.exists(uri):
-            continue
-        record = json.loads(media.read_bytes(uri))
+    for run_id, record in zip(named, records, strict=True):
         theirs = {key: record[key] for key in settings if key in record}
         if len(theirs) == len(settings) and _comparable(theirs) != mine:
-            other.append({"run_id": run_id, "rows": rows, **theirs})
+            other.append({"run_id": run_id, "rows": runs[run_id], **theirs})
     return other
+
+
+# Run records read at once by a rerun: one per earlier run that settled rows.
+RECORD_READERS = 16
+
+
+def _run_record(output: str, run_id: str) -> dict[str, Any]:
+    """The run's record; empty when there is none (a run from before anima wrote them) or it cannot be
+    read (it only serves a warning: never a reason to stop a rerun)."""
+    uri = run_record_uri(output, run_id)
+    try:
+        record = json.loads(media.read_bytes(uri))
+    except (OSError, ValueError, media.MediaError) as exc:
+        if media.exists(uri):  # asked only now: one request per record where all is well
+            print(
+                f"[anima] cannot read run record {uri} ({exc}); its settings are not compared",
+                file=sys.stderr,
+            )
+        return {}
+    if not isinstance(record, dict):
+        print(
+            f"[anima] run record {uri} holds no JSON object; its settings are not compared", file=sys.stderr
+        )
+        return {}
+    return record
 
 
 def _comparable(settings: dict[str, Any]) -> Any:

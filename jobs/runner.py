@@ -212,16 +212,36 @@ def _scan(manifest: ds.Dataset, uri: str, columns: list[str] | None = None) -> I
         yield from manifest.to_batches(columns=columns, batch_readahead=0, fragment_readahead=1)
 
 
-def manifest_ids(manifest: ds.Dataset, kind: str, uri: str) -> pa.ChunkedArray:
+def manifest_ids(manifest: ds.FileSystemDataset, kind: str, uri: str) -> pa.ChunkedArray:
     """The manifest's ids, once it is valid (ManifestError naming every problem if not): only its id and
     required columns are read, a batch at a time."""
     with _reading(uri):
         rows = manifest.count_rows()
-    problems, ids = validate_scan(manifest.schema, rows, lambda columns: _scan(manifest, uri, columns), kind)
+    problems, ids = validate_scan(
+        manifest.schema, rows, lambda columns: _as_written(manifest, uri, columns), kind
+    )
     if problems:
         raise ManifestError(uri, problems)
     assert ids is not None  # a manifest without usable ids has problems
     return ids
+
+
+def _as_written(manifest: ds.FileSystemDataset, uri: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """`_scan` file by file, where a column that the manifest's schema holds as floats (another file
+    wrote floats) is read as the integers a file wrote: validation checks that the floats are whole, and
+    a 64-bit integer past 2^53 (a random seed) fits no float."""
+    for fragment in manifest.get_fragments():
+        own = plain_types(fragment.physical_schema)  # read when the manifest was opened
+        schema = pa.schema([_written_as(own, f) for f in manifest.schema])
+        yield from _scan(
+            ds.FileSystemDataset([fragment], schema, manifest.format, manifest.filesystem), uri, columns
+        )
+
+
+def _written_as(own: pa.Schema, field: pa.Field) -> pa.Field:
+    """`field` as a file whose schema is `own` wrote it, where the file has integers and `field` floats."""
+    ints = field.name in own.names and pa.types.is_integer(own.field(field.name).type)
+    return own.field(field.name) if ints and pa.types.is_floating(field.type) else field
 
 
 def check_output_writable(output: str) -> None:
@@ -382,7 +402,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
             f"output {spec.output} holds result rows of {', '.join(others)}, not {spec.method}: a rerun "
             "resumes by id, so they would count as this job's rows; give this job its own --output"
         )
-    settled, attempts, settled_by = resume.settled_and_attempts(results_uri, spec.retry_errors)
+    settled, attempts, settled_by = resume.settled_and_attempts(results_uri, spec.retry_errors, ids["id"])
     todo = pending_rows(ids, settled, attempts)
     skipped = ids.num_rows - todo.num_rows  # todo: the ids to run, and their attempt numbers
     kept = resume.runs_with_other_settings(spec.output, settled_by, summary.settings(spec))

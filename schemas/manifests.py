@@ -126,7 +126,10 @@ def _floated_integers(schema: pa.Schema, kind: str) -> list[str]:
 
 def _not_whole(values: pa.Array) -> pa.Array:
     """Where a float column's value is no int64 (a fraction, NaN, infinite, out of range); nulls are
-    whole (missing)."""
+    whole (missing), and so is a batch of a file that wrote the column as integers."""
+    if not pa.types.is_floating(values.type):
+        return pa.nulls(len(values), pa.bool_()).fill_null(False)
+    values = values.cast(pa.float64())  # float16 has no floor
     whole = pc.and_(
         pc.and_(pc.is_finite(values), pc.equal(pc.floor(values), values)),
         pc.and_(pc.greater_equal(values, -(2.0**63)), pc.less(values, 2.0**63)),
@@ -315,8 +318,9 @@ def validate_scan(
 
 
 def check(table: pa.Table, kind: str, uri: str = "<table>") -> pa.Table:
-    """`validate`, raising ManifestError with all problems; returns the table for chaining."""
+    """`validate`, raising ManifestError with all problems; returns the table, its integer columns
+    written as floats read as integers (`whole_numbers`)."""
     problems = validate(table, kind)
     if problems:
         raise ManifestError(uri, problems)
-    return table
+    return table.cast(whole_numbers(table.schema, kind))

@@ -102,6 +102,10 @@ def test_bad_rows_become_error_rows_and_reruns_resume(ray_cluster, data_dir, tmp
     ]
     record = json.loads((output / "runs" / f"{other['run_id']}.json").read_text())
     assert (record["models"], record["params"]) == ({}, {"max_frames": 2})
+    # A record that cannot be read costs the comparison, never the rerun.
+    (output / "runs" / f"{first['run_id']}.json").write_text('{"models": ')
+    again = run_job(dataclasses.replace(_spec(manifest, output), models={}, params={"max_frames": 2}))
+    assert (again["processed"], again["kept_from_other_settings"]) == (0, [])
 
     # Forget two ok rows, as if the job had been preempted before writing them.
     forgotten = {"ok-01", "ok-05"}
@@ -527,6 +531,7 @@ def test_unreadable_and_duplicated_result_files_do_not_break_resume(tmp_path):
     assert set(last.column("attempts").to_pylist()) == {1}  # one run, whatever its duplicates
     settled, _, runs = resume.settled_and_attempts(str(results))
     assert sorted(settled.to_pylist()) == ["r0", "r1", "r2"] and runs == {"run1": 3}
+    assert resume.settled_and_attempts(str(results), ids=pa.array(["r0", "elsewhere"]))[2] == {"run1": 1}
 
 
 def test_latest_takes_each_ids_last_row_and_counts_its_runs_once_each():
@@ -761,12 +766,16 @@ def test_manifest_files_written_apart_are_read_under_one_plain_schema_and_a_conf
     pq.write_table(
         pa.table({"id": ["h", "i"], "video": ["v.mp4"] * 2, "num_frames": frames}), folder / "p3c.parquet"
     )
+    # Beside a file of 64-bit seeds, which no float holds exactly: each file is checked as written.
+    big = pa.table({"id": ["h2"], "video": ["v.mp4"], "num_frames": pa.array([2**53 + 1], pa.int64())})
+    pq.write_table(big, folder / "p3c2.parquet")
     manifest = open_manifest(str(folder))
-    assert manifest.schema.field("num_frames").type == pa.float64()  # as written
-    assert read_manifest(str(folder)).column("num_frames").to_pylist()[-2:] == [8.0, None]
-    assert len(manifest_ids(manifest, "eval", str(folder))) == 8  # valid: its values are whole
+    assert manifest.schema.field("num_frames").type == pa.float64()  # as the files are unified
+    assert len(manifest_ids(manifest, "eval", str(folder))) == 9  # valid: its values are whole
     typed = as_kind(manifest, "eval")  # as run_job scans its rows
-    assert typed.to_table().column("num_frames").to_pylist()[-2:] == [8, None]
+    assert typed.to_table().column("num_frames").to_pylist()[-3:] == [8, None, 2**53 + 1]
+    (folder / "p3c2.parquet").unlink()
+    assert read_manifest(str(folder)).column("num_frames").to_pylist()[-2:] == [8.0, None]
     # A value that is no whole number refuses the manifest before Ray starts, naming its row and value.
     frames = pa.array([16.0, 7.5, None, float("nan")])
     pq.write_table(

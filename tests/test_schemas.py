@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -90,7 +91,11 @@ def test_narrow_integer_and_large_string_types_are_accepted_and_float_integers_o
             "seed": [1.0, None, -(2.0**63), 2.0**62, 7.0],
         }
     )
-    assert validate(table, "sketch") == []
+    assert check(table, "sketch").column("seed").to_pylist() == [1, None, -(2**63), 2**62, 7]
+    halves = pa.array(np.array([1.0, 1.5, 2.0, 0.0, 3.0], np.float16))  # float16 has no floor
+    assert validate(table.set_column(4, "seed", halves), "sketch") == [
+        "column 'seed' holds whole numbers (written as halffloat) but is not one in 1 row(s): 'b' (1.5)"
+    ]
     table = table.set_column(4, "seed", pa.array([1.5, None, float("inf"), 2.0**63, 7.0]))
     assert validate(table, "sketch") == [
         "column 'seed' holds whole numbers (written as double) but is not one in 3 row(s): "
