@@ -195,17 +195,20 @@ def other_methods(results_uri: str, method: str) -> list[str]:
     return sorted(found)
 
 
-def compact(results_uri: str, run_id: str, rows_per_file: int = ROWS_PER_FILE) -> int:
-    """Rewrite the run's result files as files of `rows_per_file` rows; returns how many it wrote.
+def compact(results_uri: str, run_id: str, rows_per_file: int = ROWS_PER_FILE, finished: bool = True) -> int:
+    """Rewrite the run's small result files as files of `rows_per_file` rows; returns how many it wrote.
 
     Each new file is written whole (atomically) before any old one is removed, so a kill in between
-    leaves rows twice, which `latest` counts once, and never loses one.
+    leaves rows twice, which `latest` counts once, and never loses one. A file that cannot be read (a
+    writer killed mid-file) is removed too once the run has `finished`; otherwise (another run's files:
+    `compact_stopped_runs`) it is kept, since its writer may be alive and still writing.
     """
-    fs, files = result_files(results_uri, run_id)
+    fs, files = result_files(results_uri, f"{run_id}_")
     small = [f for f in files if not f.rsplit("/", 1)[-1].startswith(f"{run_id}_{COMPACTED}-")]
-    dataset = _dataset(fs, files) if len(small) > 1 else None
+    dataset = _dataset(fs, small) if len(small) > 1 else None
     if dataset is None:
         return 0
+    merged = set(dataset.files)
     token = uuid.uuid4().hex[:8]
     pending: list[pa.Table] = []
     written = 0
@@ -227,5 +230,26 @@ def compact(results_uri: str, run_id: str, rows_per_file: int = ROWS_PER_FILE) -
     if sum(t.num_rows for t in pending):
         write(pa.concat_tables(pending))
     for path in small:
-        fs.rm_file(path)
+        if finished or path in merged:
+            fs.rm_file(path)
     return written
+
+
+def compact_stopped_runs(results_uri: str, run_id: str) -> int:
+    """Compact the small files of the runs before `run_id` that never compacted their own: runs that were
+    killed (preempted) before they ended, whose thousands of files every later resume would list and
+    read. Returns how many runs it compacted.
+
+    Only what it merged is removed: should such a run be alive after all (submitted twice), a file its
+    writer is still writing stays, and the rows it wrote are kept under its run id."""
+    _, files = result_files(results_uri)
+    small: dict[str, int] = {}
+    for path in files:
+        name = path.rsplit("/", 1)[-1]
+        run, _, rest = name.partition("_")
+        if run != run_id and not rest.startswith(f"{COMPACTED}-"):
+            small[run] = small.get(run, 0) + 1
+    stopped = sorted(run for run, count in small.items() if count > 1)
+    for run in stopped:
+        compact(results_uri, run, finished=False)
+    return len(stopped)

@@ -663,6 +663,20 @@ def test_compaction_streams_a_runs_files_into_files_of_a_fixed_row_count(tmp_pat
     assert sorted(ids) == sorted(["other"] + [f"r{n}-{i}" for n in range(5) for i in range(7)])
     assert resume.compact(str(results), "run1", rows_per_file=10) == 0  # nothing small left
 
+    # A run killed before its end (run2) leaves its small files; the next run to end compacts them, but
+    # keeps a file it cannot read, whose writer may still be writing it.
+    for n in range(3):
+        rows = [ResultRow(id=f"k{n}-{i}", method="evaluate", run_id="run2") for i in range(4)]
+        pq.write_table(result_table(rows), results / f"run2_{n}.parquet")
+    (results / "run2_9.parquet").write_bytes(b"PAR1 half a file")
+    assert resume.compact_stopped_runs(str(results), "run3") == 1
+    files = sorted(p.name for p in results.iterdir())
+    assert "run2_9.parquet" in files
+    assert sum(f.startswith("run2_part-") for f in files) == 1 and len(files) == 7
+    ids = resume.read_results(str(results), ["id"]).column("id").to_pylist()
+    assert len(ids) == 48 and len(set(ids)) == 48  # every row once
+    assert resume.compact_stopped_runs(str(results), "run3") == 0  # run0's one file is no small files
+
 
 def test_a_driver_killed_halfway_resumes_to_every_id_ok_once(ray_cluster, data_dir, tmp_path):
     import os
@@ -715,6 +729,18 @@ def test_a_driver_killed_halfway_resumes_to_every_id_ok_once(ray_cluster, data_d
     assert latest.num_rows == rows and set(latest.column("status").to_pylist()) == {"ok"}
     ok = table.filter(pc.equal(table.column("status"), "ok"))
     assert ok.num_rows == rows and len(set(ok.column("id").to_pylist())) == rows  # none ran twice
+
+    # The killed run's files were compacted by the run that resumed it (unless it wrote one): what is
+    # left small, but that one, cannot be read (its writer was killed mid-file).
+    def readable(path: Path) -> bool:
+        try:
+            pq.read_metadata(path)
+        except pa.ArrowInvalid:
+            return False
+        return True
+
+    small = [p.name for p in results.glob("*.parquet") if "_part-" not in p.name and readable(p)]
+    assert len(small) <= 1, small
 
 
 def test_a_manifest_may_be_a_folder_or_a_glob_of_parquet_files(tmp_path):
