@@ -16,6 +16,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from typing import Any
 
 import fsspec
@@ -231,25 +232,32 @@ def compact(results_uri: str, run_id: str, rows_per_file: int = ROWS_PER_FILE, f
         write(pa.concat_tables(pending))
     for path in small:
         if finished or path in merged:
-            fs.rm_file(path)
+            with suppress(FileNotFoundError):  # removed meanwhile by another process compacting the run
+                fs.rm_file(path)
     return written
 
 
 def compact_stopped_runs(results_uri: str, run_id: str) -> int:
-    """Compact the small files of the runs before `run_id` that never compacted their own: runs that were
-    killed (preempted) before they ended, whose thousands of files every later resume would list and
-    read. Returns how many runs it compacted.
+    """Compact the small files of the runs that started before `run_id` (run ids sort by their start)
+    and never compacted their own: runs killed (preempted) before they ended, whose thousands of files
+    every later resume would list and read. Returns how many runs it compacted.
 
-    Only what it merged is removed: should such a run be alive after all (submitted twice), a file its
-    writer is still writing stays, and the rows it wrote are kept under its run id."""
+    Housekeeping, so it never fails the run that calls it: a run whose files cannot be merged (a
+    corrupt page resume never reads) is named and left as it is. Only what it merged is removed: should
+    such a run be alive after all (the job submitted twice), a file its writer is still writing stays,
+    and the rows it wrote are kept under its run id."""
     _, files = result_files(results_uri)
     small: dict[str, int] = {}
     for path in files:
-        name = path.rsplit("/", 1)[-1]
-        run, _, rest = name.partition("_")
-        if run != run_id and not rest.startswith(f"{COMPACTED}-"):
+        run, _, rest = path.rsplit("/", 1)[-1].partition("_")
+        if run < run_id and not rest.startswith(f"{COMPACTED}-"):
             small[run] = small.get(run, 0) + 1
-    stopped = sorted(run for run, count in small.items() if count > 1)
-    for run in stopped:
-        compact(results_uri, run, finished=False)
-    return len(stopped)
+    compacted = 0
+    for run in sorted(run for run, count in small.items() if count > 1):
+        try:
+            compacted += compact(results_uri, run, finished=False) > 0
+        except (OSError, pa.ArrowException) as exc:
+            print(
+                f"[anima] cannot compact the result files of run {run} ({exc}); leaving them", file=sys.stderr
+            )
+    return compacted

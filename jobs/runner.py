@@ -485,12 +485,13 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         release_memory()
         resume.compact(results_uri, run_id)
         release_memory()
-        stopped = resume.compact_stopped_runs(results_uri, run_id)
-        if stopped:
-            print(f"[anima] compacted the result files of {stopped} earlier run(s) stopped before their end")
-            release_memory()
         # Markers of batches whose process died: stale once the run has given every row a result.
         media.remove_tree(media.join(spec.output, INFLIGHT))
+    # Also when nothing was left to run: a run killed in its own compaction had written every row.
+    stopped = resume.compact_stopped_runs(results_uri, run_id)
+    if stopped:
+        print(f"[anima] compacted the result files of {stopped} earlier run(s) stopped before their end")
+        release_memory()
 
     report = summary.build(ids, spec, run_id, skipped, todo.num_rows, time.time() - started, kept)
     summary.save(report, spec.output)

@@ -664,7 +664,7 @@ def test_compaction_streams_a_runs_files_into_files_of_a_fixed_row_count(tmp_pat
     assert resume.compact(str(results), "run1", rows_per_file=10) == 0  # nothing small left
 
     # A run killed before its end (run2) leaves its small files; the next run to end compacts them, but
-    # keeps a file it cannot read, whose writer may still be writing it.
+    # keeps the file it cannot read (run2_9, alone), whose writer may still be writing it.
     for n in range(3):
         rows = [ResultRow(id=f"k{n}-{i}", method="evaluate", run_id="run2") for i in range(4)]
         pq.write_table(result_table(rows), results / f"run2_{n}.parquet")
@@ -676,6 +676,13 @@ def test_compaction_streams_a_runs_files_into_files_of_a_fixed_row_count(tmp_pat
     ids = resume.read_results(str(results), ["id"]).column("id").to_pylist()
     assert len(ids) == 48 and len(set(ids)) == 48  # every row once
     assert resume.compact_stopped_runs(str(results), "run3") == 0  # run0's one file is no small files
+    # Nothing to merge (two broken files), or a run that started after the caller: left alone.
+    for name in ("run1b_0", "run1b_1", "run4_0", "run4_1"):
+        pq.write_table(result_table([ResultRow(id=name, method="evaluate")]), results / f"{name}.parquet")
+    for name in ("run1b_0", "run1b_1"):
+        (results / f"{name}.parquet").write_bytes(b"PAR1 half a file")
+    assert resume.compact_stopped_runs(str(results), "run3") == 0
+    assert {"run1b_0.parquet", "run4_0.parquet", "run4_1.parquet"} <= {p.name for p in results.iterdir()}
 
 
 def test_a_driver_killed_halfway_resumes_to_every_id_ok_once(ray_cluster, data_dir, tmp_path):
@@ -699,7 +706,7 @@ def test_a_driver_killed_halfway_resumes_to_every_id_ok_once(ray_cluster, data_d
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     driver = subprocess.Popen([sys.executable, "-m", "jobs", *args], env=env, cwd=Path(__file__).parents[1])
     deadline = time.time() + 120
-    while time.time() < deadline and not list(results.glob("*.parquet")):
+    while time.time() < deadline and len(list(results.glob("*.parquet"))) < 2:  # two of its four tasks'
         time.sleep(0.2)
     driver.send_signal(signal.SIGKILL)  # as a preempted head node would lose it
     driver.wait()
@@ -730,8 +737,8 @@ def test_a_driver_killed_halfway_resumes_to_every_id_ok_once(ray_cluster, data_d
     ok = table.filter(pc.equal(table.column("status"), "ok"))
     assert ok.num_rows == rows and len(set(ok.column("id").to_pylist())) == rows  # none ran twice
 
-    # The killed run's files were compacted by the run that resumed it (unless it wrote one): what is
-    # left small, but that one, cannot be read (its writer was killed mid-file).
+    # The killed run's files were compacted by the run that resumed it: what is left of them but its
+    # part files cannot be read (a writer killed mid-file).
     def readable(path: Path) -> bool:
         try:
             pq.read_metadata(path)
@@ -739,8 +746,9 @@ def test_a_driver_killed_halfway_resumes_to_every_id_ok_once(ray_cluster, data_d
             return False
         return True
 
-    small = [p.name for p in results.glob("*.parquet") if "_part-" not in p.name and readable(p)]
-    assert len(small) <= 1, small
+    left = [p.name for p in results.glob(f"{killed[0]['run_id']}_*.parquet")]
+    assert any("_part-" in name for name in left), left
+    assert not [name for name in left if "_part-" not in name and readable(results / name)], left
 
 
 def test_a_manifest_may_be_a_folder_or_a_glob_of_parquet_files(tmp_path):
