@@ -147,7 +147,7 @@ def runs_with_other_settings(output: str, runs: dict[str, int], settings: dict[s
     (from before anima kept them) is left out."""
     mine = _comparable(settings)
     named = sorted(run_id for run_id in runs if run_id)
-    with ThreadPoolExecutor(max_workers=RECORD_READERS) as pool:  # an object store answers each in ms
+    with ThreadPoolExecutor(max_workers=media.PARALLEL_READS) as pool:
         records = list(pool.map(lambda run_id: _run_record(output, run_id), named))
     other = []
     for run_id, record in zip(named, records, strict=True):
@@ -155,10 +155,6 @@ def runs_with_other_settings(output: str, runs: dict[str, int], settings: dict[s
         if len(theirs) == len(settings) and _comparable(theirs) != mine:
             other.append({"run_id": run_id, "rows": runs[run_id], **theirs})
     return other
-
-
-# Run records read at once by a rerun: one per earlier run that settled rows.
-RECORD_READERS = 16
 
 
 def _run_record(output: str, run_id: str) -> dict[str, Any]:

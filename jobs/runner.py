@@ -148,8 +148,8 @@ def _common_schema(fragments: list[ds.Fragment], uri: str) -> pa.Schema:
     int64. A dataset takes the first file's schema, so the other files would then fail to cast, or lose
     the columns the first file lacks (a per-row `seed` in later parts, silently ignored).
 
-    Every file's footer is read, by a pool of threads: one at a time, a thousand files on an object
-    store would take a minute or two."""
+    Every file's footer is read, `media.PARALLEL_READS` at a time: one at a time, a thousand files on an
+    object store would take a minute or two."""
 
     def footer(fragment: ds.Fragment) -> pa.Schema:
         try:
@@ -157,7 +157,7 @@ def _common_schema(fragments: list[ds.Fragment], uri: str) -> pa.Schema:
         except (pa.ArrowException, OSError) as exc:
             raise JobError(f"cannot read manifest {uri}: file {fragment.path}: {exc}") from exc
 
-    with ThreadPoolExecutor(max_workers=FOOTER_READERS) as pool:
+    with ThreadPoolExecutor(max_workers=media.PARALLEL_READS) as pool:
         schemas = list(pool.map(footer, fragments))
     try:
         return pa.unify_schemas(schemas, promote_options="permissive")
@@ -405,7 +405,8 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     settled, attempts, settled_by = resume.settled_and_attempts(results_uri, spec.retry_errors, ids["id"])
     todo = pending_rows(ids, settled, attempts)
     skipped = ids.num_rows - todo.num_rows  # todo: the ids to run, and their attempt numbers
-    kept = resume.runs_with_other_settings(spec.output, settled_by, summary.settings(spec))
+    asked = summary.settings(spec)
+    kept = resume.runs_with_other_settings(spec.output, settled_by, asked)
     if spec.batch_size is None:  # the method's batch, smaller when a few rows would leave actors idle
         spec = dataclasses.replace(
             spec, batch_size=min(actor.default_batch_size, _share(spec, todo.num_rows))
@@ -426,7 +427,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         print(
             f"[anima] warning: {run['rows']} settled row(s) of this output come from run {run['run_id']}, "
             f"which had other settings (models {run['models']}, params {run['params']}; this job: "
-            f"{summary.settings(spec)}). A rerun resumes by id, so they are kept, not redone; give this "
+            f"{asked}). A rerun resumes by id, so they are kept, not redone; give this "
             "job its own --output to redo them"
         )
     summary.record_start(spec, run_id)
@@ -536,9 +537,6 @@ def release_memory() -> None:
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
-
-# Manifest files whose footers are read at once: object stores answer each in tens of milliseconds.
-FOOTER_READERS = 16
 
 # Above this many blocks Ray Data's start-up grows with the count (1e5 blocks took minutes and GBs).
 MAX_BLOCKS = 2_000

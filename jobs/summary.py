@@ -221,8 +221,7 @@ def render(report: dict[str, Any]) -> str:
 
 def save(report: dict[str, Any], output: str) -> None:
     print(render(report), flush=True)
-    media.write_text(json.dumps(report, indent=2, default=str), report["outputs"]["summary"])
+    text = json.dumps(report, indent=2, default=str)
+    media.write_text(text, report["outputs"]["summary"])
     media.write_text(json.dumps(report["metrics"], indent=2), report["outputs"]["metrics_summary"])
-    media.write_text(
-        json.dumps(report, indent=2, default=str), resume.run_record_uri(output, report["run_id"])
-    )
+    media.write_text(text, resume.run_record_uri(output, report["run_id"]))  # replaces its start record

@@ -47,6 +47,8 @@ MAX_IMAGE_PIXELS = 64 * 2**20  # per frame (8192²); PIL's own bomb check allows
 MAX_DECODED_BYTES = 4 * 2**30  # the RGB frames one read may return
 MAX_SVG_BYTES = 10 * 2**20
 _READ_PIECE = 16 * 2**20  # bytes per read of an input
+# Small files (Parquet footers, run records) read at once: an object store answers each in tens of ms.
+PARALLEL_READS = 16
 
 
 class MediaError(Exception):
