@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
-import json
 import math
 import os
 from collections import Counter
@@ -29,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import jinja2
 import numpy as np
 import pyarrow as pa
@@ -91,8 +89,14 @@ def read_output(uri: str) -> Output:
     """The latest row of every id, the runs' summaries, and the inputs named by the runs' manifests."""
     results = resume.read_results(media.join(uri, "results"))
     latest = resume.latest(results) if results is not None else None
-    runs = _runs(uri)
+    records = resume.run_records(uri)
+    runs = [record for record in records.values() if record]
     problems = [] if latest is not None else [f"no result rows under {media.join(uri, 'results')}"]
+    problems += [
+        f"run {run_id} not shown: its record {resume.run_record_uri(uri, run_id)} cannot be read"
+        for run_id, record in records.items()
+        if not record
+    ]
     inputs: dict[str, dict[str, Any]] = {}
     for manifest in dict.fromkeys(run["manifest"] for run in reversed(runs) if run.get("manifest")):
         try:
@@ -104,16 +108,6 @@ def read_output(uri: str) -> Output:
         for row in table.select(wanted).to_pylist():
             inputs.setdefault(row["id"], row)  # the newest run's manifest wins
     return Output(uri, latest, runs, inputs, problems)
-
-
-def _runs(uri: str) -> list[dict[str, Any]]:
-    fs, root = fsspec.core.url_to_fs(media.join(uri, "runs"))
-    files = sorted(fs.glob(f"{root}/*.json")) if fs.exists(root) else []
-    runs = []
-    for path in files:
-        with fs.open(path, "rb") as f:
-            runs.append(json.load(f))
-    return sorted(runs, key=lambda run: run.get("run_id", ""))
 
 
 # -- thumbnails -----------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
+from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
@@ -34,6 +35,7 @@ HISTORY_COLUMNS = ["id", "status", "retryable", "finished_at", "run_id"]
 # A run's result files are rewritten into files of this many rows when it ends.
 ROWS_PER_FILE = 50_000
 COMPACTED = "part"
+RUNS = "runs"  # OUTPUT/runs/<run id>.json: each run's record
 
 
 def result_files(results_uri: str, prefix: str = "") -> tuple[fsspec.AbstractFileSystem, list[str]]:
@@ -137,7 +139,20 @@ def settled_and_attempts(
 
 def run_record_uri(output: str, run_id: str) -> str:
     """OUTPUT/runs/<run id>.json: what a run was asked (written as it starts), then its summary."""
-    return media.join(output, "runs", f"{run_id}.json")
+    return media.join(output, RUNS, f"{run_id}.json")
+
+
+def run_records(output: str, run_ids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The records of `run_ids` (default: every run that has one), in run id order, which is start order;
+    read `media.PARALLEL_READS` at a time, since an output on object storage may hold thousands. A record
+    that cannot be read, or holds no JSON object, is {}."""
+    if run_ids is None:
+        fs, root = fsspec.core.url_to_fs(media.join(output, RUNS))
+        fs.invalidate_cache(root)  # listings are cached per process; other processes wrote here
+        run_ids = [PurePosixPath(p).stem for p in fs.glob(f"{root}/*.json")] if fs.exists(root) else []
+    named = sorted(run_ids)
+    with ThreadPoolExecutor(max_workers=media.PARALLEL_READS) as pool:
+        return dict(zip(named, pool.map(lambda run_id: _run_record(output, run_id), named), strict=True))
 
 
 def runs_with_other_settings(output: str, runs: dict[str, int], settings: dict[str, Any]) -> list[dict]:
@@ -146,11 +161,8 @@ def runs_with_other_settings(output: str, runs: dict[str, int], settings: dict[s
     rows and does not redo them. Each: run_id, rows, and that run's settings. A run without a record
     (from before anima kept them) is left out."""
     mine = _comparable(settings)
-    named = sorted(run_id for run_id in runs if run_id)
-    with ThreadPoolExecutor(max_workers=media.PARALLEL_READS) as pool:
-        records = list(pool.map(lambda run_id: _run_record(output, run_id), named))
     other = []
-    for run_id, record in zip(named, records, strict=True):
+    for run_id, record in run_records(output, (run_id for run_id in runs if run_id)).items():
         theirs = {key: record[key] for key in settings if key in record}
         if len(theirs) == len(settings) and _comparable(theirs) != mine:
             other.append({"run_id": run_id, "rows": runs[run_id], **theirs})

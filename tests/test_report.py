@@ -122,6 +122,7 @@ def bad_output(tmp_path_factory) -> Path:
               "started_at": "2026-12-07T00:00:00+00:00", "models": {}, "params": {}}  # fmt: skip
     (out / "runs").mkdir()
     (out / "runs" / "20261207T000000Z-killed.json").write_text(json.dumps(record))
+    (out / "runs" / "20261206T000000Z-torn.json").write_text('{"run_id": "20261206T')  # not anima's writes
     return out
 
 
@@ -136,6 +137,7 @@ def test_deleted_artifacts_show_missing_and_the_status_filter_keeps_only_error_r
     assert seen["errors"] == [] and console == []
     assert INJECTION not in dom and html.escape(INJECTION, quote=False) in dom  # shown as text, never run
     assert "20261207T000000Z-killed" in dom and "stopped before it finished" in dom
+    assert "run 20261206T000000Z-torn not shown: its record" in dom  # named, and the rest still shown
 
 
 def test_two_outputs_side_by_side_pair_the_same_ids(bad_output, chromium, tmp_path):
