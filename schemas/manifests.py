@@ -212,14 +212,20 @@ def _describe_ids(
     return f"{shown} and {more} more" if more > 0 else shown
 
 
-def _rows_where(ids: pa.Array, mask: pa.Array, first: int = 0, limit: int | None = None) -> list[str]:
+def _rows_where(
+    ids: pa.Array, mask: pa.Array, first: int = 0, limit: int | None = None, values: pa.Array | None = None
+) -> list[str]:
     """The ids of the rows where `mask` holds, in row order (the first `limit`); `<row n>` for a row
-    without an id (`first`: the manifest row number of the first of `ids`)."""
+    without an id (`first`: the manifest row number of the first of `ids`); with `values`, each shown
+    with its row's value."""
     where = pc.indices_nonzero(mask).slice(0, limit)
     found = pc.take(ids, where).to_pylist()
-    return [
+    named = [
         i if i is not None else f"<row {first + n}>" for n, i in zip(where.to_pylist(), found, strict=True)
     ]
+    if values is None:
+        return named
+    return [f"{i!r} ({v})" for i, v in zip(named, pc.take(values, where).to_pylist(), strict=True)]
 
 
 def validate(table: pa.Table, kind: str) -> list[str]:
@@ -278,10 +284,7 @@ def validate_scan(
                 nulls[name] += _rows_where(batch_ids, pc.is_null(batch.column(name)), first)
             for name in floated:
                 bad, (count, shown) = _not_whole(batch.column(name)), fractions[name]
-                more = 10 - len(shown)
-                values = pc.take(batch.column(name), pc.indices_nonzero(bad).slice(0, more)).to_pylist()
-                where = _rows_where(batch_ids, bad, first, limit=more)
-                shown += [f"{i!r} ({v})" for i, v in zip(where, values, strict=True)]
+                shown += _rows_where(batch_ids, bad, first, limit=10 - len(shown), values=batch.column(name))
                 fractions[name] = count + (pc.sum(bad).as_py() or 0), shown
             chunks.append(batch_ids)
             first += batch.num_rows
