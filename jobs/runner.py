@@ -44,7 +44,7 @@ from actors.read_stage import decode_rows
 from jobs import progress, resume, summary
 from pipelines import media
 from pipelines.model_cache import ModelLoadError
-from schemas import ERROR, ManifestError, ResultRow, result_table
+from schemas import ERROR, RESULT_SCHEMA, ManifestError, ResultRow, result_table
 from schemas.manifests import ATTEMPT_COLUMN, plain_types, validate_scan, whole_numbers
 
 # Method name -> its actor class, as "module:Class" so only the chosen method's code is imported.
@@ -561,6 +561,10 @@ def task_rows(spec: JobSpec, actor: type[RowActor], rows: int) -> int:
     return -(-per_task // spec.batch_size) * spec.batch_size  # whole batches
 
 
+# Lost rows are recorded this many at a time (`backfill_lost`).
+LOST_ROWS_PER_WRITE = 50_000
+
+
 def backfill_lost(todo: pa.Table, results_uri: str, config: JobConfig) -> None:
     """Give every row this run should have processed a result row, even if its task failed for good."""
     written = resume.read_results(results_uri, ["id"], prefix=config.run_id)
@@ -568,21 +572,24 @@ def backfill_lost(todo: pa.Table, results_uri: str, config: JobConfig) -> None:
     lost = todo.filter(pc.invert(pc.is_in(todo.column("id"), value_set=seen)))
     if not lost.num_rows:
         return
-    rows = [
-        ResultRow(
-            id=row_id,
-            method=config.method,
-            status=ERROR,
-            retryable=True,
-            error=f"row {row_id!r}: no result came back from the Ray task that ran it (it failed beyond "
-            "Ray's retries; see the Ray logs); rerun the job to retry it",
-            attempt=attempt,
-            run_id=config.run_id,
-        )
-        for row_id, attempt in zip(
-            lost.column("id").to_pylist(), lost.column(ATTEMPT_COLUMN).to_pylist(), strict=True
-        )
-    ]
-    print(f"[anima] {len(rows)} row(s) lost by failed tasks; recording them as errors")
-    with media.atomic_write(media.join(results_uri, f"{config.run_id}_lost.parquet")) as f:
-        pq.write_table(result_table(rows), f)
+    print(f"[anima] {lost.num_rows} row(s) lost by failed tasks; recording them as errors")
+    uri = media.join(results_uri, f"{config.run_id}_lost.parquet")
+    with media.atomic_write(uri) as f, pq.ParquetWriter(f, RESULT_SCHEMA) as writer:
+        # A slice at a time: when a whole pool failed, a million rows are lost, and their row objects
+        # would take gigabytes of the driver at once.
+        for part in lost.to_batches(max_chunksize=LOST_ROWS_PER_WRITE):
+            ids, attempts = part.column("id").to_pylist(), part.column(ATTEMPT_COLUMN).to_pylist()
+            rows = [
+                ResultRow(
+                    id=row_id,
+                    method=config.method,
+                    status=ERROR,
+                    retryable=True,
+                    error=f"row {row_id!r}: no result came back from the Ray task that ran it (it failed "
+                    "beyond Ray's retries; see the Ray logs); rerun the job to retry it",
+                    attempt=attempt,
+                    run_id=config.run_id,
+                )
+                for row_id, attempt in zip(ids, attempts, strict=True)
+            ]
+            writer.write_table(result_table(rows))
