@@ -49,6 +49,11 @@ def result_files(results_uri: str, prefix: str = "") -> tuple[fsspec.AbstractFil
     return fs, files
 
 
+# Times a read lists the result files again when one it listed is gone: another process compacting
+# that run removed it, after writing the files that hold its rows, so a new listing finds them all.
+LISTINGS = 3
+
+
 def read_results(
     results_uri: str, columns: list[str] | None = None, prefix: str = "", where: pc.Expression | None = None
 ) -> pa.Table | None:
@@ -56,19 +61,36 @@ def read_results(
     (pushed into the scan); None when there are none.
 
     One dataset scan over all files. A file that cannot be read (a writer killed mid-file) is left out
-    with a warning: its rows simply count as not done and are redone.
+    with a warning: its rows simply count as not done and are redone. A file removed by a compaction
+    while it is read is read again from a new listing (`LISTINGS`).
     """
-    dataset = _dataset(*result_files(results_uri, prefix))
-    return dataset.to_table(columns=columns, filter=where) if dataset is not None else None
+    for listing in range(LISTINGS):
+        try:
+            dataset = _dataset(*result_files(results_uri, prefix))
+            return dataset.to_table(columns=columns, filter=where) if dataset is not None else None
+        except FileNotFoundError:
+            if listing + 1 == LISTINGS:
+                raise
+    raise AssertionError("unreachable")
 
 
 def scan_results(
     results_uri: str, columns: list[str], prefix: str = "", where: pc.Expression | None = None
 ) -> Iterator[pa.RecordBatch]:
-    """`read_results` one record batch at a time, for work whose memory must not grow with the rows."""
-    dataset = _dataset(*result_files(results_uri, prefix))
-    if dataset is not None:
-        yield from dataset.to_batches(columns=columns, filter=where)
+    """`read_results` one record batch at a time, for work whose memory must not grow with the rows. A
+    file removed by a compaction is read from a new listing only before the first batch is given: after
+    it, the error is raised, since the batches given would come again."""
+    for listing in range(LISTINGS):
+        given = False
+        try:
+            dataset = _dataset(*result_files(results_uri, prefix))
+            for batch in dataset.to_batches(columns=columns, filter=where) if dataset is not None else ():
+                given = True
+                yield batch
+            return
+        except FileNotFoundError:
+            if given or listing + 1 == LISTINGS:
+                raise
 
 
 def _dataset(fs: fsspec.AbstractFileSystem, files: list[str]) -> ds.Dataset | None:
@@ -214,35 +236,42 @@ def compact(results_uri: str, run_id: str, rows_per_file: int = ROWS_PER_FILE, f
     """
     fs, files = result_files(results_uri, f"{run_id}_")
     small = [f for f in files if not f.rsplit("/", 1)[-1].startswith(f"{run_id}_{COMPACTED}-")]
-    dataset = _dataset(fs, small) if len(small) > 1 else None
-    if dataset is None:
-        return 0
-    merged = set(dataset.files)
     token = uuid.uuid4().hex[:8]
     pending: list[pa.Table] = []
-    written = 0
+    written: list[str] = []
 
     def write(table: pa.Table) -> None:
-        nonlocal written
-        name = f"{run_id}_{COMPACTED}-{token}-{written:05d}.parquet"
-        with media.atomic_write(media.join(results_uri, name)) as f:
+        uri = media.join(results_uri, f"{run_id}_{COMPACTED}-{token}-{len(written):05d}.parquet")
+        with media.atomic_write(uri) as f:
             pq.write_table(table, f)
-        written += 1
+        written.append(uri)
 
-    # Streamed: the driver holds about one output file's rows at a time, whatever the run's size.
-    for batch in dataset.to_batches(batch_size=rows_per_file):
-        pending.append(pa.Table.from_batches([batch], RESULT_SCHEMA))
-        if sum(t.num_rows for t in pending) >= rows_per_file:
-            table = pa.concat_tables(pending)
-            write(table.slice(0, rows_per_file))
-            pending = [table.slice(rows_per_file)]
-    if sum(t.num_rows for t in pending):
-        write(pa.concat_tables(pending))
+    try:
+        dataset = _dataset(fs, small) if len(small) > 1 else None
+        if dataset is None:
+            return 0
+        # Streamed: the driver holds about one output file's rows at a time, whatever the run's size.
+        for batch in dataset.to_batches(batch_size=rows_per_file):
+            pending.append(pa.Table.from_batches([batch], RESULT_SCHEMA))
+            if sum(t.num_rows for t in pending) >= rows_per_file:
+                table = pa.concat_tables(pending)
+                write(table.slice(0, rows_per_file))
+                pending = [table.slice(rows_per_file)]
+        if sum(t.num_rows for t in pending):
+            write(pa.concat_tables(pending))
+    except FileNotFoundError:
+        # Another process compacted the run meanwhile (a job submitted twice): it removed only files it
+        # had merged, so these rows are in its files too, and this compaction's copies go.
+        for uri in written:
+            media.remove(uri)
+        print(f"[anima] run {run_id}'s result files were compacted by another process", file=sys.stderr)
+        return 0
+    merged = set(dataset.files)
     for path in small:
         if finished or path in merged:
             with suppress(FileNotFoundError):  # removed meanwhile by another process compacting the run
                 fs.rm_file(path)
-    return written
+    return len(written)
 
 
 def compact_stopped_runs(results_uri: str, run_id: str) -> int:

@@ -685,6 +685,73 @@ def test_compaction_streams_a_runs_files_into_files_of_a_fixed_row_count(tmp_pat
     assert {"run1b_0.parquet", "run4_0.parquet", "run4_1.parquet"} <= {p.name for p in results.iterdir()}
 
 
+def test_a_read_or_compaction_meeting_files_compacted_away_meanwhile_loses_and_doubles_no_row(
+    tmp_path, monkeypatch, capsys
+):
+    """A job submitted twice, or a report made as a job ends: another process compacts a run between a
+    reader's listing of its files and the read. A reader lists again; a compaction leaves the run to the
+    other one."""
+    results = tmp_path / "results"
+    ids = sorted(f"r{n}-{i}" for n in range(4) for i in range(3))
+    original = resume._dataset
+
+    def small_files() -> None:
+        for path in results.glob("*.parquet"):
+            path.unlink()
+        for n in range(4):
+            rows = [ResultRow(id=f"r{n}-{i}", method="evaluate", run_id="run1") for i in range(3)]
+            pq.write_table(result_table(rows), results / f"run1_{n}.parquet")
+
+    def compacted_meanwhile(fs, files):
+        dataset = original(fs, files)
+        if any("_part-" not in f for f in files):
+            monkeypatch.setattr(resume, "_dataset", original)  # the other process, at work
+            assert resume.compact(str(results), "run1") == 1
+            monkeypatch.setattr(resume, "_dataset", compacted_meanwhile)
+        return dataset  # of files that are gone now
+
+    results.mkdir()
+    monkeypatch.setattr(resume, "_dataset", compacted_meanwhile)
+    small_files()
+    assert sorted(resume.read_results(str(results), ["id"]).column("id").to_pylist()) == ids
+    small_files()
+    batches = resume.scan_results(str(results), ["id"])
+    assert sorted(i for batch in batches for i in batch.column("id").to_pylist()) == ids
+    small_files()
+    assert resume.compact(str(results), "run1", rows_per_file=5) == 0
+    assert "compacted by another process" in capsys.readouterr().err
+    assert len(list(results.iterdir())) == 1  # the other one's file, none of this one's
+    monkeypatch.setattr(resume, "_dataset", original)
+    assert sorted(resume.read_results(str(results), ["id"]).column("id").to_pylist()) == ids
+
+
+def test_rows_lost_by_failed_tasks_get_one_retryable_error_row_each_written_a_slice_at_a_time(
+    tmp_path, monkeypatch
+):
+    from actors.base import JobConfig
+    from jobs import runner
+    from schemas.manifests import ATTEMPT_COLUMN
+
+    results = tmp_path / "out" / "results"
+    results.mkdir(parents=True)
+    done = [ResultRow(id="r1", method="evaluate", run_id="run2"), ResultRow(id="r3", method="evaluate")]
+    pq.write_table(result_table(done[:1]), results / "run2_a.parquet")
+    pq.write_table(result_table(done[1:]), results / "run1_a.parquet")  # an earlier run's row is no help
+    todo = pa.table({"id": [f"r{i}" for i in range(6)], ATTEMPT_COLUMN: [1, 1, 2, 1, 3, 1]})
+    monkeypatch.setattr(runner, "LOST_ROWS_PER_WRITE", 2)
+    config = JobConfig(method="evaluate", output=str(tmp_path / "out"), run_id="run2", models={})
+    runner.backfill_lost(todo, str(results), config)
+    lost = pq.read_table(results / "run2_lost.parquet")
+    assert [len(group) for group in lost.to_batches()] == [2, 2, 1]
+    assert lost.column("id").to_pylist() == ["r0", "r2", "r3", "r4", "r5"]
+    assert lost.column("attempt").to_pylist() == [1, 2, 1, 3, 1]
+    assert set(lost.column("status").to_pylist()) == {"error"} and all(lost.column("retryable").to_pylist())
+    assert set(lost.column("run_id").to_pylist()) == {"run2"}
+    assert lost.column("error")[1].as_py().startswith("row 'r2': no result came back")
+    runner.backfill_lost(todo, str(results), config)  # every row has one now: nothing more is written
+    assert resume.read_results(str(results), ["id"], prefix="run2").num_rows == 6
+
+
 def test_a_driver_killed_halfway_resumes_to_every_id_ok_once(ray_cluster, data_dir, tmp_path):
     import os
     import signal
