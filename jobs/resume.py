@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -230,12 +231,16 @@ def compact(results_uri: str, run_id: str, rows_per_file: int = ROWS_PER_FILE, f
     """Rewrite the run's small result files as files of `rows_per_file` rows; returns how many it wrote.
 
     Each new file is written whole (atomically) before any old one is removed, so a kill in between
-    leaves rows twice, which `latest` counts once, and never loses one. A file that cannot be read (a
-    writer killed mid-file) is removed too once the run has `finished`; otherwise (another run's files:
-    `compact_stopped_runs`) it is kept, since its writer may be alive and still writing.
+    leaves rows twice, which `latest` counts once, and never loses one. The next compaction of such a
+    run leaves out the rows its compacted files already hold, so they stay once. A file that cannot be
+    read (a writer killed mid-file) is removed too once the run has `finished`; otherwise (another run's
+    files: `compact_stopped_runs`) it is kept, since its writer may be alive and still writing.
     """
     fs, files = result_files(results_uri, f"{run_id}_")
-    small = [f for f in files if not f.rsplit("/", 1)[-1].startswith(f"{run_id}_{COMPACTED}-")]
+    parts = [f for f in files if f.rsplit("/", 1)[-1].startswith(f"{run_id}_{COMPACTED}-")]
+    small = sorted(set(files) - set(parts))
+    if len(small) < 2 and not (small and parts):
+        return 0
     token = uuid.uuid4().hex[:8]
     pending: list[pa.Table] = []
     written: list[str] = []
@@ -247,11 +252,16 @@ def compact(results_uri: str, run_id: str, rows_per_file: int = ROWS_PER_FILE, f
         written.append(uri)
 
     try:
-        dataset = _dataset(fs, small) if len(small) > 1 else None
-        if dataset is None:
-            return 0
+        dataset = _dataset(fs, small)
+        readable = set(dataset.files) if dataset is not None else set()
+        # The ids an earlier compaction of the run wrote (it was stopped before it removed the small
+        # files, or another process compacts the run now).
+        earlier = _dataset(fs, parts) if readable else None
+        known = earlier.to_table(columns=["id"]).column("id") if earlier is not None else None
         # Streamed: the driver holds about one output file's rows at a time, whatever the run's size.
-        for batch in dataset.to_batches(batch_size=rows_per_file):
+        for batch in dataset.to_batches(batch_size=rows_per_file) if dataset is not None else ():
+            if known is not None:
+                batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=known)))
             pending.append(pa.Table.from_batches([batch], RESULT_SCHEMA))
             if sum(t.num_rows for t in pending) >= rows_per_file:
                 table = pa.concat_tables(pending)
@@ -260,15 +270,12 @@ def compact(results_uri: str, run_id: str, rows_per_file: int = ROWS_PER_FILE, f
         if sum(t.num_rows for t in pending):
             write(pa.concat_tables(pending))
     except FileNotFoundError:
-        # Another process compacted the run meanwhile (a job submitted twice): it removed only files it
-        # had merged, so these rows are in its files too, and this compaction's copies go.
-        for uri in written:
-            media.remove(uri)
-        print(f"[anima] run {run_id}'s result files were compacted by another process", file=sys.stderr)
-        return 0
-    merged = set(dataset.files)
+        # Another process compacts the run too (a job submitted twice). Compacted files are never removed
+        # and a small file only once its rows are in one, so nothing is lost; this one stops here.
+        print(f"[anima] run {run_id}'s result files are being compacted by another process", file=sys.stderr)
+        return len(written)
     for path in small:
-        if finished or path in merged:
+        if finished or path in readable:
             with suppress(FileNotFoundError):  # removed meanwhile by another process compacting the run
                 fs.rm_file(path)
     return len(written)
@@ -276,21 +283,27 @@ def compact(results_uri: str, run_id: str, rows_per_file: int = ROWS_PER_FILE, f
 
 def compact_stopped_runs(results_uri: str, run_id: str) -> int:
     """Compact the small files of the runs that started before `run_id` (run ids sort by their start)
-    and never compacted their own: runs killed (preempted) before they ended, whose thousands of files
-    every later resume would list and read. Returns how many runs it compacted.
+    and never compacted their own, or were stopped in the middle of it: runs killed (preempted) before
+    they ended, whose thousands of files every later resume would list and read. Returns how many runs
+    it wrote compacted files for.
 
     Housekeeping, so it never fails the run that calls it: a run whose files cannot be merged (a
     corrupt page resume never reads) is named and left as it is. Only what it merged is removed: should
     such a run be alive after all (the job submitted twice), a file its writer is still writing stays,
     and the rows it wrote are kept under its run id."""
     _, files = result_files(results_uri)
-    small: dict[str, int] = {}
+    small: Counter[str] = Counter()
+    compacted_before: set[str] = set()
     for path in files:
         run, _, rest = path.rsplit("/", 1)[-1].partition("_")
-        if run < run_id and not rest.startswith(f"{COMPACTED}-"):
-            small[run] = small.get(run, 0) + 1
+        if run < run_id:
+            if rest.startswith(f"{COMPACTED}-"):
+                compacted_before.add(run)
+            else:
+                small[run] += 1
     compacted = 0
-    for run in sorted(run for run, count in small.items() if count > 1):
+    # Also a run with one small file beside compacted ones: its compaction was stopped midway.
+    for run in sorted(run for run, count in small.items() if count > 1 or run in compacted_before):
         try:
             compacted += compact(results_uri, run, finished=False) > 0
         except (OSError, pa.ArrowException) as exc:

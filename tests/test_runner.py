@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -685,6 +686,44 @@ def test_compaction_streams_a_runs_files_into_files_of_a_fixed_row_count(tmp_pat
     assert {"run1b_0.parquet", "run4_0.parquet", "run4_1.parquet"} <= {p.name for p in results.iterdir()}
 
 
+def test_a_compaction_stopped_midway_is_finished_by_the_next_one_without_keeping_rows_twice(tmp_path):
+    """A run killed in its own compaction leaves compacted files beside the small files they merged.
+    The next compaction neither merges those rows again nor loses any."""
+    results = tmp_path / "results"
+
+    def run_files(small: range, part: range | None) -> None:
+        shutil.rmtree(results, ignore_errors=True)
+        results.mkdir()
+        for n in small:
+            pq.write_table(result_table(_rows(n)), results / f"run1_{n}.parquet")
+        if part is not None:
+            merged = [row for n in part for row in _rows(n)]
+            pq.write_table(result_table(merged), results / "run1_part-dead0000-00000.parquet")
+
+    def _rows(n: int) -> list[ResultRow]:
+        return [ResultRow(id=f"r{n}-{i}", method="evaluate", run_id="run1") for i in range(3)]
+
+    def stored_ids() -> list[str]:
+        return resume.read_results(str(results), ["id"]).column("id").to_pylist()
+
+    every = sorted(f"r{n}-{i}" for n in range(5) for i in range(3))
+    # Killed while writing its compacted files: they hold only some rows; the small files are all there.
+    run_files(small=range(5), part=range(2))
+    assert resume.compact_stopped_runs(str(results), "run2") == 1
+    assert sorted(stored_ids()) == every  # each row once
+    assert all(p.name.startswith("run1_part-") for p in results.iterdir())
+    # Killed while removing the small files: the compacted file holds every row; one small file is left.
+    run_files(small=range(4, 5), part=range(5))
+    assert resume.compact_stopped_runs(str(results), "run2") == 0  # nothing to write, one file to remove
+    assert sorted(stored_ids()) == every and len(list(results.iterdir())) == 1
+    # A small file that the stopped compaction merged part of.
+    run_files(small=range(5), part=range(3))
+    pq.write_table(result_table(_rows(3)[:1]), results / "run1_part-dead0000-00001.parquet")
+    assert resume.compact_stopped_runs(str(results), "run2") == 1
+    assert sorted(stored_ids()) == every
+    assert all(p.name.startswith("run1_part-") for p in results.iterdir())
+
+
 def test_a_read_or_compaction_meeting_files_compacted_away_meanwhile_loses_and_doubles_no_row(
     tmp_path, monkeypatch, capsys
 ):
@@ -719,8 +758,8 @@ def test_a_read_or_compaction_meeting_files_compacted_away_meanwhile_loses_and_d
     assert sorted(i for batch in batches for i in batch.column("id").to_pylist()) == ids
     small_files()
     assert resume.compact(str(results), "run1", rows_per_file=5) == 0
-    assert "compacted by another process" in capsys.readouterr().err
-    assert len(list(results.iterdir())) == 1  # the other one's file, none of this one's
+    assert "being compacted by another process" in capsys.readouterr().err
+    assert len(list(results.iterdir())) == 1  # the other one's file (this one had written none)
     monkeypatch.setattr(resume, "_dataset", original)
     assert sorted(resume.read_results(str(results), ["id"]).column("id").to_pylist()) == ids
 
