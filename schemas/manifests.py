@@ -173,9 +173,11 @@ RESERVED_COLUMNS = frozenset({ATTEMPT_COLUMN, DECODED_COLUMN, DECODE_ERROR_COLUM
 
 # A row id names the row's artifact folder, OUTPUT/artifacts/<id>/, so it must be one plain path component.
 # fsspec reads "::" anywhere in a URL as a chain of filesystems and opens only the part before it, so an
-# id holding it would write into another row's folder, or onto OUTPUT/artifacts itself.
+# id holding it would write into another row's folder, or onto OUTPUT/artifacts itself. Object stores'
+# filesystems cut a key at "?" (s3fs: `?versionId=`) or "#" (a generation): ids `a?versionId=1` and
+# `a?versionId=2` would both write the object OUTPUT/artifacts/a.
 ID_MAX_BYTES = 200
-_UNSAFE_ID_CHARACTERS = r"[/\\\x00-\x1f\x7f-\x9f]|::"
+_UNSAFE_ID_CHARACTERS = r"[/\\?#\x00-\x1f\x7f-\x9f]|::"
 # Every offending id is named, up to this many (a manifest of a million bad ids would not fit a message).
 _UNSAFE_IDS_SHOWN = 1000
 
@@ -185,7 +187,7 @@ def unsafe_id_reason(row_id: str) -> str | None:
     if row_id in ("", ".", ".."):
         return "empty" if not row_id else f"is {row_id!r}"
     if re.search(_UNSAFE_ID_CHARACTERS, row_id):
-        return "contains '/', '\\', '::', NUL or a control character"
+        return "contains '/', '\\', '?', '#', '::', NUL or a control character"
     if len(row_id.encode("utf-8")) > ID_MAX_BYTES:
         return f"longer than {ID_MAX_BYTES} bytes"
     return None
@@ -301,7 +303,7 @@ def validate_scan(
         if count:
             problems.append(
                 f"{count} id(s) cannot name an artifact folder (an id is 1-{ID_MAX_BYTES} bytes, not '.' or "
-                f"'..', without '/', '\\', '::', NUL or control characters): {', '.join(unsafe)}"
+                f"'..', without '/', '\\', '?', '#', '::', NUL or control characters): {', '.join(unsafe)}"
             )
         for name in required:
             if nulls[name]:

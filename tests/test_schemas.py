@@ -139,8 +139,12 @@ def test_a_seed_no_method_could_take_is_left_out_of_its_column_not_fatal_to_the_
     assert json.loads(table.column("params")[0].as_py()) == {"seed": "abc"}  # as given
 
 
-# "a::1" and "::": fsspec would open OUTPUT/artifacts/a (another row's folder) and OUTPUT/artifacts.
-HOSTILE_IDS = ["../x", "a/b", "..", "", "x" * 300, "back\\slash", "nul\x00byte", "tab\tid", ".", "a::1", "::"]
+# "a::1" and "::": fsspec would open OUTPUT/artifacts/a (another row's folder) and OUTPUT/artifacts;
+# s3fs would write "a?versionId=1" to the key OUTPUT/artifacts/a.
+HOSTILE_IDS = [
+    "../x", "a/b", "..", "", "x" * 300, "back\\slash", "nul\x00byte", "tab\tid", ".", "a::1", "::",
+    "a?versionId=1", "a#1",
+]  # fmt: skip
 
 
 def test_ids_that_cannot_name_a_folder_are_refused_and_every_one_is_named():
@@ -155,7 +159,7 @@ def test_ids_that_cannot_name_a_folder_are_refused_and_every_one_is_named():
     for row_id in safe:
         assert repr(row_id) not in text
     assert "'..' (is '..')" in text and "'' (empty)" in text and "(longer than 200 bytes)" in text
-    assert "'a/b' (contains '/', '\\', '::', NUL or a control character)" in text
+    assert "'a/b' (contains '/', '\\', '?', '#', '::', NUL or a control character)" in text
     assert validate(pa.table({"id": ["é" * 101], "video": ["v.mp4"]}), "eval")  # 202 bytes
 
 
