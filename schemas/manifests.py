@@ -137,6 +137,37 @@ def _not_whole(values: pa.Array) -> pa.Array:
     return pc.and_(pc.is_valid(values), pc.invert(pc.fill_null(whole, True)))
 
 
+def _holds_text(t: pa.DataType) -> bool:
+    """Whether a column of type `t` holds text, or lists of texts, once read as `plain_types`."""
+    t = _plain(t)
+    return pa.types.is_string(t) or (pa.types.is_list(t) and _holds_text(t.value_type))
+
+
+def _as_bytes(t: pa.DataType) -> pa.DataType:
+    """`t` (`_holds_text`) with its text as bytes: the cast that reads invalid text without checking it."""
+    return pa.binary() if pa.types.is_string(t) else pa.list_(_as_bytes(t.value_type))
+
+
+def _not_utf8(values: pa.Array) -> pa.Array | None:
+    """Where a text column's value (or one of its list's) is not UTF-8; None when every one is. Parquet
+    readers do not check, and the actors' first `to_pylist` of such a row fails its whole batch."""
+    try:
+        values.validate(full=True)
+        return None
+    except pa.ArrowInvalid:
+
+        def broken(value: Any) -> bool:
+            if isinstance(value, list):
+                return any(broken(v) for v in value)
+            try:
+                value is None or value.decode("utf-8")
+            except UnicodeDecodeError:
+                return True
+            return False
+
+        return pa.array([broken(v) for v in values.cast(_as_bytes(values.type)).to_pylist()], pa.bool_())
+
+
 def _plain(t: pa.DataType) -> pa.DataType:
     if pa.types.is_dictionary(t):
         return _plain(t.value_type)
@@ -244,8 +275,8 @@ def validate_scan(
     """`validate` of a manifest of `schema` and `rows` rows read through `scan(columns)`, and its ids
     (None without a usable id column).
 
-    Only the id and required columns are read, a batch at a time, and only ids are kept: a manifest's
-    other columns (prompts, lists of URIs) are not held to check a million rows.
+    Only the id, required and text columns are read, a batch at a time, and only ids are kept: a
+    manifest's other columns (prompts, lists of URIs) are not held to check a million rows.
     """
     if kind not in MANIFEST_KINDS:
         raise KeyError(f"unknown manifest kind {kind!r}; known: {', '.join(MANIFEST_KINDS)}")
@@ -273,15 +304,26 @@ def validate_scan(
     if "id" in names and not duplicated:  # column-wise: only offending rows reach Python
         required = [n for n in spec.required if n != "id" and n in names]
         floated = _floated_integers(schema, kind)
+        texts = [f.name for f in schema if _holds_text(f.type)]
         chunks: list[pa.Array] = []
         null_rows: list[str] = []
         nulls: dict[str, list[str]] = {name: [] for name in required}
         # Per column: how many rows hold no whole number, and the first few, shown with their values.
         fractions: dict[str, tuple[int, list[str]]] = {name: (0, []) for name in floated}
+        not_utf8: dict[str, tuple[int, list[str]]] = {name: (0, []) for name in texts}
         first = 0  # the manifest row number of the batch's first row
-        for batch in scan(["id", *required, *floated]):
+        for batch in scan(list(dict.fromkeys(["id", *required, *floated, *texts]))):
             batch_ids = batch.column("id")
-            null_rows += _rows_where(batch_ids, pc.is_null(batch_ids), first)
+            bad_ids = _not_utf8(batch_ids) if "id" in texts else None
+            if bad_ids is not None:  # named by row number, as rows without an id
+                batch_ids = pc.if_else(bad_ids, pa.scalar(None, batch_ids.type), batch_ids)
+            for name in texts:
+                bad = bad_ids if name == "id" else _not_utf8(batch.column(name))
+                if bad is not None:
+                    count, shown = not_utf8[name]
+                    shown += _rows_where(batch_ids, bad, first, limit=10 - len(shown))
+                    not_utf8[name] = count + pc.sum(bad).as_py(), shown
+            null_rows += _rows_where(batch_ids, pc.is_null(batch.column("id")), first)
             for name in required:
                 nulls[name] += _rows_where(batch_ids, pc.is_null(batch.column(name)), first)
             for name in floated:
@@ -316,6 +358,12 @@ def validate_scan(
                 problems.append(
                     f"column {name!r} holds whole numbers (written as {schema.field(name).type}) but is "
                     f"not one in {count} row(s): {_describe_ids(shown, count=count, show=str)}"
+                )
+        for name, (count, shown) in not_utf8.items():
+            if count:
+                problems.append(
+                    f"column {name!r} holds text that is not valid UTF-8 in {count} row(s): "
+                    f"{_describe_ids(shown, count=count)}"
                 )
     if rows == 0:
         problems.append("manifest has no rows")

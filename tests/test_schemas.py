@@ -70,7 +70,7 @@ def test_validation_reads_only_the_id_and_required_columns_a_batch_at_a_time():
         return table.select(columns).to_batches(max_chunksize=2)
 
     problems, ids = validate_scan(table.schema, table.num_rows, scan, "eval")
-    assert asked == [["id", "video"]]
+    assert asked == [["id", "video", "prompt"]]  # text columns are read to check their UTF-8, not kept
     assert problems == [
         "column 'id' is null in 1 row(s): '<row 3>'",
         "required column 'video' is null in 1 row(s): 'e'",
@@ -185,3 +185,38 @@ def test_columns_anima_adds_to_rows_cannot_come_from_a_manifest(column):
         "inputs); rename or drop them"
     ]
     assert not validate(table.rename_columns(["id", "video", "decoded"]), "eval")  # any other name is fine
+
+
+def _unchecked_text(values: list) -> pa.Array:
+    """Text as a Parquet file may hold it: bytes that no reader checks are UTF-8."""
+    if values and isinstance(values[0], list):
+        flat = _unchecked_text([v for value in values for v in value])
+        offsets = np.cumsum([0, *map(len, values)]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), flat)
+    raw = pa.array(values, pa.binary())
+    return pa.Array.from_buffers(pa.string(), len(raw), raw.buffers(), raw.null_count)
+
+
+def test_text_that_is_not_utf8_is_refused_naming_its_rows(tmp_path):
+    """Such a row reached the actors, whose first `to_pylist` failed its whole batch; an id did the same
+    to the driver's backfill of lost rows."""
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "id": _unchecked_text([b"a", b"b\xffd", b"c", b"d"]),
+            "video": ["v.mp4"] * 4,
+            "prompt": _unchecked_text([b"caf\xe9", b"x", None, b"fine"]),
+            "style": _unchecked_text([[b"s.png"], [], [b"t.png", b"\xc3("], [b"u.png"]]),
+            "note": _unchecked_text([b"ok", b"ok", b"ok", b"\x80"]),  # an extra column reaches actors too
+        }
+    )
+    pq.write_table(table, tmp_path / "m.parquet")
+    problems = validate(pq.read_table(tmp_path / "m.parquet"), "eval")
+    assert problems == [
+        "column 'id' holds text that is not valid UTF-8 in 1 row(s): '<row 1>'",
+        "column 'prompt' holds text that is not valid UTF-8 in 1 row(s): 'a'",
+        "column 'style' holds text that is not valid UTF-8 in 1 row(s): 'c'",
+        "column 'note' holds text that is not valid UTF-8 in 1 row(s): 'd'",
+    ]
+    assert validate(pa.table({"id": ["a"], "video": ["v.mp4"], "style": [["é.png"]]}), "eval") == []
