@@ -550,9 +550,13 @@ def describe_error(exc: BaseException) -> tuple[str, bool]:
 
 
 def _exit_if_fatal(exc: BaseException) -> None:
-    """End the process on errors after which CUDA state is undefined; Ray restarts it and retries."""
+    """End the process on errors after which CUDA state is undefined; Ray restarts it and retries.
+
+    Only a RuntimeError (what torch raises for CUDA, cuBLAS, cuDNN and NCCL failures) is read for their
+    markers: the message of a row's own error quotes the row (a file named `CUDA error.mp4`), and must
+    not cost two restarts and model loads."""
     text = str(exc)
-    if any(marker in text for marker in _FATAL_CUDA_MARKERS):
+    if isinstance(exc, RuntimeError) and any(marker in text for marker in _FATAL_CUDA_MARKERS):
         print(f"[anima] fatal device error, restarting worker: {text}", file=sys.stderr, flush=True)
         os._exit(1)
 

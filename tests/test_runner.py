@@ -385,6 +385,25 @@ def test_a_bad_method_parameter_becomes_that_rows_error():
     assert row_params(StyleParams.from_dict, {"steps": 3}).steps == 3
 
 
+def test_a_rows_own_error_quoting_a_cuda_error_restarts_no_worker(monkeypatch):
+    """The markers of a fatal device error are read only in torch's errors (RuntimeError): a missing file
+    named `CUDA error.mp4` made DreamMotion's worker exit, costing two restarts and model loads, and the
+    row was charged them as deaths."""
+    from actors import base
+
+    exits: list[int] = []
+    monkeypatch.setattr(base.os, "_exit", exits.append)
+    for own in (
+        media.MediaError("video not found: /data/CUDA error.mp4"),
+        RowError("bad parameter: prompt 'device-side assert'"),
+        base.DecodeError("video not found: /data/CUBLAS_STATUS.mp4", False),
+    ):
+        base._exit_if_fatal(own)
+    assert exits == []
+    base._exit_if_fatal(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert exits == [1]
+
+
 @pytest.mark.parametrize(
     "params", [{"max_frames": 0}, {"max_frames": -1}, {"num_frames": -2}, {"num_frames": 2.5}]
 )
