@@ -13,7 +13,7 @@ import posixpath
 import re
 import uuid
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from fractions import Fraction
@@ -261,10 +261,16 @@ def fit_frame(
     return np.asarray(fitted)
 
 
-def _stack(uri: str, frames: list[npt.NDArray[np.uint8]]) -> npt.NDArray[np.uint8]:
-    if len({frame.shape for frame in frames}) > 1:
-        raise MediaError(f"frames of {uri} differ in size")
-    return np.stack(frames)
+def _stack(uri: str, frames: Iterable[npt.NDArray[np.uint8]], count: int) -> npt.NDArray[np.uint8]:
+    """The `count` frames, decoded one at a time: the whole stack's size is checked from the first one's
+    before the next is decoded, and each must match it (frames of separate files: a mask folder)."""
+    stacked: list[npt.NDArray[np.uint8]] = []
+    for frame in frames:
+        if stacked and frame.shape != stacked[0].shape:
+            raise MediaError(f"frames of {uri} differ in size")
+        stacked.append(frame)
+        _check_decoded(uri, count, *frame.shape[:2])
+    return np.stack(stacked)
 
 
 def _check_decoded(uri: str, frames: int, height: int, width: int) -> None:
@@ -450,6 +456,11 @@ def _decode_pyav(
     try:
         with av.open(io.BytesIO(data)) as container:
             for n, frame in enumerate(container.decode(_video_stream(uri, container))):
+                if (frame.height, frame.width) != (info.height, info.width):  # a stream may change size
+                    raise MediaError(
+                        f"frames of {uri} differ in size: frame {n} is {frame.width}x{frame.height}, the "
+                        f"stream's {info.width}x{info.height}"
+                    )
                 if wanted is None or n in wanted:
                     frames.append(frame.to_ndarray(format="rgb24"))
                     _check_decoded(uri, len(frames), info.height, info.width)
@@ -667,7 +678,7 @@ def _mask_frames(uri: str, select: Callable[[int], Sequence[int]] | None) -> npt
         if not names:
             raise MediaError(f"mask folder has no PNG frames: {uri}")
         picked = unique(len(names))
-        frames = _stack(uri, [_read_still(join(uri, names[i]), "mask frame") for i in picked])
+        frames = _stack(uri, (_read_still(join(uri, names[i]), "mask frame") for i in picked), len(picked))
     else:
         data = _read(uri, "mask")
         # Still and animated images go through PIL, everything else through the video decoders.

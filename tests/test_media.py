@@ -11,6 +11,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from fsspec.core import url_to_fs
@@ -650,3 +651,40 @@ def test_http_inputs_are_read_as_one_bounded_stream(tmp_path):
     finally:
         for server in servers:
             server.shutdown()
+
+
+def _raw_h264(width: int, height: int, frames: int) -> bytes:
+    """An Annex B H.264 stream: such streams may be joined, and the joined stream changes size."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        frame = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), np.uint8), format="rgb24")
+        for _ in range(frames):
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def test_a_stream_that_grows_its_frames_midway_is_refused_at_the_first_bigger_frame(tmp_path):
+    """The limits were checked against the stream header's size (its first frame's): 32x32 frames, then
+    4096x4096 ones, took 2.2 GB for 40 frames before failing to stack them."""
+    path = tmp_path / "switch.h264"
+    path.write_bytes(_raw_h264(32, 32, 1) + _raw_h264(64, 48, 3))
+    with pytest.raises(MediaError, match=r"frame 1 is 64x48, the stream's 32x32"):
+        media.read_sampled_video(str(path), None, max_frames=8)
+
+
+def test_a_mask_folder_is_refused_by_its_stacks_size_before_its_frames_are_decoded(tmp_path, monkeypatch):
+    """Each PNG of a mask folder was checked alone: 24 masks of 8192x8192 (84 KB each) took 9.3 GB."""
+    masks = binary_masks(frames=4)
+    media.write_png_frames(masks, str(tmp_path / "mask"))
+    frame_bytes = masks[0].size * 3
+    monkeypatch.setattr(media, "MAX_DECODED_BYTES", 3 * frame_bytes)  # three frames' worth
+    decoded: list[str] = []
+    read_still = media._read_still
+    monkeypatch.setattr(media, "_read_still", lambda uri, what: decoded.append(uri) or read_still(uri, what))
+    with pytest.raises(MediaError, match=r"4 frames of .* would decode to over"):
+        media.read_mask(str(tmp_path / "mask"))
+    assert len(decoded) == 1  # the first frame told the size
+    assert len(media.read_mask(str(tmp_path / "mask"), select=lambda n: [0, 1, 2])) == 3
