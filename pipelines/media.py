@@ -46,6 +46,9 @@ MAX_INPUT_BYTES = 2 * 2**30  # one input file, fetched whole
 MAX_IMAGE_PIXELS = 64 * 2**20  # per frame (8192²); PIL's own bomb check allows 89M and warns only
 MAX_DECODED_BYTES = 4 * 2**30  # the RGB frames one read may return
 MAX_SVG_BYTES = 10 * 2**20
+# Elements of an SVG once its <use> references are expanded: ten <use> of ten <use> ... of a path make
+# 10^k paths from a kilobyte (svgelements took 33 s and 1.2 GB for 10^5).
+MAX_SVG_ELEMENTS = 20_000
 _READ_PIECE = 16 * 2**20  # bytes per read of an input
 # Small files (Parquet footers, run records) read at once: an object store answers each in tens of ms.
 PARALLEL_READS = 16
@@ -749,7 +752,48 @@ def svg_root(data: bytes, source: str) -> ElementTree.Element:
         raise MediaError(f"not an SVG document: {source} (invalid XML: {exc})") from exc
     if root.tag not in ("svg", f"{{{SVG_NAMESPACE}}}svg"):
         raise MediaError(f"not an SVG document: {source} (root element is {root.tag!r})")
+    if _expanded_elements(root) > MAX_SVG_ELEMENTS:
+        raise MediaError(
+            f"not accepted as SVG: {source} has over {MAX_SVG_ELEMENTS:,} elements once its <use> references "
+            "are expanded (a reference bomb?)"
+        )
     return root
+
+
+_XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
+
+
+def _expanded_elements(root: ElementTree.Element) -> int:
+    """How many elements the document has with every <use> replaced by a copy of what it refers to, as
+    renderers (svgelements) draw it; over `MAX_SVG_ELEMENTS` counts as `MAX_SVG_ELEMENTS + 1`, and so
+    does a reference cycle. Iterative: nesting depth is the document's choice."""
+    named = {element.get("id"): element for element in root.iter() if element.get("id")}
+
+    def parts(element: ElementTree.Element) -> list[ElementTree.Element]:
+        href = element.get("href") or element.get(_XLINK_HREF) or ""
+        used = named.get(href[1:]) if element.tag.rpartition("}")[2] == "use" and href[:1] == "#" else None
+        return [*element, *([used] if used is not None else [])]
+
+    past = MAX_SVG_ELEMENTS + 1
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()  # elements whose parts are being counted: the path from the root
+    todo: list[tuple[ElementTree.Element, bool]] = [(root, False)]
+    while todo:
+        element, counted = todo.pop()
+        if id(element) in sizes:
+            continue
+        if counted:
+            sizes[id(element)] = min(past, 1 + sum(sizes[id(part)] for part in parts(element)))
+            open_.discard(id(element))
+            continue
+        open_.add(id(element))
+        todo.append((element, True))
+        for part in parts(element):
+            if id(part) in open_:
+                return past  # a <use> of an element that holds it
+            if id(part) not in sizes:
+                todo.append((part, False))
+    return sizes[id(root)]
 
 
 # What `shapes_only_svg` keeps: shapes, their geometry and paint, and SMIL animation of those (how
