@@ -19,6 +19,7 @@ from pipelines.livesketch.animate import Animation, LiveSketchParams, SketchJob,
 from pipelines.livesketch.raster import render
 from pipelines.livesketch.svg import animated_svg, load_sketch, official_strokes, sketch_to_svg
 from pipelines.metrics import load_scorer
+from pipelines.params import square_side
 from pipelines.xclip import DEFAULT_XCLIP, cached_default, prepare_xclip
 
 # Parameters of the actor itself, beside the method's (LiveSketchParams). checkpoint_every: save each
@@ -153,6 +154,7 @@ class LiveSketchActor(RowActor):
                 raise RowError(f"LiveSketch renders a square canvas; got height={height}, width={width}")
             params = {**params, "size": height or width}
         sketch_params = row_params(LiveSketchParams.from_dict, params)
+        row_params(lambda values: square_side(values, "video_size"), params)  # before minutes of GPU work
         sketch = load_sketch(row["svg"], size=LiveSketchParams().size)
         if sketch_params.stroke_width == "official":
             sketch = official_strokes(sketch)
@@ -177,7 +179,7 @@ class LiveSketchActor(RowActor):
             animated_svg(sketch, points, fps), media.join(out_dir, "animation.svg")
         )
         with torch.no_grad():
-            size = int(params["video_size"])
+            size = int(params["video_size"])  # checked by `_job`
             video = _to_uint8(render(sketch, points, size))
             initial = _to_uint8(render(sketch, sketch.points[None], size))[0]
         outputs["mp4"] = media.write_video(video, media.join(out_dir, "video.mp4"), fps)

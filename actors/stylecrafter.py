@@ -12,6 +12,7 @@ from actors.adapter_actor import AdapterActor
 from actors.base import RowError, RowOutput, row_params
 from pipelines import media
 from pipelines.metrics import to_signed, to_uint8
+from pipelines.params import square_side
 from pipelines.stylecrafter.model import load_stylecrafter
 from pipelines.stylecrafter.sample import BATCH_KEYS, Request, SampleParams, sample
 
@@ -38,7 +39,7 @@ class StyleCrafterActor(AdapterActor):
         if not uris:
             raise RowError("no style images: give one or more URIs in the style column")
         p = row_params(SampleParams.from_dict, params)
-        size = int(params["style_size"])
+        size = row_params(lambda values: square_side(values, "style_size"), params)
         # As the official loader: the short side resized to style_size (bilinear), the centre cropped.
         styles = np.stack([media.read_image(uri, (size, size), resample="bilinear") for uri in uris])
         return Request(prompt=prompt, styles=to_signed(styles), params=p)

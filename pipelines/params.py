@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any, TypeVar
 
+from pipelines.media import MAX_IMAGE_PIXELS
+
 T = TypeVar("T")
 
 
@@ -42,3 +44,19 @@ def shared_value(items: list[Any], name: str) -> Any:
     if len(values) > 1:
         raise ValueError(f"items run together must share {name}, got {sorted(values, key=repr)}")
     return values.pop()
+
+
+def check_frame_size(height: int, width: int, name: str) -> None:
+    """Refuse a frame size that a row asks for past what an input frame may hold: its tensors, made on
+    the host before any GPU sees them, would take the worker's memory (12288x12288 took 4 GB)."""
+    if not (height > 0 and width > 0 and height * width <= MAX_IMAGE_PIXELS):
+        raise ValueError(
+            f"{name} must be positive and at most {MAX_IMAGE_PIXELS:,} pixels, got {width}x{height}"
+        )
+
+
+def square_side(values: dict[str, Any], name: str) -> int:
+    """The side of the square frames `values[name]` asks for, held to `check_frame_size`."""
+    side = int(values[name])
+    check_frame_size(side, side, name)
+    return side

@@ -208,6 +208,8 @@ RESERVED_COLUMNS = frozenset({ATTEMPT_COLUMN, DECODED_COLUMN, DECODE_ERROR_COLUM
 # filesystems cut a key at "?" (s3fs: `?versionId=`) or "#" (a generation): ids `a?versionId=1` and
 # `a?versionId=2` would both write the object OUTPUT/artifacts/a.
 ID_MAX_BYTES = 200
+# Inputs of one row's list column (style images): each is read whole, and a kilobyte can list a million.
+MAX_LIST_ITEMS = 64
 _UNSAFE_ID_CHARACTERS = r"[/\\?#\x00-\x1f\x7f-\x9f]|::"
 # Every offending id is named, up to this many (a manifest of a million bad ids would not fit a message).
 _UNSAFE_IDS_SHOWN = 1000
@@ -311,6 +313,12 @@ def validate_scan(
         # Per column: how many rows hold no whole number, and the first few, shown with their values.
         fractions: dict[str, tuple[int, list[str]]] = {name: (0, []) for name in floated}
         not_utf8: dict[str, tuple[int, list[str]]] = {name: (0, []) for name in texts}
+        lists = [
+            n
+            for n, t in spec.columns.items()
+            if t == STRINGS and n in names and _holds_text(schema.field(n).type)
+        ]
+        too_long: dict[str, tuple[int, list[str]]] = {name: (0, []) for name in lists}
         first = 0  # the manifest row number of the batch's first row
         for batch in scan(list(dict.fromkeys(["id", *required, *floated, *texts]))):
             batch_ids = batch.column("id")
@@ -323,6 +331,13 @@ def validate_scan(
                     count, shown = not_utf8[name]
                     shown += _rows_where(batch_ids, bad, first, limit=10 - len(shown))
                     not_utf8[name] = count + pc.sum(bad).as_py(), shown
+            for name in lists:
+                long = pc.fill_null(
+                    pc.greater(pc.list_value_length(batch.column(name)), MAX_LIST_ITEMS), False
+                )
+                count, shown = too_long[name]
+                shown += _rows_where(batch_ids, long, first, limit=10 - len(shown))
+                too_long[name] = count + (pc.sum(long).as_py() or 0), shown
             null_rows += _rows_where(batch_ids, pc.is_null(batch.column("id")), first)
             for name in required:
                 nulls[name] += _rows_where(batch_ids, pc.is_null(batch.column(name)), first)
@@ -358,6 +373,12 @@ def validate_scan(
                 problems.append(
                     f"column {name!r} holds whole numbers (written as {schema.field(name).type}) but is "
                     f"not one in {count} row(s): {_describe_ids(shown, count=count, show=str)}"
+                )
+        for name, (count, shown) in too_long.items():
+            if count:
+                problems.append(
+                    f"column {name!r} lists more than {MAX_LIST_ITEMS} inputs in {count} row(s): "
+                    f"{_describe_ids(shown, count=count)}"
                 )
         for name, (count, shown) in not_utf8.items():
             if count:

@@ -23,6 +23,7 @@ from pipelines import media
 from pipelines.dreammotion.edit import EditParams
 from pipelines.dynamicrafter.sample import SampleParams as AnimateParams
 from pipelines.livesketch.animate import LiveSketchParams
+from pipelines.params import square_side
 from pipelines.stylecrafter.sample import SampleParams as StyleParams
 from schemas import ResultRow, result_table
 
@@ -378,11 +379,17 @@ def test_a_bad_method_parameter_becomes_that_rows_error():
         (EditParams.from_dict, {"num_frames": 2.5}),
         (AnimateParams.from_dict, {"mode": "sideways"}),
         (StyleParams.from_dict, {"height": 30}),
+        # Sizes past an input frame's pixel limit: host tensors of 12288x12288 took 4 GB before any GPU.
+        (AnimateParams.from_dict, {"height": 12288, "width": 12288}),
+        (StyleParams.from_dict, {"image_size": 16384}),
+        (LiveSketchParams.from_dict, {"size": 10000}),
+        (lambda values: square_side(values, "video_size"), {"video_size": 20000}),
     ]
     for parse, values in cases:
         with pytest.raises(RowError, match=r"^bad parameter: .+"):
             row_params(parse, values)
     assert row_params(StyleParams.from_dict, {"steps": 3}).steps == 3
+    assert row_params(AnimateParams.from_dict, {"height": 1024, "width": 1024}).height == 1024
 
 
 def test_a_rows_own_error_quoting_a_cuda_error_restarts_no_worker(monkeypatch):

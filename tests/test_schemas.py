@@ -220,3 +220,15 @@ def test_text_that_is_not_utf8_is_refused_naming_its_rows(tmp_path):
         "column 'note' holds text that is not valid UTF-8 in 1 row(s): 'd'",
     ]
     assert validate(pa.table({"id": ["a"], "video": ["v.mp4"], "style": [["é.png"]]}), "eval") == []
+
+
+def test_a_list_of_inputs_longer_than_the_limit_is_refused_naming_its_rows():
+    """A 1 KB manifest listed a million style images in one row, each read whole (7.6 GB per 1000)."""
+    from schemas.manifests import MAX_LIST_ITEMS
+
+    style = [["s.png"] * (MAX_LIST_ITEMS + 1), ["s.png"] * MAX_LIST_ITEMS, None, ["s.png"] * 10**4]
+    table = pa.table({"id": list("abcd"), "prompt": ["p"] * 4, "style": style})
+    assert validate(table, "style") == [
+        "required column 'style' is null in 1 row(s): 'c'",
+        f"column 'style' lists more than {MAX_LIST_ITEMS} inputs in 2 row(s): 'a', 'd'",
+    ]

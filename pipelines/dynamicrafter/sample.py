@@ -24,7 +24,7 @@ import torch
 
 from pipelines.ddim import ddim_sample, dynamic_rescale_table, rescale_guidance
 from pipelines.dynamicrafter.model import DynamiCrafter
-from pipelines.params import from_values, shared_value
+from pipelines.params import check_frame_size, from_values, shared_value
 
 MODES = ("animate", "loop", "interpolate")
 GUIDANCE = ("single", "multi")
@@ -62,6 +62,7 @@ class SampleParams:
             raise ValueError(f"guidance must be one of {', '.join(GUIDANCE)}, got {p.guidance!r}")
         if p.height % 8 or p.width % 8 or p.steps < 1 or p.num_frames < 2:
             raise ValueError("height and width must be multiples of 8, steps >= 1, num_frames >= 2")
+        check_frame_size(p.height, p.width, "height x width")
         if not 0 <= p.frame_index < p.num_frames:
             raise ValueError(f"frame_index {p.frame_index} is outside 0..{p.num_frames - 1}")
         if p.dynamic_rescale < 0 or p.rescale_turning_step < 1:

@@ -37,7 +37,7 @@ from pipelines.livesketch.augment import augment
 from pipelines.livesketch.field import FIELDS, DisplacementField, FieldConfig, make_field
 from pipelines.livesketch.raster import render
 from pipelines.livesketch.svg import STROKE_WIDTHS, Sketch
-from pipelines.params import from_values, shared_value
+from pipelines.params import check_frame_size, from_values, shared_value
 
 # (lr_local, lr_global) per field. official: the official code's (animate_svg.py:53, :71), which
 # were tuned for its network. pooled: measured on the oracle prior (README, LiveSketch, "Fields side by
@@ -89,6 +89,10 @@ class LiveSketchParams(FieldConfig):
         problems = []
         if self.steps < 1 or self.num_frames < 1 or self.size < 8:
             problems.append("steps and num_frames must be >= 1 and size >= 8")
+        try:
+            check_frame_size(self.size, self.size, "size")
+        except ValueError as exc:
+            problems.append(str(exc))
         if not 0 <= self.t_min < self.t_max - 1:
             problems.append(f"need 0 <= t_min < t_max - 1, got t_min={self.t_min}, t_max={self.t_max}")
         if not self.use_local and not self.use_global:

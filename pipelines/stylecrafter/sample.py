@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from pipelines.ddim import ddim_sample
-from pipelines.params import from_values, shared_value
+from pipelines.params import check_frame_size, from_values, shared_value
 from pipelines.stylecrafter.model import StyleCrafter
 from pipelines.temporal import temporal_layers_skipped
 
@@ -43,6 +43,8 @@ class SampleParams:
         p = from_values(cls, values)
         if p.height % 8 or p.width % 8 or p.image_size % 8 or p.steps < 1 or p.num_frames < 1:
             raise ValueError("height, width and image_size must be multiples of 8, steps and num_frames >= 1")
+        check_frame_size(p.height, p.width, "height x width")
+        check_frame_size(p.image_size, p.image_size, "image_size")
         return p
 
     @property
