@@ -128,10 +128,7 @@ def _read_bounded(uri: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
     trusted (an HTTP server may send more than it said, a stream or a /proc file says nothing or 0): no
     read goes past one byte over the limit.
     """
-    try:
-        fs, path = url_to_fs(uri)
-    except Exception as exc:  # an unknown protocol, one missing its options (zip://x: IsADirectoryError)
-        raise MediaError(f"cannot open {what} {uri}: {type(exc).__name__}: {exc}") from exc
+    fs, path = _input_filesystem(uri, what)
     try:
         info = fs.info(path)
         if info.get("type") == "directory":  # an object store's prefix too, whose size is 0
@@ -160,6 +157,15 @@ def _read_bounded(uri: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
         raise MediaError(f"{what} not found: {uri}") from None
     except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         raise MediaError(f"cannot read {what} {uri}: {exc}") from exc
+
+
+def _input_filesystem(uri: str, what: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of an input a row names; a URI that no filesystem takes is the row's own
+    error (MediaError), not a crash that a rerun would retry."""
+    try:
+        return url_to_fs(uri)
+    except Exception as exc:  # an unknown protocol, one missing its options (zip://x: IsADirectoryError)
+        raise MediaError(f"cannot open {what} {uri}: {type(exc).__name__}: {exc}") from exc
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -671,7 +677,7 @@ def _mask_frames(uri: str, select: Callable[[int], Sequence[int]] | None) -> npt
         return sorted(set(wanted))
 
     _refuse_url_chain(uri, "mask")  # before the chain is opened
-    fs, path = url_to_fs(uri)
+    fs, path = _input_filesystem(uri, "mask")
     if fs.isdir(path):
         names = sorted(
             name

@@ -368,6 +368,11 @@ def test_mask_errors(tmp_path, memory_root):
     media.write_png_frames([np.zeros((4, 4), bool), np.zeros((5, 5), bool)], str(tmp_path / "mixed"))
     with pytest.raises(MediaError, match="differ in size"):
         media.read_mask(str(tmp_path / "mixed"))
+    # A URI that no filesystem takes is the row's own error, as for every other input, not a crash
+    # that each rerun retries.
+    for uri, problem in [("nosuchproto://x/m.png", "ValueError"), ("zip://x", "IsADirectoryError")]:
+        with pytest.raises(MediaError, match=f"cannot open mask {re.escape(uri)}: {problem}"):
+            media.read_mask(uri)
 
 
 # -- SVG --------------------------------------------------------------------------------------------
