@@ -263,6 +263,25 @@ def _rows_where(
     return [f"{i!r} ({v})" for i, v in zip(named, pc.take(values, where).to_pylist(), strict=True)]
 
 
+class _Offenders:
+    """The rows that break one rule of one column: how many, and the first ten, named (a million
+    offenders must not become a million strings)."""
+
+    def __init__(self, label: str, show: Callable[[Any], str] = repr):
+        self.label, self.show, self.count, self.shown = label, show, 0, []
+
+    def add(self, ids: pa.Array, mask: pa.Array, first: int, values: pa.Array | None = None) -> None:
+        mask = pc.fill_null(mask, False)
+        self.shown += _rows_where(ids, mask, first, limit=10 - len(self.shown), values=values)
+        self.count += pc.sum(mask).as_py() or 0
+
+    def problem(self) -> list[str]:
+        if not self.count:
+            return []
+        rows = _describe_ids(self.shown, count=self.count, show=self.show)
+        return [f"{self.label} in {self.count} row(s): {rows}"]
+
+
 def validate(table: pa.Table, kind: str) -> list[str]:
     """Every problem that stops `table` from running as a `kind` manifest; an empty list means runnable."""
     problems, _ = validate_scan(
@@ -307,49 +326,46 @@ def validate_scan(
         required = [n for n in spec.required if n != "id" and n in names]
         floated = _floated_integers(schema, kind)
         texts = [f.name for f in schema if _holds_text(f.type)]
+        lists = [n for n, t in spec.columns.items() if t == STRINGS and n in names and n in texts]
+        null_ids = _Offenders("column 'id' is null")
+        # What each column's rows break, in the order the problems are told.
+        offenders = {
+            **{("null", n): _Offenders(f"required column {n!r} is null") for n in required},
+            **{
+                ("whole", n): _Offenders(
+                    f"column {n!r} holds whole numbers (written as {schema.field(n).type}) but is not one",
+                    str,
+                )
+                for n in floated
+            },
+            **{
+                ("long", n): _Offenders(f"column {n!r} lists more than {MAX_LIST_ITEMS} inputs")
+                for n in lists
+            },
+            **{("utf8", n): _Offenders(f"column {n!r} holds text that is not valid UTF-8") for n in texts},
+        }
         chunks: list[pa.Array] = []
-        null_rows: list[str] = []
-        nulls: dict[str, list[str]] = {name: [] for name in required}
-        # Per column: how many rows hold no whole number, and the first few, shown with their values.
-        fractions: dict[str, tuple[int, list[str]]] = {name: (0, []) for name in floated}
-        not_utf8: dict[str, tuple[int, list[str]]] = {name: (0, []) for name in texts}
-        lists = [
-            n
-            for n, t in spec.columns.items()
-            if t == STRINGS and n in names and _holds_text(schema.field(n).type)
-        ]
-        too_long: dict[str, tuple[int, list[str]]] = {name: (0, []) for name in lists}
         first = 0  # the manifest row number of the batch's first row
         for batch in scan(list(dict.fromkeys(["id", *required, *floated, *texts]))):
             batch_ids = batch.column("id")
             bad_ids = _not_utf8(batch_ids) if "id" in texts else None
             if bad_ids is not None:  # named by row number, as rows without an id
                 batch_ids = pc.if_else(bad_ids, pa.scalar(None, batch_ids.type), batch_ids)
-            for name in texts:
-                bad = bad_ids if name == "id" else _not_utf8(batch.column(name))
-                if bad is not None:
-                    count, shown = not_utf8[name]
-                    shown += _rows_where(batch_ids, bad, first, limit=10 - len(shown))
-                    not_utf8[name] = count + pc.sum(bad).as_py(), shown
-            for name in lists:
-                long = pc.fill_null(
-                    pc.greater(pc.list_value_length(batch.column(name)), MAX_LIST_ITEMS), False
-                )
-                count, shown = too_long[name]
-                shown += _rows_where(batch_ids, long, first, limit=10 - len(shown))
-                too_long[name] = count + (pc.sum(long).as_py() or 0), shown
-            null_rows += _rows_where(batch_ids, pc.is_null(batch.column("id")), first)
-            for name in required:
-                nulls[name] += _rows_where(batch_ids, pc.is_null(batch.column(name)), first)
-            for name in floated:
-                bad, (count, shown) = _not_whole(batch.column(name)), fractions[name]
-                shown += _rows_where(batch_ids, bad, first, limit=10 - len(shown), values=batch.column(name))
-                fractions[name] = count + (pc.sum(bad).as_py() or 0), shown
+            null_ids.add(batch_ids, pc.is_null(batch.column("id")), first)
+            for (rule, name), found in offenders.items():
+                column = batch.column(name)
+                if rule == "null":
+                    found.add(batch_ids, pc.is_null(column), first)
+                elif rule == "whole":
+                    found.add(batch_ids, _not_whole(column), first, values=column)
+                elif rule == "long":
+                    found.add(batch_ids, pc.greater(pc.list_value_length(column), MAX_LIST_ITEMS), first)
+                elif (bad := bad_ids if name == "id" else _not_utf8(column)) is not None:
+                    found.add(batch_ids, bad, first)
             chunks.append(batch_ids)
             first += batch.num_rows
         ids = pa.chunked_array(chunks, type=schema.field("id").type)
-        if null_rows:
-            problems.append(f"column 'id' is null in {len(null_rows)} row(s): {_describe_ids(null_rows)}")
+        problems += null_ids.problem()
         counts = pc.value_counts(ids).flatten()
         repeated = pc.and_(pc.greater(counts[1], 1), pc.is_valid(counts[0]))
         repeats = sorted(counts[0].filter(repeated).to_pylist())
@@ -362,30 +378,8 @@ def validate_scan(
                 f"{count} id(s) cannot name an artifact folder (an id is 1-{ID_MAX_BYTES} bytes, not '.' or "
                 f"'..', without '/', '\\', '?', '#', '::', NUL or control characters): {', '.join(unsafe)}"
             )
-        for name in required:
-            if nulls[name]:
-                problems.append(
-                    f"required column {name!r} is null in {len(nulls[name])} row(s): "
-                    f"{_describe_ids(nulls[name])}"
-                )
-        for name, (count, shown) in fractions.items():
-            if count:
-                problems.append(
-                    f"column {name!r} holds whole numbers (written as {schema.field(name).type}) but is "
-                    f"not one in {count} row(s): {_describe_ids(shown, count=count, show=str)}"
-                )
-        for name, (count, shown) in too_long.items():
-            if count:
-                problems.append(
-                    f"column {name!r} lists more than {MAX_LIST_ITEMS} inputs in {count} row(s): "
-                    f"{_describe_ids(shown, count=count)}"
-                )
-        for name, (count, shown) in not_utf8.items():
-            if count:
-                problems.append(
-                    f"column {name!r} holds text that is not valid UTF-8 in {count} row(s): "
-                    f"{_describe_ids(shown, count=count)}"
-                )
+        for found in offenders.values():
+            problems += found.problem()
     if rows == 0:
         problems.append("manifest has no rows")
     return problems, ids
