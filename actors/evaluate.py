@@ -91,6 +91,7 @@ class EvaluateActor(RowActor):
             arrays["source"] = media.read_video(row["source_video"], num_frames=len(frames), size=size)
         for n, uri in enumerate(row.get("style") or []):
             arrays[f"{_STYLE}{n}"] = media.read_image(uri)
+            _check_total(arrays)  # each image is held to the pixel limit alone; 64 of them are not
         if row.get("mask") and "source" in arrays:
 
             def same_frames(count: int) -> Sequence[int]:  # only these of the mask's frames are decoded
@@ -162,3 +163,13 @@ def _reads_native_frames(models: dict[str, str | None], arrays: dict[str, npt.ND
         or (models.get("lpips") and "source" in arrays)
         or "mask" in arrays
     )
+
+
+def _check_total(arrays: dict[str, npt.NDArray[Any]]) -> None:
+    """A row's decoded inputs together stay within what one read may decode."""
+    total = sum(a.nbytes for a in arrays.values())
+    if total > media.MAX_DECODED_BYTES:
+        raise RowError(
+            f"the row's inputs decode to over {media.MAX_DECODED_BYTES / 2**30:.0f} GiB together "
+            f"({total / 2**30:.1f} GiB with {len(arrays)} of them read)"
+        )

@@ -419,12 +419,30 @@ def test_a_bad_frame_count_is_that_evaluation_rows_error(data_dir, tmp_path, par
     from actors.base import JobConfig
     from actors.evaluate import EvaluateActor
 
-    video = str(sorted((data_dir / "videos").glob("*.mp4"))[0])
+    video = str((sorted((data_dir / "videos").glob("*.mp4")) or sorted(data_dir.glob("*.mp4")))[0])
     actor = EvaluateActor(JobConfig(method="evaluate", output=str(tmp_path), run_id="r", models={}))
     rows = pa.Table.from_pylist([{"id": "a", "video": video, **params}, {"id": "b", "video": video}])
     bad, good = actor(rows).to_pylist()
     assert bad["status"] == "error" and bad["retryable"] is False
     assert f"bad parameter: {next(iter(params))} must be a whole number >= 1" in bad["error"]
+    assert good["status"] == "ok"
+
+
+def test_an_evaluation_rows_inputs_are_held_to_the_decode_limit_together(data_dir, tmp_path, monkeypatch):
+    """Each style image is held to the pixel limit alone: 64 of 8192x8192 would take 12 GB."""
+    from actors.base import JobConfig
+    from actors.evaluate import EvaluateActor
+
+    video = str((sorted((data_dir / "videos").glob("*.mp4")) or sorted(data_dir.glob("*.mp4")))[0])
+    image = str((sorted((data_dir / "images").glob("*.png")) or sorted(data_dir.glob("*.jpeg")))[0])
+    actor = EvaluateActor(JobConfig(method="evaluate", output=str(tmp_path), run_id="r", models={}))
+    row = {"id": "b", "video": video, "style": [image, image]}
+    read = actor.read_inputs(row, actor.effective_params(row), actor.config)
+    monkeypatch.setattr(media, "MAX_DECODED_BYTES", sum(a.nbytes for a in read.values()))  # two images
+    rows = pa.Table.from_pylist([{**row, "id": "a", "style": [image] * 3}, row])
+    bad, good = actor(rows).to_pylist()
+    assert bad["status"] == "error" and bad["retryable"] is False
+    assert "the row's inputs decode to over" in bad["error"] and "with 4 of them read" in bad["error"]
     assert good["status"] == "ok"
 
 
