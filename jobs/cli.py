@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from jobs.report import write_report
 
-            print(f"[anima] report: {write_report(args.outputs, args.out)}")
+            print(f"[anima] report: {write_report(args.outputs, args.out, args.table_rows)}")
         elif args.command == "demo":
             from jobs.demo import run_demo
 

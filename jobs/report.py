@@ -31,10 +31,11 @@ from typing import Any
 import jinja2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, features
 
 from jobs import resume, summary
-from jobs.runner import read_manifest
+from jobs.runner import JobError, read_manifest
 from pipelines import media
 from schemas import METRIC_COLUMNS, OK
 
@@ -46,6 +47,15 @@ THUMB_SVG_BYTES = 512 * 2**10  # an SVG this small is shown as its shapes (media
 # read whole for a preview would take gigabytes of the head node's memory each.
 THUMB_INPUT_BYTES = 256 * 2**20
 HISTOGRAM_BINS = 20
+# The rows table shows at most this many ids (the page carries each one's data, and each has thumbnails
+# to make): every id whose latest row is an error first, then an even sample of the rest. Counts, error
+# reasons and histograms always cover every id.
+TABLE_ROWS = 10_000
+# The result columns the page reads (not params, seed, backbone, node): a million rows' history is read.
+PAGE_COLUMNS = [
+    *resume.HISTORY_COLUMNS, "method", "error", "notes", "outputs", "attempt", "seconds", "peak_memory_mb",
+    *METRIC_COLUMNS,
+]  # fmt: skip
 TEXT_CHARS = 1000  # error, prompt and notes are cut to this in the page; the Parquet rows keep them whole
 _WEBP = features.check("webp")
 
@@ -77,7 +87,7 @@ class Output:
     uri: str
     latest: pa.Table | None
     runs: list[dict[str, Any]]
-    inputs: dict[str, dict[str, Any]]  # id -> its manifest row's input and prompt columns
+    manifests: list[str]  # the runs' manifests, newest first: where the shown rows' inputs are read
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -86,9 +96,10 @@ class Output:
 
 
 def read_output(uri: str) -> Output:
-    """The latest row of every id, the runs' summaries, and the inputs named by the runs' manifests."""
-    results = resume.read_results(media.join(uri, "results"))
+    """The latest row of every id (the columns the page reads), the runs' summaries and their manifests."""
+    results = resume.read_results(media.join(uri, "results"), PAGE_COLUMNS)
     latest = resume.latest(results) if results is not None else None
+    del results
     records = resume.run_records(uri)
     runs = [record for record in records.values() if record]
     problems = [] if latest is not None else [f"no result rows under {media.join(uri, 'results')}"]
@@ -97,17 +108,43 @@ def read_output(uri: str) -> Output:
         for run_id, record in records.items()
         if not record
     ]
+    manifests = list(dict.fromkeys(run["manifest"] for run in reversed(runs) if run.get("manifest")))
+    return Output(uri, latest, runs, manifests, problems)
+
+
+def _inputs(output: Output, ids: pa.Array) -> dict[str, dict[str, Any]]:
+    """id -> the input and prompt columns of its manifest row, for the `ids` shown; the newest run's
+    manifest wins. A manifest that cannot be read costs those previews (named), not the report."""
     inputs: dict[str, dict[str, Any]] = {}
-    for manifest in dict.fromkeys(run["manifest"] for run in reversed(runs) if run.get("manifest")):
+    for manifest in output.manifests:
         try:
-            table = read_manifest(manifest)
-        except Exception as exc:  # a moved or deleted manifest costs the inputs' previews, not the report
-            problems.append(f"inputs not shown: cannot read manifest {manifest}: {exc}")
+            table = read_manifest(manifest, ["id", *INPUT_COLUMNS, *PROMPT_COLUMNS], ids)
+        except Exception as exc:  # moved, deleted, or its ids are no text
+            output.problems.append(f"inputs not shown: cannot read manifest {manifest}: {exc}")
             continue
-        wanted = ["id", *(c for c in (*INPUT_COLUMNS, *PROMPT_COLUMNS) if c in table.column_names)]
-        for row in table.select(wanted).to_pylist():
-            inputs.setdefault(row["id"], row)  # the newest run's manifest wins
-    return Output(uri, latest, runs, inputs, problems)
+        for row in table.to_pylist():
+            inputs.setdefault(row["id"], row)
+    return inputs
+
+
+def table_ids(outputs: list[Output], limit: int = TABLE_ROWS) -> tuple[pa.Array, int]:
+    """The ids the rows table shows, in id order, and how many ids the outputs have: all of them, or past
+    `limit` every id whose latest row is an error in any output (the first `limit`), then ids spread
+    evenly over the rest."""
+    tables = [output.latest.select(["id", "status"]) for output in outputs if output.latest is not None]
+    if not tables:
+        return pa.array([], pa.string()), 0
+    rows = pa.concat_tables(tables)
+    rows = rows.append_column("error", pc.not_equal(rows.column("status"), OK))
+    ids = rows.group_by("id").aggregate([("error", "any")]).sort_by("id")
+    if ids.num_rows <= limit:
+        return ids.column("id").combine_chunks(), ids.num_rows
+    failed = ids.column("id").filter(ids.column("error_any")).slice(0, limit)
+    rest = ids.column("id").filter(pc.invert(ids.column("error_any")))
+    room = min(limit - len(failed), len(rest))
+    sample = rest.take(media.frame_indices(len(rest), room)) if room else rest.slice(0, 0)
+    shown = pa.concat_arrays([*failed.chunks, *sample.chunks])
+    return shown.take(pc.sort_indices(shown)), ids.num_rows
 
 
 # -- thumbnails -----------------------------------------------------------------------------------
@@ -224,14 +261,17 @@ def _stamp(row: dict[str, Any]) -> str:
     return finished.isoformat() if isinstance(finished, dt.datetime) else str(finished)
 
 
-def _cells(output: Output) -> tuple[dict[str, list[Any]], set[Thumb]]:
-    """id -> its cell (CELL_FIELDS) with previews as Thumb placeholders, and every thumbnail wanted."""
+def _cells(output: Output, ids: pa.Array) -> tuple[dict[str, list[Any]], set[Thumb]]:
+    """id -> its cell (CELL_FIELDS) with previews as Thumb placeholders, and every thumbnail wanted: for
+    the `ids` shown."""
     cells: dict[str, list[Any]] = {}
     thumbs: set[Thumb] = set()
     if output.latest is None:
         return cells, thumbs
-    for row in output.latest.to_pylist():
-        inputs = output.inputs.get(row["id"], {})
+    shown = output.latest.filter(pc.is_in(output.latest.column("id"), value_set=ids))
+    manifest_rows = _inputs(output, ids)
+    for row in shown.to_pylist():
+        inputs = manifest_rows.get(row["id"], {})
         preview_uri, input_uris = _row_media(row, inputs)
         preview = _thumb(preview_uri, _stamp(row)) if preview_uri else None
         shown = [(label, _thumb(uri, "")) for label, uri in input_uris]
@@ -263,30 +303,29 @@ def _shown(value: Any, made: dict[Thumb, str | None]) -> Any:
 
 
 def histograms(outputs: list[Output]) -> list[dict[str, Any]]:
-    """Per metric with values: counts in shared bins per output, and the papers' values to mark."""
+    """Per metric with values: counts in shared bins per output, and the papers' values to mark; over
+    every id's latest ok row, column-wise."""
     plots = []
     for name in METRIC_COLUMNS:
         values, methods = [], set()
         for output in outputs:
-            ok = [] if output.latest is None else [
-                (m, v) for m, v, s in zip(
-                    output.latest.column("method").to_pylist(),
-                    output.latest.column(name).to_pylist(),
-                    output.latest.column("status").to_pylist(),
-                    strict=True,
-                ) if s == OK and _number(v) is not None
-            ]  # fmt: skip
-            values.append([v for _, v in ok])
-            methods.update(m for m, _ in ok)
-        if not any(values):
+            latest = output.latest
+            if latest is None:
+                values.append(np.array([], np.float64))
+                continue
+            column = latest.column(name)
+            ok = pc.fill_null(pc.and_(pc.equal(latest.column("status"), OK), pc.is_finite(column)), False)
+            values.append(column.filter(ok).to_numpy())
+            methods.update(latest.column("method").filter(ok).unique().to_pylist())
+        if not any(len(vs) for vs in values):
             continue
         references = [
             {"value": summary.PAPER_METRICS[(m, name)][0], "source": summary.PAPER_METRICS[(m, name)][1]}
             for m in sorted(methods)
             if (m, name) in summary.PAPER_METRICS
         ]
-        everything = [v for vs in values for v in vs] + [r["value"] for r in references]
-        low, high = min(everything), max(everything)
+        everything = np.concatenate([*values, np.array([r["value"] for r in references], np.float64)])
+        low, high = float(everything.min()), float(everything.max())
         if high == low:  # one value: a narrow range around it
             low, high = low - 0.01 * (abs(low) or 1.0), high + 0.01 * (abs(high) or 1.0)
         counts = [np.histogram(vs, bins=HISTOGRAM_BINS, range=(low, high))[0].tolist() for vs in values]
@@ -297,16 +336,17 @@ def histograms(outputs: list[Output]) -> list[dict[str, Any]]:
                 "high": high,
                 "counts": counts,
                 "n": [len(vs) for vs in values],
-                "means": [sum(vs) / len(vs) if vs else None for vs in values],
+                "means": [float(vs.mean()) if len(vs) else None for vs in values],
                 "references": references,
             }
         )
     return plots
 
 
-def page_data(outputs: list[Output], report: str) -> dict[str, Any]:
-    """Everything the page shows; makes the thumbnails on the way."""
-    per_output = [_cells(output) for output in outputs]
+def page_data(outputs: list[Output], report: str, table_rows: int = TABLE_ROWS) -> dict[str, Any]:
+    """Everything the rows table shows (`table_ids`); makes their thumbnails on the way."""
+    shown_ids, total = table_ids(outputs, table_rows)
+    per_output = [_cells(output, shown_ids) for output in outputs]
     made = make_thumbnails(set().union(*(thumbs for _, thumbs in per_output)), report)
     ids = sorted(set().union(*(cells for cells, _ in per_output)))
     preview, inputs = CELL_FIELDS.index("preview"), CELL_FIELDS.index("inputs")
@@ -327,7 +367,14 @@ def page_data(outputs: list[Output], report: str) -> dict[str, Any]:
             cell is not None and cell[CELL_FIELDS.index(name)] is not None for _, row in rows for cell in row
         )
     ]
-    return {"outputs": [o.name for o in outputs], "fields": CELL_FIELDS, "metrics": metrics, "rows": rows}
+    return {
+        "outputs": [o.name for o in outputs],
+        "fields": CELL_FIELDS,
+        "metrics": metrics,
+        "rows": rows,
+        "total": total,
+        "limit": table_rows,
+    }
 
 
 def _errors(output: Output) -> list[dict[str, Any]]:
@@ -336,13 +383,15 @@ def _errors(output: Output) -> list[dict[str, Any]]:
     return summary.top_errors(output.latest.column("error").chunks, most=None)
 
 
-def write_report(uris: list[str], out: str | None = None) -> str:
+def write_report(uris: list[str], out: str | None = None, table_rows: int = TABLE_ROWS) -> str:
     """Write the report of one output (or several side by side) and return the URI of its index.html."""
+    if table_rows < 1:
+        raise JobError(f"--table-rows must be at least 1, got {table_rows}")
     report = out or media.join(uris[0], REPORT_DIR if len(uris) == 1 else f"{REPORT_DIR}-compare")
     outputs = [read_output(uri) for uri in uris]
-    data = page_data(outputs, report)
+    data = page_data(outputs, report, table_rows)
     statuses = [
-        Counter() if o.latest is None else Counter(o.latest.column("status").to_pylist()) for o in outputs
+        Counter() if o.latest is None else summary.count_values(o.latest.column("status")) for o in outputs
     ]
     html = _TEMPLATES.get_template("report.html.j2").render(
         outputs=outputs,
@@ -363,3 +412,10 @@ def add_parser(sub: Any) -> None:
         "outputs", nargs="+", metavar="OUTPUT", help="job output folder(s); two or more side by side"
     )
     p.add_argument("--out", default=None, metavar="DIR", help="report folder (default OUTPUT/report)")
+    p.add_argument(
+        "--table-rows",
+        type=int,
+        default=TABLE_ROWS,
+        metavar="N",
+        help=f"ids in the rows table, errors first (default {TABLE_ROWS}); counts and histograms cover all",
+    )

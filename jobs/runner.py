@@ -23,7 +23,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,11 +188,14 @@ def _conflict(fragments: list[ds.Fragment], schemas: list[pa.Schema]) -> str | N
     return None
 
 
-def read_manifest(uri: str) -> pa.Table:
-    """The whole manifest, for what reads every row anyway (the report, training's sources)."""
+def read_manifest(uri: str, columns: Iterable[str] | None = None, ids: pa.Array | None = None) -> pa.Table:
+    """The manifest as one table, for what reads its rows anyway (training's sources, the report's shown
+    rows): of `columns`, those it has (None: all), and only the rows of `ids` (None: all)."""
     manifest = open_manifest(uri)
+    names = None if columns is None else [c for c in columns if c in manifest.schema.names]
+    where = None if ids is None else pc.field("id").isin(ids)
     with _reading(uri):
-        return manifest.to_table()
+        return manifest.to_table(columns=names, filter=where)
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ def metric_table(latest: pa.Table) -> dict[str, dict[str, float | int]]:
     return table
 
 
-def _counts(column: pa.ChunkedArray) -> Counter:
+def count_values(column: pa.ChunkedArray) -> Counter:
     """Value -> count of a string column, counted by Arrow."""
     return Counter({c["values"]: c["counts"] for c in pc.value_counts(column).to_pylist()})
 
@@ -152,11 +152,11 @@ def build(
     # This run's rows, column by column (a filtered copy of the table would double the peak at 10^6 rows).
     run = pc.equal(latest.column("run_id"), run_id) if latest is not None else None
 
-    statuses = _counts(latest.column("status").filter(run)) if latest is not None else Counter()
+    statuses = count_values(latest.column("status").filter(run)) if latest is not None else Counter()
     seconds_per_row = pc.mean(latest.column("seconds").filter(run)).as_py() if latest is not None else None
     failed = resume.scan_results(results_uri, ["error"], prefix=run_id, where=pc.field("status") != OK)
     gpu_seconds = wall_s * spec.actors * spec.gpus_per_actor / processed if processed else None
-    overall = _counts(latest.column("status")) if latest is not None else Counter()
+    overall = count_values(latest.column("status")) if latest is not None else Counter()
     return {
         "run_id": run_id,
         "method": spec.method,

@@ -233,3 +233,37 @@ def test_a_thumbnail_never_reads_an_input_past_its_own_limit(tmp_path, monkeypat
         why = make_thumbnail(Thumb(str(uri), f"thumbs/{name}.webp"), out)
         assert why is not None and why.startswith("unreadable") and "MiB limit" in why, why
         assert not (tmp_path / "report" / "thumbs" / f"{name}.webp").exists()
+
+
+def test_past_its_row_limit_the_table_shows_every_error_then_an_even_sample_and_the_rest_counts_all(
+    tmp_path,
+):
+    """At 10^5-10^6 rows the page cannot carry every row, nor the report make every row's thumbnails; the
+    counts, error reasons and histograms still cover every id."""
+    from jobs.report import histograms, page_data, read_output, table_ids
+
+    out = tmp_path / "out"
+    (out / "results").mkdir(parents=True)
+    rows = [
+        ResultRow(id=f"r{i:03d}", method="evaluate", metrics={"clip_text": i / 100})
+        if i % 10 != 3
+        else ResultRow(id=f"r{i:03d}", method="evaluate", status=ERROR, error=f"video not found: /v/{i}.mp4")
+        for i in range(100)
+    ]
+    pq.write_table(result_table(rows), out / "results" / "run1_a.parquet")
+    output = read_output(str(out))
+    errors = [f"r{i:03d}" for i in range(3, 100, 10)]
+    ids, total = table_ids([output], limit=20)
+    shown = ids.to_pylist()
+    assert total == 100 and len(shown) == 20 and shown == sorted(shown)
+    assert set(errors) <= set(shown) and {"r000", "r099"} <= set(shown)  # the sample spans the rest
+    assert table_ids([output], limit=4)[0].to_pylist() == errors[:4]
+    assert table_ids([output], limit=100)[0].to_pylist() == [f"r{i:03d}" for i in range(100)]
+    data = page_data([output], str(tmp_path / "report"), table_rows=20)
+    assert [row_id for row_id, _ in data["rows"]] == shown and data["total"] == 100
+    (clip,) = [h for h in histograms([output]) if h["metric"] == "clip_text"]
+    assert clip["n"] == [90] and sum(clip["counts"][0]) == 90
+    page = Path(write_report([str(out)], str(tmp_path / "page"), table_rows=20)).read_text()
+    assert "The table shows 20 of 100 ids" in page and "100 ids:" in page and "10 error" in page
+    with pytest.raises(Exception, match="--table-rows must be at least 1"):
+        write_report([str(out)], str(tmp_path / "page"), table_rows=0)
