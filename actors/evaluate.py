@@ -84,14 +84,18 @@ class EvaluateActor(RowActor):
         frames, total = media.read_sampled_video(row["video"], params["num_frames"], params["max_frames"])
         size = frames.shape[1:3]
         arrays = {"frames": frames}
+        # Each read is held to the decode limit alone, the row's inputs together after each one (64 style
+        # images of 8192x8192 would take 12 GB).
         if row.get("image"):
             arrays["image"] = media.read_image(row["image"])
+            _check_total(arrays)
         # The source video is read only for the metrics that compare against it (a whole second decode).
         if row.get("source_video") and (config.models.get("lpips") or row.get("mask")):
             arrays["source"] = media.read_video(row["source_video"], num_frames=len(frames), size=size)
+            _check_total(arrays)
         for n, uri in enumerate(row.get("style") or []):
             arrays[f"{_STYLE}{n}"] = media.read_image(uri)
-            _check_total(arrays)  # each image is held to the pixel limit alone; 64 of them are not
+            _check_total(arrays)
         if row.get("mask") and "source" in arrays:
 
             def same_frames(count: int) -> Sequence[int]:  # only these of the mask's frames are decoded
@@ -103,6 +107,7 @@ class EvaluateActor(RowActor):
 
             mask = media.read_mask(row["mask"], size=size, select=same_frames)
             arrays["mask"] = np.broadcast_to(mask, frames.shape[:3])
+            _check_total(arrays)
         if "clip_crop" in config.decode:
             crop = ClipCrop.from_dict(config.decode["clip_crop"])
             names = ["frames", *(n for n in arrays if n == "image" or n.startswith(_STYLE))]

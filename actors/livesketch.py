@@ -154,7 +154,8 @@ class LiveSketchActor(RowActor):
                 raise RowError(f"LiveSketch renders a square canvas; got height={height}, width={width}")
             params = {**params, "size": height or width}
         sketch_params = row_params(LiveSketchParams.from_dict, params)
-        row_params(lambda values: square_side(values, "video_size"), params)  # before minutes of GPU work
+        # Before minutes of GPU work: the video is rendered at this size at the end.
+        row_params(lambda values: square_side(values, "video_size", frames=sketch_params.num_frames), params)
         sketch = load_sketch(row["svg"], size=LiveSketchParams().size)
         if sketch_params.stroke_width == "official":
             sketch = official_strokes(sketch)

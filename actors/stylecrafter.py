@@ -39,7 +39,7 @@ class StyleCrafterActor(AdapterActor):
         if not uris:
             raise RowError("no style images: give one or more URIs in the style column")
         p = row_params(SampleParams.from_dict, params)
-        size = row_params(lambda values: square_side(values, "style_size"), params)
+        size = row_params(lambda values: square_side(values, "style_size", frames=len(uris)), params)
         # As the official loader: the short side resized to style_size (bilinear), the centre cropped.
         styles = np.stack([media.read_image(uri, (size, size), resample="bilinear") for uri in uris])
         return Request(prompt=prompt, styles=to_signed(styles), params=p)

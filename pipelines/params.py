@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any, TypeVar
 
-from pipelines.media import MAX_IMAGE_PIXELS
+from pipelines.media import MAX_DECODED_BYTES, MAX_IMAGE_PIXELS
 
 T = TypeVar("T")
 
@@ -55,8 +55,13 @@ def check_frame_size(height: int, width: int, name: str) -> None:
         )
 
 
-def square_side(values: dict[str, Any], name: str) -> int:
-    """The side of the square frames `values[name]` asks for, held to `check_frame_size`."""
+def square_side(values: dict[str, Any], name: str, frames: int = 1) -> int:
+    """The side of the `frames` square RGB frames `values[name]` asks for, held to `check_frame_size`
+    and, together, to what one read may decode (`media.MAX_DECODED_BYTES`)."""
     side = int(values[name])
     check_frame_size(side, side, name)
+    if frames * side * side * 3 > MAX_DECODED_BYTES:
+        raise ValueError(
+            f"{frames} frames of {name} {side} take over {MAX_DECODED_BYTES / 2**30:.0f} GiB as 8-bit RGB"
+        )
     return side

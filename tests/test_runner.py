@@ -384,6 +384,8 @@ def test_a_bad_method_parameter_becomes_that_rows_error():
         (StyleParams.from_dict, {"image_size": 16384}),
         (LiveSketchParams.from_dict, {"size": 10000}),
         (lambda values: square_side(values, "video_size"), {"video_size": 20000}),
+        # 64 style images of 8192x8192: each within the pixel limit, 12 GB together.
+        (lambda values: square_side(values, "style_size", frames=64), {"style_size": 8192}),
     ]
     for parse, values in cases:
         with pytest.raises(RowError, match=r"^bad parameter: .+"):
@@ -436,14 +438,16 @@ def test_an_evaluation_rows_inputs_are_held_to_the_decode_limit_together(data_di
     video = str((sorted((data_dir / "videos").glob("*.mp4")) or sorted(data_dir.glob("*.mp4")))[0])
     image = str((sorted((data_dir / "images").glob("*.png")) or sorted(data_dir.glob("*.jpeg")))[0])
     actor = EvaluateActor(JobConfig(method="evaluate", output=str(tmp_path), run_id="r", models={}))
-    row = {"id": "b", "video": video, "style": [image, image]}
+    row = {"id": "b", "video": video, "image": None, "style": [image, image]}
     read = actor.read_inputs(row, actor.effective_params(row), actor.config)
     monkeypatch.setattr(media, "MAX_DECODED_BYTES", sum(a.nbytes for a in read.values()))  # two images
-    rows = pa.Table.from_pylist([{**row, "id": "a", "style": [image] * 3}, row])
-    bad, good = actor(rows).to_pylist()
+    alone = {"id": "c", "video": video, "image": image, "style": [image, image]}  # the image counts too
+    rows = pa.Table.from_pylist([{**row, "id": "a", "style": [image] * 3}, row, alone])
+    bad, good, also_bad = actor(rows).to_pylist()
     assert bad["status"] == "error" and bad["retryable"] is False
     assert "the row's inputs decode to over" in bad["error"] and "with 4 of them read" in bad["error"]
     assert good["status"] == "ok"
+    assert also_bad["status"] == "error" and "with 4 of them read" in also_bad["error"]
 
 
 def _tree(root: Path) -> set[str]:
