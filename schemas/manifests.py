@@ -137,19 +137,39 @@ def _not_whole(values: pa.Array) -> pa.Array:
     return pc.and_(pc.is_valid(values), pc.invert(pc.fill_null(whole, True)))
 
 
+_LISTS = (pa.types.is_list, pa.types.is_large_list, pa.types.is_list_view, pa.types.is_large_list_view)
+_TEXTS = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
+
+
 def _holds_text(t: pa.DataType) -> bool:
-    """Whether a column of type `t` holds text, or lists of texts, once read as `plain_types`."""
-    t = _plain(t)
-    return pa.types.is_string(t) or (pa.types.is_list(t) and _holds_text(t.value_type))
+    """Whether a column of type `t` holds text anywhere: itself, or in its lists, structs or maps."""
+    if pa.types.is_dictionary(t):
+        return _holds_text(t.value_type)
+    if pa.types.is_struct(t):
+        return any(_holds_text(f.type) for f in t)
+    if pa.types.is_map(t):
+        return _holds_text(t.key_type) or _holds_text(t.item_type)
+    if any(is_list(t) for is_list in _LISTS):
+        return _holds_text(t.value_type)
+    return any(is_text(t) for is_text in _TEXTS)
 
 
 def _as_bytes(t: pa.DataType) -> pa.DataType:
-    """`t` (`_holds_text`) with its text as bytes: the cast that reads invalid text without checking it."""
-    return pa.binary() if pa.types.is_string(t) else pa.list_(_as_bytes(t.value_type))
+    """`t` with its text as bytes (and dictionaries decoded): the cast that reads invalid text without
+    checking it."""
+    if pa.types.is_dictionary(t):
+        return _as_bytes(t.value_type)
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_as_bytes(f.type)) for f in t])
+    if pa.types.is_map(t):
+        return pa.map_(_as_bytes(t.key_type), _as_bytes(t.item_type))
+    if any(is_list(t) for is_list in _LISTS):
+        return pa.large_list(_as_bytes(t.value_type))
+    return pa.large_binary() if any(is_text(t) for is_text in _TEXTS) else t
 
 
 def _not_utf8(values: pa.Array) -> pa.Array | None:
-    """Where a text column's value (or one of its list's) is not UTF-8; None when every one is. Parquet
+    """Where a text column's value (or a text inside it) is not UTF-8; None when every one is. Parquet
     readers do not check, and the actors' first `to_pylist` of such a row fails its whole batch."""
     try:
         values.validate(full=True)
@@ -157,14 +177,18 @@ def _not_utf8(values: pa.Array) -> pa.Array | None:
     except pa.ArrowInvalid:
 
         def broken(value: Any) -> bool:
-            if isinstance(value, list):
+            if isinstance(value, list | tuple):  # a list, or a map's entries
                 return any(broken(v) for v in value)
+            if isinstance(value, dict):  # a struct
+                return any(broken(v) for v in value.values())
             try:
-                value is None or value.decode("utf-8")
+                isinstance(value, bytes) and value.decode("utf-8")
             except UnicodeDecodeError:
                 return True
             return False
 
+        if pa.types.is_dictionary(values.type):
+            values = values.dictionary_decode()
         return pa.array([broken(v) for v in values.cast(_as_bytes(values.type)).to_pylist()], pa.bool_())
 
 
@@ -173,8 +197,7 @@ def _plain(t: pa.DataType) -> pa.DataType:
         return _plain(t.value_type)
     if pa.types.is_large_string(t) or pa.types.is_string_view(t):
         return STRING
-    lists = (pa.types.is_list, pa.types.is_large_list, pa.types.is_list_view, pa.types.is_large_list_view)
-    if any(is_list(t) for is_list in lists):
+    if any(is_list(t) for is_list in _LISTS):
         return pa.list_(_plain(t.value_type))
     return t
 

@@ -209,15 +209,24 @@ def test_text_that_is_not_utf8_is_refused_naming_its_rows(tmp_path):
             "prompt": _unchecked_text([b"caf\xe9", b"x", None, b"fine"]),
             "style": _unchecked_text([[b"s.png"], [], [b"t.png", b"\xc3("], [b"u.png"]]),
             "note": _unchecked_text([b"ok", b"ok", b"ok", b"\x80"]),  # an extra column reaches actors too
+            "meta": pa.StructArray.from_arrays([_unchecked_text([b"x", b"y", b"\xff", b"z"])], ["k"]),
         }
     )
     pq.write_table(table, tmp_path / "m.parquet")
-    problems = validate(pq.read_table(tmp_path / "m.parquet"), "eval")
-    assert problems == [
+    expected = [
         "column 'id' holds text that is not valid UTF-8 in 1 row(s): '<row 1>'",
         "column 'prompt' holds text that is not valid UTF-8 in 1 row(s): 'a'",
         "column 'style' holds text that is not valid UTF-8 in 1 row(s): 'c'",
         "column 'note' holds text that is not valid UTF-8 in 1 row(s): 'd'",
+        "column 'meta' holds text that is not valid UTF-8 in 1 row(s): 'c'",
+    ]
+    assert validate(pq.read_table(tmp_path / "m.parquet"), "eval") == expected
+    # As other writers type text (large strings, pandas categoricals), found all the same.
+    other = pq.read_table(tmp_path / "m.parquet")
+    other = other.set_column(2, "prompt", other.column("prompt").cast(pa.large_string()).dictionary_encode())
+    assert validate(other, "eval") == [
+        "column 'prompt' has type dictionary<values=large_string, indices=int32, ordered=0>, expected string",
+        *expected,
     ]
     assert validate(pa.table({"id": ["a"], "video": ["v.mp4"], "style": [["é.png"]]}), "eval") == []
 
