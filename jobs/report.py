@@ -104,7 +104,7 @@ def read_output(uri: str) -> Output:
     runs = [record for record in records.values() if record]
     problems = [] if latest is not None else [f"no result rows under {media.join(uri, 'results')}"]
     problems += [
-        f"run {run_id} not shown: its record {resume.run_record_uri(uri, run_id)} cannot be read"
+        f"run {run_id} not shown: its record {resume.run_record_uri(uri, run_id)} cannot be read or is empty"
         for run_id, record in records.items()
         if not record
     ]

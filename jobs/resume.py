@@ -271,7 +271,9 @@ def compact(results_uri: str, run_id: str, rows_per_file: int = ROWS_PER_FILE, f
             write(pa.concat_tables(pending))
     except FileNotFoundError:
         # Another process compacts the run too (a job submitted twice). Compacted files are never removed
-        # and a small file only once its rows are in one, so nothing is lost; this one stops here.
+        # and a small file only once its rows are in one, so nothing is lost; this one stops here, and the
+        # rows both wrote stay twice (`latest` counts them once). Two compactions that never meet a file
+        # gone (all read ahead) both finish, with the same outcome.
         print(f"[anima] run {run_id}'s result files are being compacted by another process", file=sys.stderr)
         return len(written)
     for path in small:

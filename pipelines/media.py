@@ -758,10 +758,13 @@ def svg_root(data: bytes, source: str) -> ElementTree.Element:
         raise MediaError(f"not an SVG document: {source} (invalid XML: {exc})") from exc
     if root.tag not in ("svg", f"{{{SVG_NAMESPACE}}}svg"):
         raise MediaError(f"not an SVG document: {source} (root element is {root.tag!r})")
-    if _expanded_elements(root) > MAX_SVG_ELEMENTS:
+    elements = _expanded_elements(root)
+    if elements is None:
+        raise MediaError(f"not accepted as SVG: {source} has a <use> of an element that holds it (a cycle)")
+    if elements > MAX_SVG_ELEMENTS:
         raise MediaError(
-            f"not accepted as SVG: {source} has over {MAX_SVG_ELEMENTS:,} elements once its <use> references "
-            "are expanded (a reference bomb?)"
+            f"not accepted as SVG: {source} has over {MAX_SVG_ELEMENTS:,} elements, counting the copies its "
+            "<use> references make (a reference bomb?)"
         )
     return root
 
@@ -769,10 +772,10 @@ def svg_root(data: bytes, source: str) -> ElementTree.Element:
 _XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
 
 
-def _expanded_elements(root: ElementTree.Element) -> int:
+def _expanded_elements(root: ElementTree.Element) -> int | None:
     """How many elements the document has with every <use> replaced by a copy of what it refers to, as
-    renderers (svgelements) draw it; over `MAX_SVG_ELEMENTS` counts as `MAX_SVG_ELEMENTS + 1`, and so
-    does a reference cycle. Iterative: nesting depth is the document's choice."""
+    renderers (svgelements) draw it (over `MAX_SVG_ELEMENTS` counts as `MAX_SVG_ELEMENTS + 1`); None for
+    a reference cycle. Iterative: nesting depth is the document's choice."""
     named = {element.get("id"): element for element in root.iter() if element.get("id")}
 
     def parts(element: ElementTree.Element) -> list[ElementTree.Element]:
@@ -796,7 +799,7 @@ def _expanded_elements(root: ElementTree.Element) -> int:
         todo.append((element, True))
         for part in parts(element):
             if id(part) in open_:
-                return past  # a <use> of an element that holds it
+                return None  # a <use> of an element that holds it
             if id(part) not in sizes:
                 todo.append((part, False))
     return sizes[id(root)]

@@ -716,13 +716,13 @@ def test_an_svg_whose_use_references_expand_past_the_limit_is_refused_before_a_r
         bomb = tmp_path / "bomb.svg"
         bomb.write_text(_nested_uses(5, link=link))
         assert bomb.stat().st_size < 1500
-        with pytest.raises(media.MediaError, match=r"over 20,000 elements once its <use> references"):
+        with pytest.raises(media.MediaError, match=r"over 20,000 elements, counting the copies its <use>"):
             media.read_svg(str(bomb))
         with pytest.raises(SketchError, match="reference bomb"):
             parse_svg(bomb.read_text())
     cycle = '<svg xmlns="http://www.w3.org/2000/svg"><g id="a"><path d="M0 0 L1 1"/><use href="#a"/></g>'
     cycle += "</svg>"
-    with pytest.raises(media.MediaError, match="reference bomb"):
+    with pytest.raises(media.MediaError, match="holds it"):
         media.svg_root(cycle.encode(), "cycle.svg")
     fine = tmp_path / "fine.svg"
     fine.write_text(_nested_uses(2))  # 100 paths, as a sketch drawn with <use> may be
