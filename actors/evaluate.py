@@ -106,8 +106,8 @@ class EvaluateActor(RowActor):
                 raise RowError(f"mask {row['mask']} has {count} frames, video has {total}")
 
             mask = media.read_mask(row["mask"], size=size, select=same_frames)
+            _check_total({**arrays, "mask": mask})  # as decoded: one image of a still mask
             arrays["mask"] = np.broadcast_to(mask, frames.shape[:3])
-            _check_total(arrays)
         if "clip_crop" in config.decode:
             crop = ClipCrop.from_dict(config.decode["clip_crop"])
             names = ["frames", *(n for n in arrays if n == "image" or n.startswith(_STYLE))]

@@ -190,12 +190,18 @@ def _conflict(fragments: list[ds.Fragment], schemas: list[pa.Schema]) -> str | N
 
 def read_manifest(uri: str, columns: Iterable[str] | None = None, ids: pa.Array | None = None) -> pa.Table:
     """The manifest as one table, for what reads its rows anyway (training's sources, the report's shown
-    rows): of `columns`, those it has (None: all), and only the rows of `ids` (None: all)."""
+    rows): of `columns`, those it has (None: all), and only the rows of `ids` (None: all), kept a batch
+    at a time (a filter pushed into the scan fails on files that wrote their ids as string views)."""
     manifest = open_manifest(uri)
     names = None if columns is None else [c for c in columns if c in manifest.schema.names]
-    where = None if ids is None else pc.field("id").isin(ids)
-    with _reading(uri):
-        return manifest.to_table(columns=names, filter=where)
+    if ids is None:
+        with _reading(uri):
+            return manifest.to_table(columns=names)
+    batches = [
+        batch.filter(pc.is_in(batch.column("id"), value_set=ids)) for batch in _scan(manifest, uri, names)
+    ]
+    schema = manifest.schema if names is None else pa.schema([manifest.schema.field(n) for n in names])
+    return pa.Table.from_batches(batches, schema)
 
 
 @contextlib.contextmanager

@@ -138,6 +138,8 @@ def _not_whole(values: pa.Array) -> pa.Array:
 
 
 _LISTS = (pa.types.is_list, pa.types.is_large_list, pa.types.is_list_view, pa.types.is_large_list_view)
+# Lists that hold text too, which `_as_bytes` reads as large lists (Polars writes `Array(String)` so).
+_ANY_LISTS = (*_LISTS, pa.types.is_fixed_size_list)
 _TEXTS = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
 
 
@@ -149,7 +151,7 @@ def _holds_text(t: pa.DataType) -> bool:
         return any(_holds_text(f.type) for f in t)
     if pa.types.is_map(t):
         return _holds_text(t.key_type) or _holds_text(t.item_type)
-    if any(is_list(t) for is_list in _LISTS):
+    if any(is_list(t) for is_list in _ANY_LISTS):
         return _holds_text(t.value_type)
     return any(is_text(t) for is_text in _TEXTS)
 
@@ -163,7 +165,7 @@ def _as_bytes(t: pa.DataType) -> pa.DataType:
         return pa.struct([f.with_type(_as_bytes(f.type)) for f in t])
     if pa.types.is_map(t):
         return pa.map_(_as_bytes(t.key_type), _as_bytes(t.item_type))
-    if any(is_list(t) for is_list in _LISTS):
+    if any(is_list(t) for is_list in _ANY_LISTS):
         return pa.large_list(_as_bytes(t.value_type))
     return pa.large_binary() if any(is_text(t) for is_text in _TEXTS) else t
 

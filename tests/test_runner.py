@@ -917,6 +917,12 @@ def test_a_manifest_may_be_a_folder_or_a_glob_of_parquet_files(tmp_path):
     assert read_manifest(str(folder / "part-[01].parquet")).num_rows == 8
     with pytest.raises(JobError, match="does not exist"):
         read_manifest(str(tmp_path / "none-*.parquet"))
+    # The report's shown rows: some columns and ids, also from a file that wrote its ids as string views.
+    view = pa.table({"id": pa.array(["p3-0", "p3-1"], pa.string_view()), "video": ["w.mp4"] * 2})
+    pq.write_table(view, folder / "part-3.parquet")
+    shown = read_manifest(str(folder), ["id", "video", "prompt"], pa.array(["p0-1", "p3-1", "gone"]))
+    assert shown.column_names == ["id", "video"]
+    assert shown.to_pylist() == [{"id": "p0-1", "video": "v.mp4"}, {"id": "p3-1", "video": "w.mp4"}]
 
 
 def test_manifest_files_written_apart_are_read_under_one_plain_schema_and_a_conflict_names_its_file(tmp_path):

@@ -210,6 +210,8 @@ def test_text_that_is_not_utf8_is_refused_naming_its_rows(tmp_path):
             "style": _unchecked_text([[b"s.png"], [], [b"t.png", b"\xc3("], [b"u.png"]]),
             "note": _unchecked_text([b"ok", b"ok", b"ok", b"\x80"]),  # an extra column reaches actors too
             "meta": pa.StructArray.from_arrays([_unchecked_text([b"x", b"y", b"\xff", b"z"])], ["k"]),
+            # As Polars writes an Array(String) column.
+            "tags": pa.FixedSizeListArray.from_arrays(_unchecked_text([b"t", b"\xfe", b"t", b"t"]), 1),
         }
     )
     pq.write_table(table, tmp_path / "m.parquet")
@@ -219,6 +221,7 @@ def test_text_that_is_not_utf8_is_refused_naming_its_rows(tmp_path):
         "column 'style' holds text that is not valid UTF-8 in 1 row(s): 'c'",
         "column 'note' holds text that is not valid UTF-8 in 1 row(s): 'd'",
         "column 'meta' holds text that is not valid UTF-8 in 1 row(s): 'c'",
+        "column 'tags' holds text that is not valid UTF-8 in 1 row(s): '<row 1>'",
     ]
     assert validate(pq.read_table(tmp_path / "m.parquet"), "eval") == expected
     # As other writers type text (large strings, pandas categoricals), found all the same.
