@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -194,6 +195,18 @@ def _not_utf8(values: pa.Array) -> pa.Array | None:
         return pa.array([broken(v) for v in values.cast(_as_bytes(values.type)).to_pylist()], pa.bool_())
 
 
+def _oversized(values: pa.Array) -> pa.Array:
+    """Where a text column's value (or one of its list's) is over `MAX_TEXT_BYTES`."""
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    values = values.cast(_as_bytes(values.type))  # lengths of any text type, valid UTF-8 or not
+    if not pa.types.is_large_list(values.type):
+        return pc.greater(pc.binary_length(values), MAX_TEXT_BYTES)
+    texts = pc.list_flatten(values)
+    rows = pc.list_parent_indices(values).filter(pc.greater(pc.binary_length(texts), MAX_TEXT_BYTES))
+    return pc.is_in(pa.array(np.arange(len(values))), value_set=rows)
+
+
 def _plain(t: pa.DataType) -> pa.DataType:
     if pa.types.is_dictionary(t):
         return _plain(t.value_type)
@@ -235,6 +248,9 @@ RESERVED_COLUMNS = frozenset({ATTEMPT_COLUMN, DECODED_COLUMN, DECODE_ERROR_COLUM
 ID_MAX_BYTES = 200
 # Inputs of one row's list column (style images): each is read whole, and a kilobyte can list a million.
 MAX_LIST_ITEMS = 64
+# One text of a manifest (a prompt, a URI, an item of a list): Parquet compresses a repeated text so well
+# that a 70 KB manifest held eight prompts of 256 MB, which went to the driver's blocks and the actors.
+MAX_TEXT_BYTES = 2**20
 _UNSAFE_ID_CHARACTERS = r"[/\\?#\x00-\x1f\x7f-\x9f]|::"
 # Every offending id is named, up to this many (a manifest of a million bad ids would not fit a message).
 _UNSAFE_IDS_SHOWN = 1000
@@ -367,6 +383,11 @@ def validate_scan(
                 ("long", n): _Offenders(f"column {n!r} lists more than {MAX_LIST_ITEMS} inputs")
                 for n in lists
             },
+            **{
+                ("big", n): _Offenders(f"column {n!r} holds a text over {MAX_TEXT_BYTES // 2**20} MiB")
+                for n in texts
+                if n != "id" and _plain(schema.field(n).type) in (STRING, STRINGS)
+            },
             **{("utf8", n): _Offenders(f"column {n!r} holds text that is not valid UTF-8") for n in texts},
         }
         chunks: list[pa.Array] = []
@@ -385,6 +406,8 @@ def validate_scan(
                     found.add(batch_ids, _not_whole(column), first, values=column)
                 elif rule == "long":
                     found.add(batch_ids, pc.greater(pc.list_value_length(column), MAX_LIST_ITEMS), first)
+                elif rule == "big":
+                    found.add(batch_ids, _oversized(column), first)
                 elif (bad := bad_ids if name == "id" else _not_utf8(column)) is not None:
                     found.add(batch_ids, bad, first)
             chunks.append(batch_ids)

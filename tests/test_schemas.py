@@ -244,3 +244,24 @@ def test_a_list_of_inputs_longer_than_the_limit_is_refused_naming_its_rows():
         "required column 'style' is null in 1 row(s): 'c'",
         f"column 'style' lists more than {MAX_LIST_ITEMS} inputs in 2 row(s): 'a', 'd'",
     ]
+
+
+def test_a_text_over_the_size_limit_is_refused_naming_its_rows():
+    """Parquet compresses a repeated text so well that a 70 KB manifest held eight prompts of 256 MB,
+    which went to the driver's blocks and the actors."""
+    from schemas.manifests import MAX_TEXT_BYTES
+
+    big = "x" * (MAX_TEXT_BYTES + 1)
+    table = pa.table(
+        {
+            "id": ["a", "b", "c", "d"],
+            "prompt": ["p", big, "p", "x" * MAX_TEXT_BYTES],
+            "style": [["s.png"], ["s.png"], ["s.png", big], ["s.png"]],
+        }
+    )
+    assert validate(table, "style") == [
+        "column 'prompt' holds a text over 1 MiB in 1 row(s): 'b'",
+        "column 'style' holds a text over 1 MiB in 1 row(s): 'c'",
+    ]
+    as_written = table.set_column(1, "prompt", table.column("prompt").cast(pa.large_string()))
+    assert validate(as_written, "style")[0] == "column 'prompt' holds a text over 1 MiB in 1 row(s): 'b'"
