@@ -278,12 +278,13 @@ def _stack(uri: str, frames: Iterable[npt.NDArray[np.uint8]], count: int) -> npt
         if stacked and frame.shape != stacked[0].shape:
             raise MediaError(f"frames of {uri} differ in size")
         stacked.append(frame)
-        _check_decoded(uri, count, *frame.shape[:2])
+        check_decoded(uri, count, *frame.shape[:2])
     return np.stack(stacked)
 
 
-def _check_decoded(uri: str, frames: int, height: int, width: int) -> None:
-    """Refuse sizes that would take the actor's memory (decompression bombs, endless animations)."""
+def check_decoded(uri: str, frames: int, height: int, width: int) -> None:
+    """Refuse sizes that would take the actor's memory (decompression bombs, endless animations, and the
+    frame sizes a row asks for: `params.check_frame_size`)."""
     if height * width > MAX_IMAGE_PIXELS:
         raise MediaError(
             f"{uri} has {width}x{height}-pixel frames, over the {MAX_IMAGE_PIXELS:,}-pixel limit"
@@ -316,7 +317,7 @@ def _decode_images(
         except _PIL_ERRORS as exc:
             raise _image_error(uri, what, exc) from exc
         picked = frames(count) if frames else [0]
-        _check_decoded(uri, len(picked), image.height, image.width)
+        check_decoded(uri, len(picked), image.height, image.width)
         size, decoded = image.size, []
         for n in picked:
             try:
@@ -459,7 +460,7 @@ def _decode_pyav(
     """The picked frames only: the stream is decoded in order and every other frame is dropped, so a
     clip of 10⁵ frames read for 16 keeps 16 in memory."""
     indices = _pick(uri, info.num_frames, num_frames, picked) if info.num_frames else None
-    _check_decoded(uri, len(indices) if indices is not None else 1, info.height, info.width)
+    check_decoded(uri, len(indices) if indices is not None else 1, info.height, info.width)
     wanted = set(indices) if indices is not None else None
     frames = []
     try:
@@ -472,7 +473,7 @@ def _decode_pyav(
                     )
                 if wanted is None or n in wanted:
                     frames.append(frame.to_ndarray(format="rgb24"))
-                    _check_decoded(uri, len(frames), info.height, info.width)
+                    check_decoded(uri, len(frames), info.height, info.width)
                 if indices is not None and n >= indices[-1]:
                     break
     except av.FFmpegError as exc:
@@ -511,7 +512,7 @@ def _decode_decord(
     except Exception:  # decord raises RuntimeError or DECORDError
         return None
     indices = _pick(uri, info.num_frames, _sampled(num_frames, info.num_frames, limit), picked)
-    _check_decoded(uri, len(indices), info.height, info.width)
+    check_decoded(uri, len(indices), info.height, info.width)
     head = first[None][: int(bool(indices) and indices[0] == 0)]  # frame 0, when it is wanted
     rest = indices[len(head) :]
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any, TypeVar
 
-from pipelines.media import MAX_DECODED_BYTES, MAX_IMAGE_PIXELS
+from pipelines import media
 
 T = TypeVar("T")
 
@@ -46,22 +46,20 @@ def shared_value(items: list[Any], name: str) -> Any:
     return values.pop()
 
 
-def check_frame_size(height: int, width: int, name: str) -> None:
-    """Refuse a frame size that a row asks for past what an input frame may hold: its tensors, made on
-    the host before any GPU sees them, would take the worker's memory (12288x12288 took 4 GB)."""
-    if not (height > 0 and width > 0 and height * width <= MAX_IMAGE_PIXELS):
-        raise ValueError(
-            f"{name} must be positive and at most {MAX_IMAGE_PIXELS:,} pixels, got {width}x{height}"
-        )
+def check_frame_size(height: int, width: int, name: str, frames: int = 1) -> None:
+    """Refuse `frames` frames of a size that a row asks for past what one input read may decode
+    (`media.check_decoded`): their tensors, made on the host before any GPU sees them, would take the
+    worker's memory (12288x12288 took 4 GB)."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"{name} must be positive, got {width}x{height}")
+    try:
+        media.check_decoded(name, frames, height, width)
+    except media.MediaError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def square_side(values: dict[str, Any], name: str, frames: int = 1) -> int:
-    """The side of the `frames` square RGB frames `values[name]` asks for, held to `check_frame_size`
-    and, together, to what one read may decode (`media.MAX_DECODED_BYTES`)."""
+    """The side of the `frames` square frames `values[name]` asks for, held to `check_frame_size`."""
     side = int(values[name])
-    check_frame_size(side, side, name)
-    if frames * side * side * 3 > MAX_DECODED_BYTES:
-        raise ValueError(
-            f"{frames} frames of {name} {side} take over {MAX_DECODED_BYTES / 2**30:.0f} GiB as 8-bit RGB"
-        )
+    check_frame_size(side, side, name, frames)
     return side
