@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -108,7 +108,7 @@ def plain_types(schema: pa.Schema) -> pa.Schema:
     """`schema` as anima reads a manifest: pandas categoricals (dictionary-encoded) decoded, and large or
     view strings and lists as plain ones, so that a manifest validates and reaches the actors the same
     whichever dataframe library wrote it, and its files' schemas can be unified."""
-    return pa.schema([field.with_type(_plain(field.type)) for field in schema], metadata=schema.metadata)
+    return pa.schema([f.with_type(_plain(f.type)) for f in schema], metadata=schema.metadata)
 
 
 def whole_numbers(schema: pa.Schema, kind: str) -> pa.Schema:
@@ -157,6 +157,13 @@ def _holds_text(t: pa.DataType) -> bool:
     return any(is_text(t) for is_text in _TEXTS)
 
 
+def _text_bytes(values: pa.Array) -> pa.Array:
+    """A text column with its text as bytes (`_as_bytes`), dictionaries decoded."""
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    return values.cast(_as_bytes(values.type))
+
+
 def _as_bytes(t: pa.DataType) -> pa.DataType:
     """`t` with its text as bytes (and dictionaries decoded): the cast that reads invalid text without
     checking it."""
@@ -190,16 +197,16 @@ def _not_utf8(values: pa.Array) -> pa.Array | None:
                 return True
             return False
 
-        if pa.types.is_dictionary(values.type):
-            values = values.dictionary_decode()
-        return pa.array([broken(v) for v in values.cast(_as_bytes(values.type)).to_pylist()], pa.bool_())
+        return pa.array([broken(v) for v in _text_bytes(values).to_pylist()], pa.bool_())
+
+
+def _too_many_items(values: pa.Array) -> pa.Array:
+    return pc.greater(pc.list_value_length(values), MAX_LIST_ITEMS)
 
 
 def _oversized(values: pa.Array) -> pa.Array:
     """Where a text column's value (or one of its list's) is over `MAX_TEXT_BYTES`."""
-    if pa.types.is_dictionary(values.type):
-        values = values.dictionary_decode()
-    values = values.cast(_as_bytes(values.type))  # lengths of any text type, valid UTF-8 or not
+    values = _text_bytes(values)  # lengths of any text type, valid UTF-8 or not
     if not pa.types.is_large_list(values.type):
         return pc.greater(pc.binary_length(values), MAX_TEXT_BYTES)
     texts = pc.list_flatten(values)
@@ -304,16 +311,28 @@ def _rows_where(
     return [f"{i!r} ({v})" for i, v in zip(named, pc.take(values, where).to_pylist(), strict=True)]
 
 
+@dataclass
 class _Offenders:
-    """The rows that break one rule of one column: how many, and the first ten, named (a million
-    offenders must not become a million strings)."""
+    """The rows whose `column` breaks one rule (`test`: where a batch's values do, None where none do):
+    how many, and the first ten, named (a million offenders must not become a million strings), shown
+    with their values when `with_values`."""
 
-    def __init__(self, label: str, show: Callable[[Any], str] = repr):
-        self.label, self.show, self.count, self.shown = label, show, 0, []
+    column: str
+    label: str
+    test: Callable[[pa.Array], pa.Array | None]
+    show: Callable[[Any], str] = repr
+    with_values: bool = False
+    count: int = 0
+    shown: list[str] = field(default_factory=list)
 
-    def add(self, ids: pa.Array, mask: pa.Array, first: int, values: pa.Array | None = None) -> None:
+    def add(self, batch: pa.RecordBatch, ids: pa.Array, first: int) -> None:
+        values = batch.column(self.column)
+        mask = self.test(values)
+        if mask is None:
+            return
         mask = pc.fill_null(mask, False)
-        self.shown += _rows_where(ids, mask, first, limit=10 - len(self.shown), values=values)
+        shown = values if self.with_values else None
+        self.shown += _rows_where(ids, mask, first, limit=10 - len(self.shown), values=shown)
         self.count += pc.sum(mask).as_py() or 0
 
     def problem(self) -> list[str]:
@@ -368,28 +387,31 @@ def validate_scan(
         floated = _floated_integers(schema, kind)
         texts = [f.name for f in schema if _holds_text(f.type)]
         lists = [n for n, t in spec.columns.items() if t == STRINGS and n in names and n in texts]
-        null_ids = _Offenders("column 'id' is null")
-        # What each column's rows break, in the order the problems are told.
-        offenders = {
-            **{("null", n): _Offenders(f"required column {n!r} is null") for n in required},
-            **{
-                ("whole", n): _Offenders(
+        null_ids = _Offenders("id", "column 'id' is null", pc.is_null)
+        # The rules each column's rows must keep, in the order their problems are told.
+        offenders = [
+            *(_Offenders(n, f"required column {n!r} is null", pc.is_null) for n in required),
+            *(
+                _Offenders(
+                    n,
                     f"column {n!r} holds whole numbers (written as {schema.field(n).type}) but is not one",
-                    str,
+                    _not_whole,
+                    show=str,
+                    with_values=True,
                 )
                 for n in floated
-            },
-            **{
-                ("long", n): _Offenders(f"column {n!r} lists more than {MAX_LIST_ITEMS} inputs")
+            ),
+            *(
+                _Offenders(n, f"column {n!r} lists more than {MAX_LIST_ITEMS} inputs", _too_many_items)
                 for n in lists
-            },
-            **{
-                ("big", n): _Offenders(f"column {n!r} holds a text over {MAX_TEXT_BYTES // 2**20} MiB")
+            ),
+            *(
+                _Offenders(n, f"column {n!r} holds a text over {MAX_TEXT_BYTES // 2**20} MiB", _oversized)
                 for n in texts
                 if n != "id" and _plain(schema.field(n).type) in (STRING, STRINGS)
-            },
-            **{("utf8", n): _Offenders(f"column {n!r} holds text that is not valid UTF-8") for n in texts},
-        }
+            ),
+            *(_Offenders(n, f"column {n!r} holds text that is not valid UTF-8", _not_utf8) for n in texts),
+        ]
         chunks: list[pa.Array] = []
         first = 0  # the manifest row number of the batch's first row
         for batch in scan(list(dict.fromkeys(["id", *required, *floated, *texts]))):
@@ -397,19 +419,8 @@ def validate_scan(
             bad_ids = _not_utf8(batch_ids) if "id" in texts else None
             if bad_ids is not None:  # named by row number, as rows without an id
                 batch_ids = pc.if_else(bad_ids, pa.scalar(None, batch_ids.type), batch_ids)
-            null_ids.add(batch_ids, pc.is_null(batch.column("id")), first)
-            for (rule, name), found in offenders.items():
-                column = batch.column(name)
-                if rule == "null":
-                    found.add(batch_ids, pc.is_null(column), first)
-                elif rule == "whole":
-                    found.add(batch_ids, _not_whole(column), first, values=column)
-                elif rule == "long":
-                    found.add(batch_ids, pc.greater(pc.list_value_length(column), MAX_LIST_ITEMS), first)
-                elif rule == "big":
-                    found.add(batch_ids, _oversized(column), first)
-                elif (bad := bad_ids if name == "id" else _not_utf8(column)) is not None:
-                    found.add(batch_ids, bad, first)
+            for found in (null_ids, *offenders):
+                found.add(batch, batch_ids, first)
             chunks.append(batch_ids)
             first += batch.num_rows
         ids = pa.chunked_array(chunks, type=schema.field("id").type)
@@ -426,7 +437,7 @@ def validate_scan(
                 f"{count} id(s) cannot name an artifact folder (an id is 1-{ID_MAX_BYTES} bytes, not '.' or "
                 f"'..', without '/', '\\', '?', '#', '::', NUL or control characters): {', '.join(unsafe)}"
             )
-        for found in offenders.values():
+        for found in offenders:
             problems += found.problem()
     if rows == 0:
         problems.append("manifest has no rows")
