@@ -268,9 +268,9 @@ def _cells(output: Output, ids: pa.Array) -> tuple[dict[str, list[Any]], set[Thu
     thumbs: set[Thumb] = set()
     if output.latest is None:
         return cells, thumbs
-    shown = output.latest.filter(pc.is_in(output.latest.column("id"), value_set=ids))
+    rows = output.latest.filter(pc.is_in(output.latest.column("id"), value_set=ids))
     manifest_rows = _inputs(output, ids)
-    for row in shown.to_pylist():
+    for row in rows.to_pylist():
         inputs = manifest_rows.get(row["id"], {})
         preview_uri, input_uris = _row_media(row, inputs)
         preview = _thumb(preview_uri, _stamp(row)) if preview_uri else None
@@ -348,7 +348,7 @@ def page_data(outputs: list[Output], report: str, table_rows: int = TABLE_ROWS) 
     shown_ids, total = table_ids(outputs, table_rows)
     per_output = [_cells(output, shown_ids) for output in outputs]
     made = make_thumbnails(set().union(*(thumbs for _, thumbs in per_output)), report)
-    ids = sorted(set().union(*(cells for cells, _ in per_output)))
+    ids = shown_ids.to_pylist()  # each is an id of some output's cells, in id order
     preview, inputs = CELL_FIELDS.index("preview"), CELL_FIELDS.index("inputs")
     rows = []
     for row_id in ids:
