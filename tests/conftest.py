@@ -38,6 +38,14 @@ def pytest_configure(config):
     )
 
 
+def pytest_collection_modifyitems(items):
+    # Modules with no test on the session's Ray cluster run first: once up, its idle raylets, agents and
+    # worker pool take a share of this machine's two cores from every later test. Whole modules move, so
+    # no module-scoped fixture is built twice.
+    on_ray = {i.module for i in items if "ray_cluster" in i.fixturenames}
+    items.sort(key=lambda item: item.module in on_ray)
+
+
 @pytest.fixture
 def stalling_server():
     """A loopback address (`http://127.0.0.1:PORT`) whose server accepts connections and never answers:
@@ -78,6 +86,8 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    # A test before this one that started Ray of its own would have started a whole local instance.
+    assert not ray.is_initialized(), "a test without the ray_cluster fixture started Ray"
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 3, "object_store_memory": 150 * 2**20, "include_dashboard": False},

@@ -106,7 +106,7 @@ def palette_backbone(tmp_path_factory) -> str:
         posterior = vae.encode(batch).latent_dist
         return (vae.decode(posterior.sample(g)).sample - batch).abs().mean() + 1e-6 * posterior.kl().mean()
 
-    _train(vae.parameters(), 300, 2e-3, reconstruction)
+    _train(vae.parameters(), 150, 2e-3, reconstruction)
     with torch.no_grad():
         vae.register_to_config(scaling_factor=1 / float(vae.encode(images[:, 0]).latent_dist.mean.std()))
     vae.save_pretrained(path / "vae")
@@ -125,7 +125,7 @@ def palette_backbone(tmp_path_factory) -> str:
         return training.diffusion_loss(bb, bb.predict(noisy, t, text), x0, noise, t)
 
     with temporal_layers_skipped(unet):  # a base that paints images as the image model: no temporal layers
-        _train(unet.parameters(), 300, 1e-3, denoising)
+        _train(unet.parameters(), 150, 1e-3, denoising)
     unet.save_pretrained(path / "unet")
     return str(path)
 
