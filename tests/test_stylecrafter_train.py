@@ -167,7 +167,7 @@ def _palette_transfer(model, seeds: int = 6) -> float:
     ]
     video, _ = sample(model, requests)
     colours = ((video.mean((1, 3, 4)) + 1) * 127.5).view(seeds, len(PALETTES), 3)
-    palettes = torch.tensor([np.mean(p, 0) for p in PALETTES], dtype=torch.float32)
+    palettes = torch.from_numpy(np.mean(PALETTES, 1, dtype=np.float32))
     shares = [
         (colours[:, a] - colours[:, b])
         @ (palettes[a] - palettes[b])
