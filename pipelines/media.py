@@ -430,10 +430,43 @@ def _pick(uri: str, total: int, num_frames: int | None, indices: Sequence[int] |
     return frame_indices(total, num_frames).tolist()
 
 
-def _decord_reader(data: bytes) -> Any:
+def _open_video(data: bytes, max_pixels: int | None = None, **codec_options: str) -> Any:
+    """A PyAV container whose probe refuses frames over `max_pixels` (the pixel limit): opening a
+    container decodes its first frame to learn the stream (330 MB for a 424 KB clip of one 12000x12000
+    frame). An MPEG program stream, or an MP4 cut before its index, shows no stream before that probe,
+    so theirs runs without the limit (it read a 9000x9000 MPEG-PS frame's size in 12 MB)."""
+    options = {"max_pixels": str(max_pixels or MAX_IMAGE_PIXELS), **codec_options}
+    try:
+        return av.open(io.BytesIO(data), stream_options=[options])
+    except ValueError:  # PyAV's word for "no stream to give the options to"
+        return av.open(io.BytesIO(data))
+
+
+def _check_frame_size(uri: str, data: bytes) -> None:
+    """Refuse a clip whose frames are over the pixel limit before decord opens it: decord decodes a first
+    frame on opening, and that clip took 1.75 GB there.
+
+    The size is the container's word where it has one (MP4, MKV, raw H.264: a decoder allowed no pixel
+    decodes nothing, 0.4 ms), else a first frame's, decoded within the limit (WebM, AVI, GIF: 2.5 ms).
+    """
+    for max_pixels in (1, MAX_IMAGE_PIXELS):
+        try:
+            with _open_video(data, max_pixels, threads="1") as container:  # one frame at most: no threads
+                context = _video_stream(uri, container).codec_context
+                height, width = context.height, context.width
+        except av.FFmpegError as exc:
+            raise MediaError(f"cannot decode video {uri}: {_av_reason(exc)}") from exc
+        if height and width:
+            check_decoded(uri, 1, height, width)
+            return
+    raise MediaError(f"cannot decode video {uri}: its first frame does not decode within the pixel limit")
+
+
+def _decord_reader(uri: str, data: bytes) -> Any:
     """A decord reader, or None when decord is missing or cannot open the data (it rejects GIFs)."""
     if decord is None:
         return None
+    _check_frame_size(uri, data)
     # The bridge is per thread and another library may have switched it to torch.
     decord.bridge.set_bridge("native")
     try:
@@ -444,9 +477,13 @@ def _decord_reader(data: bytes) -> Any:
 
 
 def _video_stream(uri: str, container: Any) -> Any:
+    """The first video stream, whose decoder refuses frames over the pixel limit: a stream may grow its
+    frames midway (32x32, then 9000x9000 frames took 359 MB before they were refused by their size)."""
     if not container.streams.video:
         raise MediaError(f"cannot decode video {uri}: no video stream")
-    return container.streams.video[0]
+    stream = container.streams.video[0]
+    stream.codec_context.options = {"max_pixels": str(MAX_IMAGE_PIXELS)}
+    return stream
 
 
 def _av_reason(exc: Exception) -> str:
@@ -464,7 +501,7 @@ def _decode_pyav(
     wanted = set(indices) if indices is not None else None
     frames = []
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with _open_video(data) as container:
             for n, frame in enumerate(container.decode(_video_stream(uri, container))):
                 if (frame.height, frame.width) != (info.height, info.width):  # a stream may change size
                     raise MediaError(
@@ -531,7 +568,7 @@ def _decode_video(
 ) -> tuple[npt.NDArray[np.uint8], VideoInfo]:
     """The sampled (or `picked`) frames and the clip's info (its frame count, size and rate), each
     decoder opened once. Without `num_frames`: every frame, or at most `limit` spread evenly."""
-    reader = _decord_reader(data)
+    reader = _decord_reader(uri, data)
     decoded = _decode_decord(uri, reader, num_frames, picked, limit) if reader is not None else None
     if decoded is not None:
         return decoded
@@ -578,7 +615,7 @@ def video_info(uri: str) -> VideoInfo:
 
 
 def _info(uri: str, data: bytes) -> VideoInfo:
-    reader = _decord_reader(data)
+    reader = _decord_reader(uri, data)
     if reader is not None:
         try:
             return _decord_first(reader)[1]
@@ -589,7 +626,7 @@ def _info(uri: str, data: bytes) -> VideoInfo:
 
 def _pyav_info(uri: str, data: bytes) -> VideoInfo:
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with _open_video(data) as container:
             stream = _video_stream(uri, container)
             # Some containers (WebM, GIF) carry no frame count; counting packets still decodes nothing.
             count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)

@@ -248,6 +248,7 @@ def test_corrupt_videos(tmp_path):
     corrupt = {
         "random.mp4": np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
         "truncated.mp4": real[:100],
+        "cut_before_its_index.mp4": real[: real.index(b"moov") - 4],  # no stream to open
         "empty.mp4": b"",
         "text.mp4": b"not a video at all\n",
     }
@@ -512,21 +513,24 @@ def test_a_tiff_page_of_another_size_is_refused_before_it_is_decoded(tmp_path):
     pages = [Image.new("1", (1, 1)), Image.new("1", (8400, 8400))]
     pages[0].save(path, save_all=True, append_images=pages[1:], compression="group4")
     assert path.stat().st_size < 100_000
-    script = (
-        "import resource, sys\n"
-        "from pipelines import media\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "try:\n"
-        f"    media.read_mask({str(path)!r})\n"
-        "except media.MediaError as exc:\n"
-        "    print(exc)\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
-    )
+    errors, taken = _errors_and_peak_mb([f"media.read_mask({str(path)!r})"])
+    assert "differ in size" in errors[0]
+    assert taken < 50, f"{taken} MB taken"
+
+
+def _errors_and_peak_mb(calls: list[str]) -> tuple[list[str], int]:
+    """The MediaError of each of `calls` (media reads), made in a fresh process, and the MB its peak
+    memory grew by over them. The peak is the process's own (VmHWM): getrusage's carries over the peak
+    of the process that started it, here the test's, which made the inputs."""
+    peak = "int(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read())[1]) // 1024"
+    lines = ["import re", "from pipelines import media", f"before = {peak}"]
+    for call in calls:
+        lines += ["try:", f"    {call}", "except media.MediaError as exc:", "    print(exc)"]
+    lines.append(f"print({peak} - before)")
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+        [sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, check=True, cwd=REPO
     ).stdout.splitlines()
-    assert "differ in size" in out[0]
-    assert int(out[1]) < 50, f"{out[1]} MB taken"
+    return out[:-1], int(out[-1])
 
 
 def test_a_file_of_unknown_size_is_read_no_further_than_the_limit(memory_root, monkeypatch):
@@ -678,6 +682,56 @@ def test_a_stream_that_grows_its_frames_midway_is_refused_at_the_first_bigger_fr
     path.write_bytes(_raw_h264(32, 32, 1) + _raw_h264(64, 48, 3))
     with pytest.raises(MediaError, match=r"frame 1 is 64x48, the stream's 32x32"):
         media.read_sampled_video(str(path), None, max_frames=8)
+
+
+def test_a_stream_that_grows_its_frames_past_the_pixel_limit_is_refused_by_its_decoder(tmp_path, monkeypatch):
+    """32x32 frames, then 9000x9000 ones, took 359 MB before the bigger frame was refused by its size."""
+    path = tmp_path / "switch.h264"
+    path.write_bytes(_raw_h264(32, 32, 1) + _raw_h264(64, 48, 3))
+    monkeypatch.setattr(media, "MAX_IMAGE_PIXELS", 64 * 48 - 1)
+    with pytest.raises(MediaError, match=r"cannot decode video .*switch\.h264: Invalid data"):
+        media.read_sampled_video(str(path), None, max_frames=8)
+
+
+def _one_frame_video(path: Path, width: int, height: int, codec: str = "libx264") -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast"} if codec == "libx264" else {}
+        frame = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), np.uint8), format="rgb24")
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def test_a_video_of_frames_over_the_pixel_limit_is_refused_before_a_decoder_opens_it(tmp_path):
+    """decord decodes a first frame when it opens a clip, and so does PyAV when it opens a container:
+    a 211 KB MP4 of one 8448x8448 frame (71 Mpixel) took 853 MB before it was refused, for a frame
+    count, not its size."""
+    path = _one_frame_video(tmp_path / "big.mp4", 8448, 8448)
+    assert path.stat().st_size < 300_000
+    reads = ["media.read_sampled_video({0!r}, 16, 64)", "media.video_info({0!r})", "media.read_mask({0!r})"]
+    errors, taken = _errors_and_peak_mb([read.format(str(path)) for read in reads])
+    assert len(errors) == 3 and all("8448x8448-pixel frames, over the" in e for e in errors), errors
+    assert taken < 50, f"{taken} MB taken"
+
+
+@pytest.mark.parametrize("container", ["mp4", "avi", "mpg"])
+def test_the_pixel_limit_holds_with_or_without_a_size_in_the_container(tmp_path, monkeypatch, container):
+    """An AVI of MPEG-4 frames states no frame size: a first frame decoded within the limit tells it, and
+    one over the limit does not decode at all. An MPEG program stream shows its streams only once probed.
+    """
+    codec = {"mp4": "libx264", "avi": "mpeg4", "mpg": "mpeg2video"}[container]
+    path = str(_one_frame_video(tmp_path / f"v.{container}", 64, 48, codec))
+    info = media.video_info(path)
+    assert (info.height, info.width) == (48, 64)
+    monkeypatch.setattr(media, "MAX_IMAGE_PIXELS", 64 * 48 - 1)
+    over = (
+        "within the pixel limit" if container == "avi" else "64x48-pixel frames, over the 3,071-pixel limit"
+    )
+    for read in (media.video_info, media.read_video, lambda p: media.read_mask(p)):
+        with pytest.raises(MediaError, match=over):
+            read(path)
 
 
 def test_a_mask_folder_is_refused_by_its_stacks_size_before_its_frames_are_decoded(tmp_path, monkeypatch):
