@@ -12,6 +12,7 @@ import sys
 import textwrap
 from typing import Any
 
+from jobs.output_lease import OutputInUse
 from jobs.runner import DEFAULT_BACKBONES, GENERATION_METHODS, JobError, JobSpec, run_job
 from pipelines.model_cache import ModelLoadError
 from schemas import ManifestError
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except JobError as exc:
         return _fail(str(exc), "Nothing was processed. Check the arguments (anima --help) and the paths.", 2)
+    except OutputInUse as exc:
+        return _fail(str(exc), "Nothing was processed, and the job that holds the output goes on.", 2)
     except ModelLoadError as exc:
         return _fail(
             str(exc),

@@ -41,7 +41,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.base import INFLIGHT, JobConfig, RowActor, quiet_progress_bars
 from actors.read_stage import decode_rows
-from jobs import progress, resume, summary
+from jobs import output_lease, progress, resume, summary
 from pipelines import media
 from pipelines.model_cache import ModelLoadError
 from schemas import ERROR, RESULT_SCHEMA, ManifestError, ResultRow, result_table
@@ -404,6 +404,21 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     ids = pa.table({"id": manifest_ids(manifest, actor.kind, spec.manifest)})
     manifest = as_kind(manifest, actor.kind)
     check_output_writable(spec.output)
+    run_id = new_run_id()
+    with output_lease.held(spec.output, run_id):
+        return _run(spec, actor, manifest, ids, limit, run_id, started)
+
+
+def _run(
+    spec: JobSpec,
+    actor: type[RowActor],
+    manifest: ds.FileSystemDataset,
+    ids: pa.Table,
+    limit: float,
+    run_id: str,
+    started: float,
+) -> dict[str, Any]:
+    """`run_job` once its arguments and manifest are checked, holding the output's lease."""
     results_uri = media.join(spec.output, "results")
     others = resume.other_methods(results_uri, spec.method)
     if others:
@@ -420,7 +435,6 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         spec = dataclasses.replace(
             spec, batch_size=min(actor.default_batch_size, _share(spec, todo.num_rows))
         )
-    run_id = new_run_id()
     config = JobConfig(
         method=spec.method,
         output=spec.output,

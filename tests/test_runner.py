@@ -876,14 +876,18 @@ def test_a_driver_killed_halfway_resumes_to_every_id_ok_once(ray_cluster, data_d
         time.sleep(2)
     written = resume.read_results(str(results)).num_rows  # an unreadable file is left out, as resume does
     assert 0 < written < rows, written  # killed halfway
+    left = json.loads((output / "lease.json").read_text())  # the killed driver's: taken over, not waited out
+    assert left["pid"] == driver.pid
 
     report = run_job(JobSpec(method="evaluate", manifest=str(manifest), output=str(output),
                              models={"clip": "tiny"}, params={"num_frames": 4}))  # fmt: skip
     assert report["skipped"] >= written and report["processed"] == rows - report["skipped"]
+    assert not (output / "lease.json").exists()
     # The killed run left the record of what it was asked, which the CLI and this call ask alike.
     killed = [json.loads(p.read_text()) for p in (output / "runs").glob("*.json")]
     killed = [r for r in killed if r["run_id"] != report["run_id"]]
     assert len(killed) == 1 and "processed" not in killed[0] and killed[0]["models"] == {"clip": "tiny"}
+    assert killed[0]["run_id"] == left["run_id"]
     assert report["kept_from_other_settings"] == []
     table = resume.read_results(str(results))
     latest = resume.latest(table)

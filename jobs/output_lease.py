@@ -1,0 +1,123 @@
+"""One job at a time per OUTPUT: a lease file (OUTPUT/lease.json) that the running job renews.
+
+A second copy of a job on the same output (submitted twice, or rerun while the first still runs) would
+clear the first's crash markers when it ends, compact the same files as the first and so keep their
+rows twice, and run every pending row a second time. It is refused instead.
+
+Whether the holder lives is read from its renewals, not from clocks, which differ between nodes: a job
+that finds a lease waits for it to be renewed (then it is refused) or to go unrenewed for `STALE_S`
+(its holder was killed or preempted: it takes over). A holder on this machine whose process is gone is
+known dead at once. Two jobs that start within the same second may both miss each other's lease.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pipelines import media
+
+LEASE = "lease.json"
+RENEW_S = 10.0
+STALE_S = 45.0  # several renewals: a slow store or a busy driver may delay one
+
+
+class OutputInUse(RuntimeError):
+    """Another job holds the output: refused before this one reads or writes anything there."""
+
+
+@contextmanager
+def held(output: str, run_id: str) -> Iterator[None]:
+    """Hold OUTPUT's lease for the block, renewed every `RENEW_S` s; waits out a lease whose holder may
+    be dead, raises OutputInUse when it lives."""
+    uri = media.join_under(output, LEASE)
+    _wait_for_holder(uri, output)
+    mine = {
+        "run_id": run_id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "renewals": 0,
+    }
+    media.write_text(json.dumps(mine), uri)
+    done = threading.Event()
+    renewer = threading.Thread(target=_renew, args=(uri, mine, done), name="anima-lease", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        done.set()
+        renewer.join()
+        if (_read(uri) or {}).get("run_id") == run_id:  # a job that took over after a stall keeps its own
+            media.remove(uri)
+
+
+def _renew(uri: str, mine: dict[str, Any], done: threading.Event) -> None:
+    while not done.wait(RENEW_S):
+        mine["renewals"] += 1
+        try:
+            media.write_text(json.dumps(mine), uri)
+        except Exception as exc:  # a store's hiccup: the next renewal may pass, and the job goes on
+            print(f"[anima] warning: could not renew the output's lease {uri}: {exc}", flush=True)
+
+
+def _read(uri: str) -> dict[str, Any] | None:
+    """The lease, or None when there is none (or it is unreadable: a lease is only ever written whole)."""
+    try:
+        lease = json.loads(media.read_bytes(uri)) if media.exists(uri) else None
+    except (FileNotFoundError, ValueError, media.MediaError):
+        return None
+    return lease if isinstance(lease, dict) else None
+
+
+def _process_gone(lease: dict[str, Any]) -> bool:
+    """Whether the holder ran on this machine in a process that has ended."""
+    if lease.get("host") != socket.gethostname() or type(lease.get("pid")) is not int:
+        return False
+    try:
+        os.kill(lease["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process of that number
+        return False
+    return False
+
+
+def _describe(lease: dict[str, Any]) -> str:
+    return (
+        f"run {lease.get('run_id')} (host {lease.get('host')}, pid {lease.get('pid')}, "
+        f"since {lease.get('since')})"
+    )
+
+
+def _wait_for_holder(uri: str, output: str) -> None:
+    lease = _read(uri)
+    if lease is None:
+        return
+    holder = _describe(lease)
+    if _process_gone(lease):
+        print(f"[anima] output {output}: {holder} ended without releasing it; taking it over", flush=True)
+        return
+    print(
+        f"[anima] output {output} is held by {holder}; waiting up to {STALE_S:g} s for it to renew its lease",
+        flush=True,
+    )
+    deadline = time.monotonic() + STALE_S
+    while time.monotonic() < deadline:
+        time.sleep(min(1.0, RENEW_S / 4))
+        now = _read(uri)
+        if now is None:  # released: that job ended
+            return
+        if now != lease:  # renewed, or taken over by another job that waited
+            raise OutputInUse(
+                f"output {output} is in use by {_describe(now)}, which renewed its lease ({uri}); wait "
+                "for it to end, or give this job another --output"
+            )
+    print(f"[anima] output {output}: {holder} did not renew its lease in {STALE_S:g} s; taking it over")

@@ -1,0 +1,81 @@
+"""One job at a time per OUTPUT (jobs/output_lease.py), without Ray: a refused job never starts it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import output_lease
+from jobs.cli import main
+from jobs.output_lease import OutputInUse
+
+
+@pytest.fixture
+def quick(monkeypatch):
+    """Renewals every 0.1 s, and a lease stale after 1 s unrenewed."""
+    monkeypatch.setattr(output_lease, "RENEW_S", 0.1)
+    monkeypatch.setattr(output_lease, "STALE_S", 1.0)
+
+
+def test_a_second_job_on_a_held_output_is_refused_and_the_first_keeps_it(quick, tmp_path, capsys):
+    manifest, output = tmp_path / "m.parquet", tmp_path / "out"
+    pq.write_table(pa.table({"id": ["a", "b"], "video": ["a.mp4", "b.mp4"]}), manifest)
+    lease = output / output_lease.LEASE
+    with output_lease.held(str(output), "run-first"):
+        assert json.loads(lease.read_text())["run_id"] == "run-first"
+        code = main(["evaluate", "--manifest", str(manifest), "--output", str(output), "--clip", "none"])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert "in use by run run-first" in " ".join(err.split()), err
+        assert not (output / "results").exists() and not (output / "runs").exists()  # nothing was touched
+        assert json.loads(lease.read_text())["run_id"] == "run-first"
+    assert not lease.exists()  # released when its job ended
+
+
+def test_a_lease_whose_process_is_gone_is_taken_over_at_once(quick, tmp_path):
+    """A driver killed on this machine (the head node kept its disk): its resumed job does not wait."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    output = tmp_path / "out"
+    output.mkdir()
+    with output_lease.held(str(output), "run-killed"):
+        record = json.loads((output / output_lease.LEASE).read_text())
+    (output / output_lease.LEASE).write_text(json.dumps({**record, "pid": int(gone.stdout)}))
+    start = time.monotonic()
+    with output_lease.held(str(output), "run-resumed"):
+        assert json.loads((output / output_lease.LEASE).read_text())["run_id"] == "run-resumed"
+    assert time.monotonic() - start < 0.5
+
+
+@pytest.mark.parametrize("left", ["another host's", "unreadable"])
+def test_a_lease_that_is_not_renewed_is_taken_over_once_stale(quick, tmp_path, left):
+    """A driver preempted with its node: its lease names a host this one cannot look into."""
+    output = tmp_path / "out"
+    output.mkdir()
+    record = {"run_id": "run-preempted", "host": "node-gone", "pid": 1, "since": "-", "renewals": 3}
+    (output / output_lease.LEASE).write_text(json.dumps(record) if left == "another host's" else "{not json")
+    start = time.monotonic()
+    with output_lease.held(str(output), "run-resumed"):
+        waited = time.monotonic() - start
+        assert json.loads((output / output_lease.LEASE).read_text())["run_id"] == "run-resumed"
+    assert waited >= (output_lease.STALE_S if left == "another host's" else 0) and waited < 3
+
+
+def test_a_job_that_waits_is_refused_when_another_took_the_lease_over_meanwhile(quick, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    lease = output / output_lease.LEASE
+    lease.write_text(json.dumps({"run_id": "run-preempted", "host": "node-gone", "pid": 1}))
+    other = {"run_id": "run-other", "host": "node-b", "pid": 7, "renewals": 0}
+    takeover = threading.Timer(0.3, lambda: lease.write_text(json.dumps(other)))
+    takeover.start()
+    with pytest.raises(OutputInUse, match="in use by run run-other"), output_lease.held(str(output), "late"):
+        pytest.fail("held an output another job holds")
+    takeover.join()
+    assert json.loads(lease.read_text())["run_id"] == "run-other"
