@@ -463,8 +463,8 @@ def _check_frame_size(uri: str, data: bytes) -> None:
 
 
 def _decord_reader(uri: str, data: bytes) -> Any:
-    """A decord reader, or None when decord is missing or cannot open the data (it rejects GIFs)."""
-    if decord is None:
+    """A decord reader, or None when decord is missing or cannot open the data."""
+    if decord is None or data[:4] == b"GIF8":  # decord reads no GIF: PyAV does, within the pixel limit
         return None
     _check_frame_size(uri, data)
     # The bridge is per thread and another library may have switched it to torch.
