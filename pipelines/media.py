@@ -430,43 +430,52 @@ def _pick(uri: str, total: int, num_frames: int | None, indices: Sequence[int] |
     return frame_indices(total, num_frames).tolist()
 
 
+def _decoder_pixels() -> int:
+    """The most pixels a decoder may allocate for a frame: a little over the limit, as decoders count
+    their padded buffers (a 32x32 MPEG-4 frame was refused under 3,071). Frame sizes are checked
+    exactly."""
+    return MAX_IMAGE_PIXELS + MAX_IMAGE_PIXELS // 16 + 2**16
+
+
 def _open_video(data: bytes, max_pixels: int | None = None, **codec_options: str) -> Any:
-    """A PyAV container whose probe refuses frames over `max_pixels` (the pixel limit): opening a
+    """A PyAV container whose probe refuses frames over `max_pixels` (`_decoder_pixels`): opening a
     container decodes its first frame to learn the stream (330 MB for a 424 KB clip of one 12000x12000
-    frame). An MPEG program stream, or an MP4 cut before its index, shows no stream before that probe,
-    so theirs runs without the limit (it read a 9000x9000 MPEG-PS frame's size in 12 MB)."""
-    options = {"max_pixels": str(max_pixels or MAX_IMAGE_PIXELS), **codec_options}
-    try:
-        return av.open(io.BytesIO(data), stream_options=[options])
-    except ValueError:  # PyAV's word for "no stream to give the options to"
-        return av.open(io.BytesIO(data))
+    frame). Tags that are not UTF-8 are replaced, as decord reads such clips."""
+    options = {"max_pixels": str(max_pixels or _decoder_pixels()), **codec_options}
+    return av.open(io.BytesIO(data), options=options, metadata_errors="replace")  # options: every stream
 
 
-def _check_frame_size(uri: str, data: bytes) -> None:
-    """Refuse a clip whose frames are over the pixel limit before decord opens it: decord decodes a first
-    frame on opening, and that clip took 1.75 GB there.
+def _check_frame_size(uri: str, data: bytes) -> bool:
+    """Whether decord may open the clip: no video stream of it has frames over the pixel limit (refused:
+    MediaError), and their size is known. decord decodes a first frame on opening, and that clip took
+    1.75 GB there.
 
     The size is the container's word where it has one (MP4, MKV, raw H.264: a decoder allowed no pixel
-    decodes nothing, 0.4 ms), else a first frame's, decoded within the limit (WebM, AVI, GIF: 2.5 ms).
+    decodes nothing, 0.4 ms), else a first frame's, decoded within the limit (WebM, AVI: 2.5 ms). A clip
+    whose size stays unknown is left to PyAV, whose decoders hold the limit.
     """
-    for max_pixels in (1, MAX_IMAGE_PIXELS):
+    for max_pixels in (1, None):
         try:
             with _open_video(data, max_pixels, threads="1") as container:  # one frame at most: no threads
-                context = _video_stream(uri, container).codec_context
-                height, width = context.height, context.width
+                _video_stream(uri, container)  # a clip without one is refused here
+                contexts = [v.codec_context for v in container.streams.video]
+                sizes = [(c.height, c.width) if c is not None else (0, 0) for c in contexts]
         except av.FFmpegError as exc:
             raise MediaError(f"cannot decode video {uri}: {_av_reason(exc)}") from exc
-        if height and width:
+        for height, width in sizes:
             check_decoded(uri, 1, height, width)
-            return
-    raise MediaError(f"cannot decode video {uri}: its first frame does not decode within the pixel limit")
+        if all(height and width for height, width in sizes):
+            return True
+    return False
 
 
 def _decord_reader(uri: str, data: bytes) -> Any:
-    """A decord reader, or None when decord is missing or cannot open the data."""
+    """A decord reader, or None when decord is missing, cannot open the data or should not (see
+    `_check_frame_size`; MediaError when the clip's frames are over the pixel limit)."""
     if decord is None or data[:4] == b"GIF8":  # decord reads no GIF: PyAV does, within the pixel limit
         return None
-    _check_frame_size(uri, data)
+    if not _check_frame_size(uri, data):
+        return None
     # The bridge is per thread and another library may have switched it to torch.
     decord.bridge.set_bridge("native")
     try:
@@ -482,7 +491,9 @@ def _video_stream(uri: str, container: Any) -> Any:
     if not container.streams.video:
         raise MediaError(f"cannot decode video {uri}: no video stream")
     stream = container.streams.video[0]
-    stream.codec_context.options = {"max_pixels": str(MAX_IMAGE_PIXELS)}
+    if stream.codec_context is None:
+        raise MediaError(f"cannot decode video {uri}: no decoder for its codec")
+    stream.codec_context.options = {"max_pixels": str(_decoder_pixels())}
     return stream
 
 
@@ -632,9 +643,15 @@ def _pyav_info(uri: str, data: bytes) -> VideoInfo:
             count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
             rate = stream.average_rate or stream.guessed_rate
             context = stream.codec_context
-            return VideoInfo(count, context.height, context.width, float(rate) if rate else 0.0)
+            height, width = context.height, context.width
     except av.FFmpegError as exc:
         raise MediaError(f"cannot decode video {uri}: {_av_reason(exc)}") from exc
+    if not height or not width:  # the probe could not decode a first frame
+        raise MediaError(
+            f"cannot decode video {uri}: its first frame does not decode (damaged, or over the "
+            f"{MAX_IMAGE_PIXELS:,}-pixel limit)"
+        )
+    return VideoInfo(count, height, width, float(rate) if rate else 0.0)
 
 
 def _mp4_codec() -> str:
