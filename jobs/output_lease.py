@@ -7,7 +7,8 @@ rows twice, and run every pending row a second time. It is refused instead.
 Whether the holder lives is read from its renewals, not from clocks, which differ between nodes: a job
 that finds a lease waits for it to be renewed (then it is refused) or to go unrenewed for `STALE_S`
 (its holder was killed or preempted: it takes over). A holder on this machine whose process is gone is
-known dead at once. Two jobs that start within the same second may both miss each other's lease.
+known dead at once. Two jobs that take the lease within one read and write of each other may both
+run: object stores offer fsspec no create-if-absent.
 """
 
 from __future__ import annotations
@@ -42,11 +43,15 @@ def held(output: str, run_id: str) -> Iterator[None]:
     mine = {
         "run_id": run_id,
         "host": socket.gethostname(),
+        "boot": _boot_id(),
         "pid": os.getpid(),
         "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "renewals": 0,
     }
     media.write_text(json.dumps(mine), uri)
+    now = _read(uri)
+    if now != mine:  # another job wrote between our read and our write; the later write holds it
+        raise OutputInUse(f"output {output} was taken at the same moment by {_describe(now or {})}")
     done = threading.Event()
     renewer = threading.Thread(target=_renew, args=(uri, mine, done), name="anima-lease", daemon=True)
     renewer.start()
@@ -55,31 +60,55 @@ def held(output: str, run_id: str) -> Iterator[None]:
     finally:
         done.set()
         renewer.join()
-        if (_read(uri) or {}).get("run_id") == run_id:  # a job that took over after a stall keeps its own
-            media.remove(uri)
+        try:
+            if (_read(uri) or {}).get("run_id") == run_id:  # one that took over after a stall keeps its own
+                media.remove(uri)
+        except Exception as exc:  # the job's result stands; the next job waits the lease out
+            print(f"[anima] warning: could not release the output's lease {uri}: {exc}", flush=True)
 
 
 def _renew(uri: str, mine: dict[str, Any], done: threading.Event) -> None:
+    """Renew the lease until the job ends, unless another job took it over (this one stalled past
+    `STALE_S`): then stop, so as not to take it back, and say so."""
     while not done.wait(RENEW_S):
-        mine["renewals"] += 1
         try:
+            now = _read(uri)
+            if now is not None and now.get("run_id") != mine["run_id"]:
+                print(
+                    f"[anima] warning: {_describe(now)} took this output over after this job did not renew "
+                    f"its lease for {STALE_S:g} s; both jobs now run on it: stop one of them",
+                    flush=True,
+                )
+                return
+            mine["renewals"] += 1
             media.write_text(json.dumps(mine), uri)
         except Exception as exc:  # a store's hiccup: the next renewal may pass, and the job goes on
             print(f"[anima] warning: could not renew the output's lease {uri}: {exc}", flush=True)
 
 
 def _read(uri: str) -> dict[str, Any] | None:
-    """The lease, or None when there is none (or it is unreadable: a lease is only ever written whole)."""
+    """The lease, or None when there is none (or it is not a lease: one is only ever written whole).
+    A store that cannot be read raises."""
     try:
         lease = json.loads(media.read_bytes(uri)) if media.exists(uri) else None
-    except (FileNotFoundError, ValueError, media.MediaError):
+    except (FileNotFoundError, ValueError):
         return None
     return lease if isinstance(lease, dict) else None
 
 
+def _boot_id() -> str | None:
+    """This machine's boot, which tells apart machines (containers) of the same host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def _process_gone(lease: dict[str, Any]) -> bool:
     """Whether the holder ran on this machine in a process that has ended."""
-    if lease.get("host") != socket.gethostname() or type(lease.get("pid")) is not int:
+    here = lease.get("host") == socket.gethostname() and lease.get("boot") == _boot_id()
+    if not here or type(lease.get("pid")) is not int:
         return False
     try:
         os.kill(lease["pid"], 0)
@@ -112,7 +141,10 @@ def _wait_for_holder(uri: str, output: str) -> None:
     deadline = time.monotonic() + STALE_S
     while time.monotonic() < deadline:
         time.sleep(min(1.0, RENEW_S / 4))
-        now = _read(uri)
+        try:
+            now = _read(uri)
+        except Exception:  # the store did not answer this time: no news
+            continue
         if now is None:  # released: that job ended
             return
         if now != lease:  # renewed, or taken over by another job that waited
@@ -120,4 +152,7 @@ def _wait_for_holder(uri: str, output: str) -> None:
                 f"output {output} is in use by {_describe(now)}, which renewed its lease ({uri}); wait "
                 "for it to end, or give this job another --output"
             )
-    print(f"[anima] output {output}: {holder} did not renew its lease in {STALE_S:g} s; taking it over")
+    print(
+        f"[anima] output {output}: {holder} did not renew its lease in {STALE_S:g} s; taking it over",
+        flush=True,
+    )

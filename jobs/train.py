@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from actors.base import INFLIGHT, this_runs_record
 from actors.read_stage import ROW_COLUMN, TrainingReads, decode_examples, training_stages
 from jobs import output_lease
-from jobs.runner import MAX_BLOCKS, JobError, ensure_ray, new_run_id, read_manifest
+from jobs.runner import MAX_BLOCKS, JobError, check_output_writable, ensure_ray, new_run_id, read_manifest
 from pipelines import adapters, media
 
 # Seconds a row's decoding may run before its CPU worker is restarted and the row skipped: far above a
@@ -74,22 +74,23 @@ def run_training(spec: TrainSpec) -> dict[str, Any]:
     table = read_manifest(spec.data)
     if "id" not in table.column_names or "prompt" not in table.column_names:
         raise JobError(f"training manifest {spec.data} needs columns id, prompt, and video and/or image")
+    if ROW_COLUMN in table.column_names:  # anima's own column: a manifest does not choose it
+        table = table.drop_columns([ROW_COLUMN])
+    table = table.append_column(ROW_COLUMN, pa.array(range(table.num_rows), pa.int64()))
+    sources = {}
+    for name, (_, kinds) in recipe.sources(config).items():
+        sources[name] = _rows_with(table, kinds)
+        if sources[name].num_rows == 0:
+            raise JobError(f"training manifest {spec.data} has no rows with {' or '.join(kinds)} for {name}")
+    check_output_writable(spec.output)
     run_id = new_run_id()
     with output_lease.held(spec.output, run_id):  # one job at a time per OUTPUT
         ensure_ray()
         reads = TrainingReads(spec.output, run_id, spec.max_row_crashes, limit or None)
-        if ROW_COLUMN in table.column_names:  # anima's own column: a manifest does not choose it
-            table = table.drop_columns([ROW_COLUMN])
-        table = table.append_column(ROW_COLUMN, pa.array(range(table.num_rows), pa.int64()))
         datasets = {}
-        for name, (_, kinds) in recipe.sources(config).items():
-            rows = _rows_with(table, kinds)
-            if rows.num_rows == 0:
-                raise JobError(
-                    f"training manifest {spec.data} has no rows with {' or '.join(kinds)} for {name}"
-                )
-            # Blocks of rows, each a decoding task: tasks decode in parallel, and a stop or a crash costs its
-            # task's rows again, not the source's (a single table is one block, so one task per pass).
+        for name, rows in sources.items():
+            # Blocks of rows, each a decoding task: tasks decode in parallel, and a stop or a crash costs
+            # its task's rows again, not the source's (a single table is one block, so one task per pass).
             per_block = max(BLOCK_ROWS, -(-rows.num_rows // MAX_BLOCKS))
             blocks = [rows.slice(i, per_block) for i in range(0, rows.num_rows, per_block)]
             datasets[name] = ray.data.from_arrow(blocks).map_batches(

@@ -79,3 +79,30 @@ def test_a_job_that_waits_is_refused_when_another_took_the_lease_over_meanwhile(
         pytest.fail("held an output another job holds")
     takeover.join()
     assert json.loads(lease.read_text())["run_id"] == "run-other"
+
+
+def test_a_holder_that_was_taken_over_stops_renewing_and_leaves_the_new_lease(quick, tmp_path, capsys):
+    """A job that stalled past the stale time (a suspended machine) must not take its lease back, nor
+    remove the new holder's when it ends."""
+    output = tmp_path / "out"
+    lease = output / output_lease.LEASE
+    other = {"run_id": "run-other", "host": "node-b", "pid": 7, "renewals": 0}
+    with output_lease.held(str(output), "run-stalled"):
+        lease.write_text(json.dumps(other))
+        time.sleep(4 * output_lease.RENEW_S)
+        assert json.loads(lease.read_text()) == other
+    assert json.loads(lease.read_text()) == other
+    assert "run run-other (host node-b, pid 7" in capsys.readouterr().out
+
+
+def test_a_lease_of_the_same_host_name_on_another_machine_is_not_judged_by_its_pid(quick, tmp_path):
+    """Containers on different machines may share a host name: a pid there says nothing here."""
+    output = tmp_path / "out"
+    with output_lease.held(str(output), "run-elsewhere"):
+        record = json.loads((output / output_lease.LEASE).read_text())
+    gone = {**record, "pid": 2**22 + 1, "boot": "another-machine"}  # no such pid here either
+    (output / output_lease.LEASE).write_text(json.dumps(gone))
+    start = time.monotonic()
+    with output_lease.held(str(output), "run-here"):
+        pass
+    assert time.monotonic() - start >= output_lease.STALE_S  # waited for renewals, as for any other host
