@@ -14,7 +14,7 @@ import contextlib
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pyarrow as pa
@@ -26,6 +26,9 @@ from actors.read_stage import ROW_COLUMN, TrainingReads, decode_examples, traini
 from jobs import output_lease
 from jobs.runner import MAX_BLOCKS, JobError, check_output_writable, ensure_ray, new_run_id, read_manifest
 from pipelines import adapters, media
+
+if TYPE_CHECKING:
+    from pipelines.training import Recipe
 
 # Seconds a row's decoding may run before its CPU worker is restarted and the row skipped: far above a
 # clip's decode, which takes seconds.
@@ -55,11 +58,7 @@ class TrainSpec:
 
 def run_training(spec: TrainSpec) -> dict[str, Any]:
     """Train to `steps`, resuming from the run's latest checkpoint; return the final metrics."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from actors.train_worker import RECIPES, recipe_of, train_worker
+    from actors.train_worker import RECIPES, recipe_of
 
     if spec.method not in RECIPES:
         raise JobError(f"training {spec.method} is not implemented in this version of anima yet")
@@ -83,69 +82,81 @@ def run_training(spec: TrainSpec) -> dict[str, Any]:
         if sources[name].num_rows == 0:
             raise JobError(f"training manifest {spec.data} has no rows with {' or '.join(kinds)} for {name}")
     check_output_writable(spec.output)
-    run_id = new_run_id()
-    with output_lease.held(spec.output, run_id):  # one job at a time per OUTPUT
-        ensure_ray()
-        reads = TrainingReads(spec.output, run_id, spec.max_row_crashes, limit or None)
-        datasets = {}
-        for name, rows in sources.items():
-            # Blocks of rows, each a decoding task: tasks decode in parallel, and a stop or a crash costs
-            # its task's rows again, not the source's (a single table is one block, so one task per pass).
-            per_block = max(BLOCK_ROWS, -(-rows.num_rows // MAX_BLOCKS))
-            blocks = [rows.slice(i, per_block) for i in range(0, rows.num_rows, per_block)]
-            datasets[name] = ray.data.from_arrow(blocks).map_batches(
-                decode_examples,
-                fn_kwargs={"decode": recipe.decode, "reads": reads, "source": name, "config": config},
-                batch_format="pyarrow",
-                batch_size=4,
-            )
-        run_name = f"{spec.method}-stage{spec.stage}"
-        use_gpu = spec.gpus_per_worker > 0
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={
-                "method": spec.method,
-                "params": {**spec.params, "stage": spec.stage},
-                "models": spec.models,
-                "use_gpu": use_gpu,
-            },
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=spec.workers,
-                use_gpu=use_gpu,
-                resources_per_worker={"GPU": spec.gpus_per_worker, "CPU": 1} if use_gpu else {"CPU": 1},
-            ),
-            run_config=ray.train.RunConfig(
-                name=run_name,
-                storage_path=os.path.abspath(spec.output) if "://" not in spec.output else spec.output,
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
-                failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
-                worker_runtime_env=spec.runtime_env,
-            ),
-            datasets=datasets,
+    reads = TrainingReads(spec.output, new_run_id(), spec.max_row_crashes, limit or None)
+    with output_lease.held(spec.output, reads.run_id):  # one job at a time per OUTPUT
+        return _train(spec, recipe, config, sources, reads)
+
+
+def _train(
+    spec: TrainSpec, recipe: Recipe, config: Any, sources: dict[str, pa.Table], reads: TrainingReads
+) -> dict[str, Any]:
+    """`run_training` once its arguments and manifest are checked, holding the output's lease."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from actors.train_worker import train_worker
+
+    ensure_ray()
+    datasets = {}
+    for name, rows in sources.items():
+        # Blocks of rows, each a decoding task: tasks decode in parallel, and a stop or a crash costs
+        # its task's rows again, not the source's (a single table is one block, so one task per pass).
+        per_block = max(BLOCK_ROWS, -(-rows.num_rows // MAX_BLOCKS))
+        blocks = [rows.slice(i, per_block) for i in range(0, rows.num_rows, per_block)]
+        datasets[name] = ray.data.from_arrow(blocks).map_batches(
+            decode_examples,
+            fn_kwargs={"decode": recipe.decode, "reads": reads, "source": name, "config": config},
+            batch_format="pyarrow",
+            batch_size=4,
         )
-        try:
-            result = trainer.fit()
-        finally:  # failed too: the list of skipped rows says why when every row of a source was
-            skipped, listed = save_skipped(spec.output, list(datasets), run_name, reads.run_id)
-            # The markers of decoding batches that held skipped rows: this run's, stale once it ended.
-            for name in datasets:
-                for folder in training_stages(name):
-                    media.remove_tree(media.join(spec.output, INFLIGHT, folder))
-            fs, inflight = fsspec.core.url_to_fs(media.join(spec.output, INFLIGHT))
-            with contextlib.suppress(OSError):  # the folder only when empty: a job's markers may share it
-                fs.rmdir(inflight)
-        adapter = media.join(spec.output, f"adapter-stage{spec.stage}")
-        with result.checkpoint.as_directory() as directory:
-            for file in (adapters.ADAPTER_CONFIG, adapters.ADAPTER_WEIGHTS):
-                with (
-                    open(os.path.join(directory, file), "rb") as src,
-                    media.atomic_write(media.join(adapter, file)) as dst,
-                ):
-                    shutil.copyfileobj(src, dst)
-        summary = {**result.metrics, "adapter": adapter, "checkpoint": result.checkpoint.path}
-        summary |= {"skipped_rows": skipped, "skipped": listed}
-        print(f"[anima] {run_name}: step {summary.get('step')}, loss {summary.get('loss'):.4f}; {adapter}")
-        return summary
+    run_name = f"{spec.method}-stage{spec.stage}"
+    use_gpu = spec.gpus_per_worker > 0
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "method": spec.method,
+            "params": {**spec.params, "stage": spec.stage},
+            "models": spec.models,
+            "use_gpu": use_gpu,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"GPU": spec.gpus_per_worker, "CPU": 1} if use_gpu else {"CPU": 1},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=os.path.abspath(spec.output) if "://" not in spec.output else spec.output,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+            worker_runtime_env=spec.runtime_env,
+        ),
+        datasets=datasets,
+    )
+    try:
+        result = trainer.fit()
+    finally:  # failed too: the list of skipped rows says why when every row of a source was
+        skipped, listed = save_skipped(spec.output, list(datasets), run_name, reads.run_id)
+        # The markers of decoding batches that held skipped rows: this run's, stale once it ended.
+        for name in datasets:
+            for folder in training_stages(name):
+                media.remove_tree(media.join(spec.output, INFLIGHT, folder))
+        fs, inflight = fsspec.core.url_to_fs(media.join(spec.output, INFLIGHT))
+        with contextlib.suppress(OSError):  # the folder only when empty: a job's markers may share it
+            fs.rmdir(inflight)
+    adapter = media.join(spec.output, f"adapter-stage{spec.stage}")
+    with result.checkpoint.as_directory() as directory:
+        for file in (adapters.ADAPTER_CONFIG, adapters.ADAPTER_WEIGHTS):
+            with (
+                open(os.path.join(directory, file), "rb") as src,
+                media.atomic_write(media.join(adapter, file)) as dst,
+            ):
+                shutil.copyfileobj(src, dst)
+    summary = {**result.metrics, "adapter": adapter, "checkpoint": result.checkpoint.path}
+    summary |= {"skipped_rows": skipped, "skipped": listed}
+    print(f"[anima] {run_name}: step {summary.get('step')}, loss {summary.get('loss'):.4f}; {adapter}")
+    return summary
 
 
 def save_skipped(output: str, sources: list[str], run_name: str, run_id: str) -> tuple[int, str | None]:
