@@ -7,8 +7,12 @@ rows twice, and run every pending row a second time. It is refused instead.
 Whether the holder lives is read from its renewals, not from clocks, which differ between nodes: a job
 that finds a lease waits for it to be renewed (then it is refused) or to go unrenewed for `STALE_S`
 (its holder was killed or preempted: it takes over). A holder on this machine whose process is gone is
-known dead at once. Two jobs that take the lease within one read and write of each other may both
-run: object stores offer fsspec no create-if-absent.
+known dead at once.
+
+Object stores offer fsspec no create-if-absent, so two jobs may each find the lease free and write
+their own. A job that took it reads it back once at once and once more after twice the time its own
+read and write took: a job that read before this one's write landed wrote within about that time, and
+the later writer keeps the lease (up to a renewal's time: a store that slow leaves a window).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def held(output: str, run_id: str) -> Iterator[None]:
     """Hold OUTPUT's lease for the block, renewed every `RENEW_S` s; waits out a lease whose holder may
     be dead, raises OutputInUse when it lives."""
     uri = media.join_under(output, LEASE)
-    _wait_for_holder(uri, output)
+    last_read = _wait_for_holder(uri, output)
     mine = {
         "run_id": run_id,
         "host": socket.gethostname(),
@@ -49,9 +53,12 @@ def held(output: str, run_id: str) -> Iterator[None]:
         "renewals": 0,
     }
     media.write_text(json.dumps(mine), uri)
-    now = _read(uri)
-    if now != mine:  # another job wrote between our read and our write; the later write holds it
-        raise OutputInUse(f"output {output} was taken at the same moment by {_describe(now or {})}")
+    # At most a renewal's time: the lease is not renewed meanwhile.
+    for settle in (0.0, min(2 * (time.monotonic() - last_read), RENEW_S)):
+        time.sleep(settle)
+        now = _read(uri)
+        if now != mine:  # another job wrote between our read and our write; the later write holds it
+            raise OutputInUse(f"output {output} was taken at the same moment by {_describe(now or {})}")
     done = threading.Event()
     renewer = threading.Thread(target=_renew, args=(uri, mine, done), name="anima-lease", daemon=True)
     renewer.start()
@@ -126,14 +133,17 @@ def _describe(lease: dict[str, Any]) -> str:
     )
 
 
-def _wait_for_holder(uri: str, output: str) -> None:
+def _wait_for_holder(uri: str, output: str) -> float:
+    """Return once the output is free or its holder is known dead (when it last read the lease, in
+    `time.monotonic()`); raise OutputInUse when its holder renews."""
+    read_at = time.monotonic()
     lease = _read(uri)
     if lease is None:
-        return
+        return read_at
     holder = _describe(lease)
     if _process_gone(lease):
         print(f"[anima] output {output}: {holder} ended without releasing it; taking it over", flush=True)
-        return
+        return read_at
     print(
         f"[anima] output {output} is held by {holder}; waiting up to {STALE_S:g} s for it to renew its lease",
         flush=True,
@@ -141,12 +151,13 @@ def _wait_for_holder(uri: str, output: str) -> None:
     deadline = time.monotonic() + STALE_S
     while time.monotonic() < deadline:
         time.sleep(min(1.0, RENEW_S / 4))
+        read_at = time.monotonic()
         try:
             now = _read(uri)
         except Exception:  # the store did not answer this time: no news
             continue
         if now is None:  # released: that job ended
-            return
+            return read_at
         if now != lease:  # renewed, or taken over by another job that waited
             raise OutputInUse(
                 f"output {output} is in use by {_describe(now)}, which renewed its lease ({uri}); wait "
@@ -156,3 +167,4 @@ def _wait_for_holder(uri: str, output: str) -> None:
         f"[anima] output {output}: {holder} did not renew its lease in {STALE_S:g} s; taking it over",
         flush=True,
     )
+    return read_at

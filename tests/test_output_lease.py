@@ -106,3 +106,35 @@ def test_a_lease_of_the_same_host_name_on_another_machine_is_not_judged_by_its_p
     with output_lease.held(str(output), "run-here"):
         pass
     assert time.monotonic() - start >= output_lease.STALE_S  # waited for renewals, as for any other host
+
+
+def test_two_jobs_that_take_a_free_lease_at_the_same_moment_do_not_both_run(tmp_path, monkeypatch):
+    """Each finds no lease, and each writes its own before the other reads its back: on a slow store
+    (every write 0.2 s) the second job's read, 0.05 s after the first's, still finds none. Only the
+    later writer may run."""
+    write = output_lease.media.write_text
+
+    def slow_write(text: str, uri: str) -> str:
+        time.sleep(0.2)
+        return write(text, uri)
+
+    monkeypatch.setattr(output_lease.media, "write_text", slow_write)
+    output = tmp_path / "out"
+    output.mkdir()
+    ran, refused = [], []
+
+    def job(run_id: str) -> None:
+        try:
+            with output_lease.held(str(output), run_id):
+                ran.append(run_id)
+                time.sleep(0.5)
+        except OutputInUse:
+            refused.append(run_id)
+
+    threads = [threading.Thread(target=job, args=(run_id,)) for run_id in ("run-a", "run-b")]
+    threads[0].start()
+    time.sleep(0.05)
+    threads[1].start()
+    for thread in threads:
+        thread.join()
+    assert ran == ["run-b"] and refused == ["run-a"]
