@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as exc:
         return _fail(str(exc), "Nothing was processed. Check the arguments (anima --help) and the paths.", 2)
     except OutputInUse as exc:
-        return _fail(str(exc), "Nothing was processed, and the job that holds the output goes on.", 2)
+        return _fail(str(exc), "Nothing was processed by this job.", 2)
     except ModelLoadError as exc:
         return _fail(
             str(exc),

@@ -9,10 +9,12 @@ that finds a lease waits for it to be renewed (then it is refused) or to go unre
 (its holder was killed or preempted: it takes over). A holder on this machine whose process is gone is
 known dead at once.
 
-Object stores offer fsspec no create-if-absent, so two jobs may each find the lease free and write
-their own. A job that took it reads it back once at once and once more after twice the time its own
-read and write took: a job that read before this one's write landed wrote within about that time, and
-the later writer keeps the lease (up to a renewal's time: a store that slow leaves a window).
+Object stores offer fsspec no create-if-absent, so two jobs may each find the lease free (or stale) and
+write their own. A job that wrote it reads it back at once, and again after twice the time its own
+last read and write took: another job that read before this one's write landed wrote within about
+that time, and the later writer keeps the lease. A window stays where the other job's read and write
+took over twice as long (a much slower store or network, a process paused between them) or over 5 s
+(the wait is at most a renewal's time).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class OutputInUse(RuntimeError):
 @contextmanager
 def held(output: str, run_id: str) -> Iterator[None]:
     """Hold OUTPUT's lease for the block, renewed every `RENEW_S` s; waits out a lease whose holder may
-    be dead, raises OutputInUse when it lives."""
+    be dead, raises OutputInUse when it lives or when another job wrote the lease at the same moment."""
     uri = media.join_under(output, LEASE)
     last_read = _wait_for_holder(uri, output)
     mine = {
@@ -57,8 +59,13 @@ def held(output: str, run_id: str) -> Iterator[None]:
     for settle in (0.0, min(2 * (time.monotonic() - last_read), RENEW_S)):
         time.sleep(settle)
         now = _read(uri)
+        if now is None:  # a holder that had stalled released it as it ended, removing ours
+            raise OutputInUse(
+                f"the lease of output {output} was removed while this job took it (a job that had stalled "
+                "released it as it ended); run this job again"
+            )
         if now != mine:  # another job wrote between our read and our write; the later write holds it
-            raise OutputInUse(f"output {output} was taken at the same moment by {_describe(now or {})}")
+            raise OutputInUse(f"output {output} was taken at the same moment by {_describe(now)}")
     done = threading.Event()
     renewer = threading.Thread(target=_renew, args=(uri, mine, done), name="anima-lease", daemon=True)
     renewer.start()
@@ -149,13 +156,17 @@ def _wait_for_holder(uri: str, output: str) -> float:
         flush=True,
     )
     deadline = time.monotonic() + STALE_S
-    while time.monotonic() < deadline:
+    while True:
         time.sleep(min(1.0, RENEW_S / 4))
         read_at = time.monotonic()
         try:
             now = _read(uri)
-        except Exception:  # the store did not answer this time: no news
-            continue
+        except Exception:
+            # No news, and no ground to take over: the lease is taken only just after a read that
+            # answered (`held` times its recheck from it). A store silent for as long again fails the job.
+            if read_at < deadline + STALE_S:
+                continue
+            raise
         if now is None:  # released: that job ended
             return read_at
         if now != lease:  # renewed, or taken over by another job that waited
@@ -163,6 +174,8 @@ def _wait_for_holder(uri: str, output: str) -> float:
                 f"output {output} is in use by {_describe(now)}, which renewed its lease ({uri}); wait "
                 "for it to end, or give this job another --output"
             )
+        if read_at >= deadline:
+            break
     print(
         f"[anima] output {output}: {holder} did not renew its lease in {STALE_S:g} s; taking it over",
         flush=True,
