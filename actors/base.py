@@ -431,7 +431,8 @@ def inflight_marker(output: str, ids: list[str], stage: str = "") -> str:
 def this_runs_record(marker: str, run_id: str) -> dict[str, Any]:
     """The marker's record if this run wrote it, else empty: a marker of an earlier run was left by a
     driver that died (preempted, killed), which is not the rows' doing."""
-    earlier = json.loads(media.read_bytes(marker)) if media.exists(marker) else {}
+    data = media.read_bytes_if_exists(marker)
+    earlier = json.loads(data) if data is not None else {}
     return earlier if earlier.get("run_id") == run_id else {}
 
 

@@ -103,9 +103,10 @@ def _renew(uri: str, mine: dict[str, Any], done: threading.Event) -> None:
 def _read(uri: str) -> dict[str, Any] | None:
     """The lease, or None when there is none (or it is not a lease: one is only ever written whole).
     A store that cannot be read raises."""
+    data = media.read_bytes_if_exists(uri)
     try:
-        lease = json.loads(media.read_bytes(uri)) if media.exists(uri) else None
-    except (FileNotFoundError, ValueError):
+        lease = json.loads(data) if data is not None else None
+    except ValueError:
         return None
     return lease if isinstance(lease, dict) else None
 

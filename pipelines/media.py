@@ -178,6 +178,17 @@ def read_bytes(uri: str) -> bytes:
     return _read_bounded(uri, "file")
 
 
+def read_bytes_if_exists(uri: str) -> bytes | None:
+    """`read_bytes`, or None when there is no such file, also one removed while it was read (a marker or
+    lease that another process cleared). Asks whether it exists only when the read fails."""
+    try:
+        return read_bytes(uri)
+    except MediaError:
+        if exists(uri):
+            raise
+        return None
+
+
 def join(base: str, *parts: str) -> str:
     """Join with "/" on every platform, since the base may be a URL; slashes at part ends are dropped."""
     out = base

@@ -821,3 +821,20 @@ def test_an_svg_whose_use_references_expand_past_the_limit_is_refused_before_a_r
     fine = tmp_path / "fine.svg"
     fine.write_text(_nested_uses(2))  # 100 paths, as a sketch drawn with <use> may be
     assert len(load_sketch(str(fine)).paths) == 100
+
+
+def test_read_bytes_if_exists_tells_a_missing_file_from_an_unreadable_one(tmp_path, monkeypatch):
+    present = tmp_path / "lease.json"
+    present.write_bytes(b"{}")
+    assert media.read_bytes_if_exists(str(present)) == b"{}"
+    assert media.read_bytes_if_exists(str(tmp_path / "none.json")) is None
+    with pytest.raises(media.MediaError, match="directory"):  # there, but no file: not "none"
+        media.read_bytes_if_exists(str(tmp_path))
+    read = media.read_bytes
+
+    def removed_while_read(uri: str) -> bytes:  # another process clears it between the stat and the read
+        present.unlink()
+        return read(uri)
+
+    monkeypatch.setattr(media, "read_bytes", removed_while_read)
+    assert media.read_bytes_if_exists(str(present)) is None
