@@ -23,6 +23,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -132,6 +133,10 @@ class RowActor:
     # `read_stage.decode_rows`), so that the accelerator's actors spend their time in the models; see
     # runner.run_job.
     decode_stage: ClassVar[bool] = False
+    # Rows of a batch whose inputs an actor reads at once, on threads, when no decode stage read them: an
+    # object store answers each read in tens of ms and decoders leave cores idle between frames. 1 for
+    # methods whose `build` (see `run_in_groups`) does more than read.
+    read_threads: ClassVar[int] = 1
     # Defaults the loaded model brings (a converted official model's inference settings), over `defaults`.
     model_defaults: dict[str, Any]
 
@@ -196,8 +201,8 @@ class RowActor:
         """Process several rows; methods override this to batch them through the GPU together."""
         return [self.process_row(row, p) for row, p in zip(rows, params, strict=True)]
 
-    @staticmethod
     def run_in_groups(
+        self,
         rows: list[dict[str, Any]],
         params: list[dict[str, Any]],
         build: Callable[[dict[str, Any], dict[str, Any]], Any],
@@ -207,18 +212,27 @@ class RowActor:
     ) -> list[RowOutput]:
         """Batch rows through the GPU while keeping every row's failure its own.
 
-        `build` reads a row's inputs into a job (a bad row becomes that row's error, the others go on);
-        jobs with equal `key` (shapes, step counts) are `run` together; `write` stores each result.
+        `build` reads a row's inputs into a job, `read_threads` rows at once (a bad row becomes that row's
+        error, the others go on); jobs with equal `key` (shapes, step counts) are `run` together; `write`
+        stores each result.
         """
-        outs: dict[int, RowOutput] = {}
-        jobs: dict[int, Any] = {}
-        for i, (row, p) in enumerate(zip(rows, params, strict=True)):
+
+        def built(row: dict[str, Any], p: dict[str, Any]) -> Any:
             try:
-                jobs[i] = build(row, p)
+                return build(row, p)
             except (RowError, DecodeError, media.MediaError, ValueError) as exc:
-                outs[i] = RowOutput(
+                return RowOutput(
                     error=exc if isinstance(exc, RowError | DecodeError | media.MediaError) else RowError(exc)
                 )
+
+        threads = min(self.read_threads, len(rows))
+        if threads > 1:  # leaving the pool waits for every read: none goes on after an unexpected error
+            with ThreadPoolExecutor(threads, thread_name_prefix="anima-read") as pool:
+                made = list(pool.map(built, rows, params))
+        else:
+            made = [built(row, p) for row, p in zip(rows, params, strict=True)]
+        outs = {i: job for i, job in enumerate(made) if isinstance(job, RowOutput)}
+        jobs = {i: job for i, job in enumerate(made) if not isinstance(job, RowOutput)}
         groups: dict[tuple, list[int]] = {}
         for i, job in jobs.items():
             groups.setdefault(key(job), []).append(i)

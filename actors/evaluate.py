@@ -41,6 +41,7 @@ class EvaluateActor(RowActor):
     # A row reads one video and runs the metric models: seconds, a minute on a CPU with every model.
     row_time_limit_s: ClassVar[float] = 120.0
     decode_stage: ClassVar[bool] = True
+    read_threads: ClassVar[int] = 4
 
     @classmethod
     def prepare(cls, config: JobConfig) -> None:

@@ -3,9 +3,10 @@
 For each size, in a fresh driver process on a local Ray instance: time to the first result file,
 total wall time, driver peak RSS, result files left, and the time of a resume with nothing to do. Then
 the evaluation job vs a plain loop over the same real-clip rows (`--clip none`, the default batch size;
-the median of a few turns), and the job's rows/s with its CPU decode stage vs with the actors reading
-their own inputs (tiny CLIP); last, the plain loop again while Ray is up and idle: what Ray's own
-processes cost a loop on this host.
+the median of a few turns; the job's actor reads four rows of a batch at once, the loop one at a time,
+so the start-up and hand-offs line is the runner's own cost), and the job's rows/s with its CPU decode
+stage vs with the actors reading their own inputs (tiny CLIP); last, the plain loop again while Ray is
+up and idle: what Ray's own processes cost a loop on this host.
 
     python bench/runner_scale.py [--rows 10000 100000 1000000] [--loop-rows 2000] [--repeats 3]
 

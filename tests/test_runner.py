@@ -450,6 +450,90 @@ def test_an_evaluation_rows_inputs_are_held_to_the_decode_limit_together(data_di
     assert also_bad["status"] == "error" and "with 4 of them read" in also_bad["error"]
 
 
+def test_an_actor_reads_a_batchs_rows_at_once_and_each_row_gets_what_it_gets_read_alone(
+    data_dir, tmp_path, monkeypatch
+):
+    """An evaluate actor that reads its own inputs (no decode stage: a job on CPUs) reads `read_threads`
+    rows of a batch at once, so that object-store requests and decoders' idle cores overlap. Every row's
+    result, a bad row's error included, is the one it gets when the rows are read one at a time."""
+    import threading
+    import time
+
+    from actors.base import JobConfig
+    from actors.evaluate import EvaluateActor
+
+    videos = sorted((data_dir / "videos").glob("*.mp4")) or sorted(data_dir.glob("*.mp4"))
+    images = sorted((data_dir / "images").glob("*.png")) or sorted(data_dir.glob("*.jpeg"))
+    records = [
+        {"id": f"r{i}", "video": str(videos[i % len(videos)]), "image": str(images[i % len(images)])}
+        for i in range(9)
+    ]
+    records[3]["video"] = str(tmp_path / "missing.mp4")
+    records[6]["image"] = str(data_dir / "README.md")  # not an image
+    active, peak, lock = 0, 0, threading.Lock()
+    read = EvaluateActor.read_inputs.__func__
+
+    def slow_read(cls, row, params, config):
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        time.sleep(0.2)  # an object store's answer
+        try:
+            return read(cls, row, params, config)
+        finally:
+            with lock:
+                active -= 1
+
+    monkeypatch.setattr(EvaluateActor, "read_inputs", classmethod(slow_read))
+    config = JobConfig(method="evaluate", output=str(tmp_path / "out"), run_id="r", models={"clip": "tiny"})
+    results = {}
+    assert EvaluateActor.read_threads > 1
+    for threads in (EvaluateActor.read_threads, 1):
+        monkeypatch.setattr(EvaluateActor, "read_threads", threads)
+        actor, peak = EvaluateActor(config), 0
+        results[threads] = actor(pa.Table.from_pylist(records)).to_pylist()
+        assert peak == threads
+    at_once, alone = results.values()
+    kept = ["id", "status", "error", "retryable", "clip_image", "clip_temporal"]
+    assert [[r[k] for k in kept] for r in at_once] == [[r[k] for k in kept] for r in alone]
+    assert [r["status"] for r in at_once] == ["ok"] * 3 + ["error"] + ["ok"] * 2 + ["error"] + ["ok"] * 2
+    assert "missing.mp4" in at_once[3]["error"] and "README.md" in at_once[6]["error"]
+    assert all(r["clip_image"] and r["clip_temporal"] for r in at_once if r["status"] == "ok")
+
+
+def test_an_unexpected_error_in_one_read_of_a_batch_is_raised_once_no_read_goes_on(tmp_path):
+    """It fails the batch, which the actor then runs row by row (`RowActor._run`): no read of the batch
+    may still be going on beside that. Reads not yet begun are dropped."""
+    import threading
+    import time
+
+    from actors.base import JobConfig
+    from actors.evaluate import EvaluateActor
+
+    actor = EvaluateActor(JobConfig(method="evaluate", output=str(tmp_path), run_id="r", models={}))
+    rows = [{"id": f"r{i}"} for i in range(12)]
+    started, finished, lock = set(), set(), threading.Lock()
+
+    def build(row, params):
+        with lock:
+            started.add(row["id"])
+        if row["id"] == "r1":
+            time.sleep(0.05)
+            raise KeyError("a bug, not the row's fault")
+        time.sleep(0.2)
+        with lock:
+            finished.add(row["id"])
+        return row
+
+    with pytest.raises(KeyError, match="a bug"):
+        actor.run_in_groups(rows, [{}] * len(rows), build, lambda _: (), lambda jobs: jobs, lambda *_: None)
+    with lock:
+        assert started - {"r1"} == finished and len(finished) >= actor.read_threads - 1
+    time.sleep(0.3)
+    assert started - {"r1"} == finished  # none began after the error was raised
+
+
 def _tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
