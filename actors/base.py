@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -146,6 +146,9 @@ class RowActor:
         self.config = config
         # While a batch of several rows runs under its time limit: records a stop in its marker.
         self._note_stop: Callable[[float], None] | None = None
+        # Its threads start at the first batch read on them and live as long as the actor.
+        threads = self.read_threads
+        self._readers = ThreadPoolExecutor(threads, "anima-read") if threads > 1 else None
         quiet_progress_bars(config)
         self.model_defaults = {}
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -225,12 +228,16 @@ class RowActor:
                     error=exc if isinstance(exc, RowError | DecodeError | media.MediaError) else RowError(exc)
                 )
 
-        threads = min(self.read_threads, len(rows))
-        if threads > 1:  # leaving the pool waits for every read: none goes on after an unexpected error
-            with ThreadPoolExecutor(threads, thread_name_prefix="anima-read") as pool:
-                made = list(pool.map(built, rows, params))
-        else:
+        if self._readers is None or len(rows) == 1:
             made = [built(row, p) for row, p in zip(rows, params, strict=True)]
+        else:
+            reads = [self._readers.submit(built, row, p) for row, p in zip(rows, params, strict=True)]
+            try:
+                made = [read.result() for read in reads]
+            finally:  # after an unexpected error: drop the reads not begun, wait for the others
+                for read in reads:
+                    read.cancel()
+                wait(reads)
         outs = {i: job for i, job in enumerate(made) if isinstance(job, RowOutput)}
         jobs = {i: job for i, job in enumerate(made) if not isinstance(job, RowOutput)}
         groups: dict[tuple, list[int]] = {}
