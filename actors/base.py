@@ -133,9 +133,10 @@ class RowActor:
     # `read_stage.decode_rows`), so that the accelerator's actors spend their time in the models; see
     # runner.run_job.
     decode_stage: ClassVar[bool] = False
-    # Rows of a batch whose inputs an actor reads at once, on threads, when no decode stage read them: an
-    # object store answers each read in tens of ms and decoders leave cores idle between frames. 1 for
-    # methods whose `build` (see `run_in_groups`) does more than read.
+    # Rows of a batch whose inputs an actor reads (or, after a decode stage, unpacks) at once, on threads:
+    # decoders leave cores idle between their serial steps, and an object store answers each read in tens
+    # of ms. 1 for methods whose `build` (see `run_in_groups`) does more than read. The media limits hold
+    # per read, so an actor may hold this many reads' worth at once.
     read_threads: ClassVar[int] = 1
     # Defaults the loaded model brings (a converted official model's inference settings), over `defaults`.
     model_defaults: dict[str, Any]
@@ -194,7 +195,12 @@ class RowActor:
 
     def _read_limit(self, row_id: str) -> AbstractContextManager[None]:
         """A read in a batch of several rows is held to one row's time limit: a stalled read (a server that
-        accepts and never answers) ends the process after the limit, not after the whole batch's."""
+        accepts and never answers) ends the process after the limit, not after the whole batch's.
+
+        Only inside the batch's own limit (`_note_stop` is set only there), which holds faulthandler's
+        deadline: the reads run at once (`read_threads`) and `stop_after` arms and clears that deadline
+        safely only for one outermost limit at a time. The limit is wall time, and a batch's reads share
+        the actor's cores; a read stopped that way is read again alone after the split."""
         note, limit = self._note_stop, self.config.row_time_limit_s
         if note is None or not limit:  # no limit, or a batch of one, whose limit is already the row's
             return nullcontext()

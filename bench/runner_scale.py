@@ -3,10 +3,11 @@
 For each size, in a fresh driver process on a local Ray instance: time to the first result file,
 total wall time, driver peak RSS, result files left, and the time of a resume with nothing to do. Then
 the evaluation job vs a plain loop over the same real-clip rows (`--clip none`, the default batch size;
-the median of a few turns; the job's actor reads four rows of a batch at once, the loop one at a time,
-so the start-up and hand-offs line is the runner's own cost), and the job's rows/s with its CPU decode
-stage vs with the actors reading their own inputs (tiny CLIP); last, the plain loop again while Ray is
-up and idle: what Ray's own processes cost a loop on this host.
+the median of a few turns). The job's actor reads four rows of a batch at once and the plain loop one
+at a time, so the loop also runs in the job's batches, reading as the actor does: the job against that
+loop is the runner's own cost. Then the job's rows/s with its CPU decode stage vs with the actors
+reading their own inputs (tiny CLIP); last, the plain loop again while Ray is up and idle: what Ray's
+own processes cost a loop on this host.
 
     python bench/runner_scale.py [--rows 10000 100000 1000000] [--loop-rows 2000] [--repeats 3]
 
@@ -82,16 +83,19 @@ def one_size(rows: int) -> dict:
     }
 
 
-def plain_loop(manifest: str, output: str) -> None:
-    """Run in its own process: the plain loop, as a user's script would run it (print its seconds over
-    the rows alone)."""
+def plain_loop(manifest: str, output: str, batch: str) -> None:
+    """Run in its own process: the plain loop, as a user's script would run it, a row at a time, or in
+    batches of `batch` rows, whose inputs the actor reads as it does in the job (`read_threads` at once);
+    print its seconds over the rows alone."""
     from actors.base import JobConfig
     from actors.evaluate import EvaluateActor
 
     actor = EvaluateActor(JobConfig(method="evaluate", output=output, run_id="loop", models={}))
+    rows = pq.read_table(manifest).to_pylist()
     start = time.perf_counter()
-    for row in pq.read_table(manifest).to_pylist():
-        actor.process_row(row, actor.effective_params(row))
+    for i in range(0, len(rows), int(batch)):
+        chunk = rows[i : i + int(batch)]
+        actor.process_rows(chunk, [actor.effective_params(row) for row in chunk])
     print(json.dumps({"rows_s": time.perf_counter() - start}))
 
 
@@ -108,6 +112,7 @@ def loop_vs_job(rows: int, repeats: int) -> dict[str, list[float]]:
     with tiny CLIP with and without its decode stage."""
     import ray
 
+    from actors.evaluate import EvaluateActor
     from jobs.runner import JobSpec, run_job
 
     clips = sorted((REPO / "jobs" / "demo_data").glob("*.mp4"))
@@ -119,9 +124,9 @@ def loop_vs_job(rows: int, repeats: int) -> dict[str, list[float]]:
     manifest = str(directory / "m.parquet")
     times: dict[str, list[float]] = {}
 
-    def loop(name: str) -> None:
+    def loop(name: str, batch: int = 1) -> None:
         start = time.perf_counter()
-        command = [sys.executable, __file__, "--loop", manifest, str(directory / "loop")]
+        command = [sys.executable, __file__, "--loop", manifest, str(directory / "loop"), str(batch)]
         out = subprocess.run(command, capture_output=True, text=True, check=True)
         times.setdefault(name, []).append(time.perf_counter() - start)
         times.setdefault(f"{name}_rows", []).append(json.loads(out.stdout.splitlines()[-1])["rows_s"])
@@ -135,6 +140,7 @@ def loop_vs_job(rows: int, repeats: int) -> dict[str, list[float]]:
 
     for n in range(repeats):
         loop("loop")
+        loop("batched_loop", EvaluateActor.default_batch_size)
         ray.init(address="local", log_to_driver=False)
         job("job", f"job{n}", models={})
         ray.shutdown()
@@ -151,7 +157,7 @@ def main() -> None:
     parser.add_argument("--loop-rows", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3, help="turns of loop and job, for the median")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--loop", nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--loop", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loop:
         plain_loop(*args.loop)
@@ -187,6 +193,15 @@ def main() -> None:
     print(
         f"the job's rows took {in_actor:.1f} s in its actor ({in_actor / rows_only:.2f}x the loop's rows), "
         f"the other {job - in_actor:.1f} s were start-up and hand-offs"
+    )
+    from actors.evaluate import EvaluateActor
+
+    batched = statistics.median(t["batched_loop"])
+    ratios = sorted(j / lo for j, lo in zip(t["job"], t["batched_loop"], strict=True))
+    print(
+        f"the loop in batches of {EvaluateActor.default_batch_size}, reading as the job's actor does: "
+        f"{batched:.1f} s ({statistics.median(t['batched_loop_rows']):.1f} s over the rows); job / that "
+        f"loop {job / batched:.2f} (each turn: {', '.join(f'{r:.2f}' for r in ratios)}): the runner's cost"
     )
     with_ray, staged, bare = t["loop_with_ray_rows"][0], t["staged"][0], t["bare"][0]
     print(

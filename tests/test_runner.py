@@ -487,6 +487,8 @@ def test_an_actor_reads_a_batchs_rows_at_once_and_each_row_gets_what_it_gets_rea
 
     monkeypatch.setattr(EvaluateActor, "read_inputs", classmethod(slow_read))
     config = JobConfig(method="evaluate", output=str(tmp_path / "out"), run_id="r", models={"clip": "tiny"})
+    config.decode = EvaluateActor.decode_settings(config)  # the reads also crop for CLIP, on the threads
+    assert config.decode
     results = {}
     assert EvaluateActor.read_threads > 1
     for threads in (EvaluateActor.read_threads, 1):
