@@ -197,13 +197,10 @@ def _run_record(output: str, run_id: str) -> dict[str, Any]:
     read (it only serves a warning: never a reason to stop a rerun)."""
     uri = run_record_uri(output, run_id)
     try:
-        record = json.loads(media.read_bytes(uri))
+        data = media.read_bytes_if_exists(uri)  # one request per record where all is well
+        record = json.loads(data) if data is not None else {}
     except (OSError, ValueError, media.MediaError) as exc:
-        if media.exists(uri):  # asked only now: one request per record where all is well
-            print(
-                f"[anima] cannot read run record {uri} ({exc}); its settings are not compared",
-                file=sys.stderr,
-            )
+        print(f"[anima] cannot read run record {uri} ({exc}); its settings are not compared", file=sys.stderr)
         return {}
     if not isinstance(record, dict):
         print(
