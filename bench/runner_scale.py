@@ -91,10 +91,10 @@ def plain_loop(manifest: str, output: str, batch: str) -> None:
     from actors.evaluate import EvaluateActor
 
     actor = EvaluateActor(JobConfig(method="evaluate", output=output, run_id="loop", models={}))
-    rows = pq.read_table(manifest).to_pylist()
+    rows, size = pq.read_table(manifest).to_pylist(), int(batch)
     start = time.perf_counter()
-    for i in range(0, len(rows), int(batch)):
-        chunk = rows[i : i + int(batch)]
+    for i in range(0, len(rows), size):
+        chunk = rows[i : i + size]
         actor.process_rows(chunk, [actor.effective_params(row) for row in chunk])
     print(json.dumps({"rows_s": time.perf_counter() - start}))
 
